@@ -1,0 +1,246 @@
+"""The adapter interface: where one architecture family keeps its attention weights.
+
+An adapter answers, for layer l of a loaded transformers model: the value projection of
+every KV head (d_head x d_model, float32, dequantized), which KV head each query head reads,
+the output projection of each head, and the gain of the norm that precedes attention.
+Everything else in sheafscope is architecture-agnostic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from sheafscope.errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Attention shape of a model. head_dim is read from the model, never hidden/heads (D4)."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_model: int
+    causal: bool
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """The KV head that query head `head` reads (D3: grouped-query attention)."""
+        return head // self.group_size
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as float32 (out, in), dequantized where it is quantized (D5).
+
+    A bitsandbytes 4-bit weight is stored as packed uint8 bytes of shape (n*m/2, 1): reading
+    `.data.float()` gives byte values, not weights, so it must go through dequantize_4bit.
+    """
+    w = module.weight
+    cls = type(w).__name__
+    if cls == "Params4bit":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(w.data, w.quant_state).float()
+    if cls == "Int8Params":
+        scb = getattr(w, "SCB", None) or getattr(module.state, "SCB", None)
+        if scb is None:
+            raise UnsupportedArchitectureError("8-bit weight without SCB scales: cannot dequantize it")
+        return w.data.float() * scb.float()[:, None] / 127.0
+    if w.dtype in (torch.uint8, torch.int8):
+        raise UnsupportedArchitectureError(
+            f"weight of {type(module).__name__} is stored as {w.dtype} with no known dequantizer; "
+            "load the model without quantization or with bitsandbytes 4/8-bit"
+        )
+    return w.detach().float()
+
+
+def resolve_path(root: nn.Module, dotted: str) -> nn.Module | None:
+    obj = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+class Adapter:
+    """Base class: one subclass per architecture family, registered by config.model_type.
+
+    Subclasses set the class attributes and implement `value_weight` and `output_weight`.
+    """
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    causal: ClassVar[bool] = True
+    auto_class: ClassVar[str] = "AutoModelForCausalLM"
+    blocks_paths: ClassVar[tuple[str, ...]]  # dotted paths to the list of transformer blocks
+    attention_path: ClassVar[str]  # dotted path from a block to its attention module
+    norm_path: ClassVar[str | None] = None  # dotted path from a block to the pre-attention norm
+    norm_gain_offset: ClassVar[float] = 0.0  # Gemma's RMSNorm scales by (1 + weight)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        blocks = None
+        for path in self.blocks_paths:
+            blocks = resolve_path(model, path)
+            if blocks is not None:
+                break
+        if blocks is None:
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__}: none of {self.blocks_paths} found; "
+                f"the {self.family} adapter does not know this model class"
+            )
+        self.blocks = list(blocks)
+        self.geometry = self._geometry()
+
+    # -- per family -------------------------------------------------------------------------
+    def value_weight(self, layer: int) -> torch.Tensor:
+        """Value projection per KV head: (n_kv_heads, head_dim, d_model), float32."""
+        raise NotImplementedError
+
+    def value_bias(self, layer: int) -> torch.Tensor | None:
+        """Value bias per KV head: (n_kv_heads, head_dim), or None."""
+        return None
+
+    def output_weight(self, layer: int) -> torch.Tensor:
+        """Output projection per query head: (n_heads, d_model, head_dim), float32."""
+        raise NotImplementedError
+
+    def value_input_module(self, layer: int) -> nn.Module:
+        """The module whose forward input is the hidden state that values are computed from."""
+        raise NotImplementedError
+
+    def output_module(self, layer: int) -> nn.Module:
+        """The module whose forward input is the heads' concatenated attention output."""
+        raise NotImplementedError
+
+    def _head_dim(self, attn: nn.Module) -> int:
+        cfg = self.model.config
+        hd = getattr(attn, "head_dim", None) or getattr(attn, "attention_head_size", None)
+        return int(hd or getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+    # -- shared ------------------------------------------------------------------------------
+    def _geometry(self) -> Geometry:
+        cfg = self.model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        n_heads = int(cfg.num_attention_heads)
+        n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+        attn = self.attention(0)
+        return Geometry(
+            n_layers=len(self.blocks),
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=self._head_dim(attn),
+            d_model=int(cfg.hidden_size),
+            causal=self.causal,
+        )
+
+    def attention(self, layer: int) -> nn.Module:
+        """The attention module of a layer."""
+        return resolve_path(self.blocks[layer], self.attention_path)
+
+    def kv_head_index(self) -> list[int]:
+        """For each query head, the index of the KV head it reads."""
+        return [self.geometry.kv_head(h) for h in range(self.geometry.n_heads)]
+
+    def head_value_weights(self, layer: int) -> torch.Tensor:
+        """W_V^h for every query head: (n_heads, head_dim, d_model), float32."""
+        w = self.value_weight(layer)
+        g = self.geometry
+        expected = (g.n_kv_heads, g.head_dim, g.d_model)
+        if tuple(w.shape) != expected:
+            raise UnsupportedArchitectureError(
+                f"{self.family} adapter: value weight of layer {layer} has shape {tuple(w.shape)}, "
+                f"expected {expected}"
+            )
+        return w[self.kv_head_index()]
+
+    def head_value_bias(self, layer: int) -> torch.Tensor | None:
+        b = self.value_bias(layer)
+        return None if b is None else b[self.kv_head_index()]
+
+    def norm_gain(self, layer: int) -> torch.Tensor | None:
+        """Gain of the norm applied right before attention, (d_model,), or None (post-norm)."""
+        if self.norm_path is None:
+            return None
+        norm = resolve_path(self.blocks[layer], self.norm_path)
+        if norm is None or getattr(norm, "weight", None) is None:
+            return None
+        return norm.weight.detach().float() + self.norm_gain_offset
+
+
+class SeparateProjectionsAdapter(Adapter):
+    """Families with a separate value projection `v_path` and output projection `o_path`
+    (nn.Linear, weight (out, in)): OPT, Llama, Mistral, Qwen2, Gemma, BERT."""
+
+    v_path: ClassVar[str] = "v_proj"
+    o_path: ClassVar[str] = "o_proj"
+    o_from_block: ClassVar[bool] = False  # BERT keeps its output projection outside `attention`
+
+    def _v(self, layer: int) -> nn.Module:
+        return resolve_path(self.attention(layer), self.v_path)
+
+    def _o(self, layer: int) -> nn.Module:
+        root = self.blocks[layer] if self.o_from_block else self.attention(layer)
+        return resolve_path(root, self.o_path)
+
+    def value_weight(self, layer: int) -> torch.Tensor:
+        g = self.geometry
+        return dense_weight(self._v(layer)).view(g.n_kv_heads, g.head_dim, g.d_model)
+
+    def value_bias(self, layer: int) -> torch.Tensor | None:
+        b = getattr(self._v(layer), "bias", None)
+        g = self.geometry
+        return None if b is None else b.detach().float().view(g.n_kv_heads, g.head_dim)
+
+    def output_weight(self, layer: int) -> torch.Tensor:
+        g = self.geometry
+        return dense_weight(self._o(layer)).view(g.d_model, g.n_heads, g.head_dim).permute(1, 0, 2)
+
+    def value_input_module(self, layer: int) -> nn.Module:
+        return self._v(layer)
+
+    def output_module(self, layer: int) -> nn.Module:
+        return self._o(layer)
+
+
+class FusedInterleavedQKVAdapter(Adapter):
+    """Fused `query_key_value` laid out per head as [q_h, k_h, v_h] (GPT-NeoX, BLOOM).
+
+    Taking rows 2*hidden: as W_V (the notebooks) mixes keys and values of several heads (D1, D2).
+    """
+
+    qkv_path: ClassVar[str] = "query_key_value"
+    o_path: ClassVar[str] = "dense"
+
+    def _qkv(self, layer: int) -> nn.Module:
+        return resolve_path(self.attention(layer), self.qkv_path)
+
+    def value_weight(self, layer: int) -> torch.Tensor:
+        g = self.geometry
+        return dense_weight(self._qkv(layer)).view(g.n_heads, 3, g.head_dim, g.d_model)[:, 2]
+
+    def value_bias(self, layer: int) -> torch.Tensor | None:
+        b = getattr(self._qkv(layer), "bias", None)
+        g = self.geometry
+        return None if b is None else b.detach().float().view(g.n_heads, 3, g.head_dim)[:, 2]
+
+    def output_weight(self, layer: int) -> torch.Tensor:
+        g = self.geometry
+        o = dense_weight(resolve_path(self.attention(layer), self.o_path))
+        return o.view(g.d_model, g.n_heads, g.head_dim).permute(1, 0, 2)
+
+    def value_input_module(self, layer: int) -> nn.Module:
+        return self._qkv(layer)
+
+    def output_module(self, layer: int) -> nn.Module:
+        return resolve_path(self.attention(layer), self.o_path)

@@ -1,0 +1,13 @@
+"""BLOOM: fused query_key_value with the same per-head interleave as GPT-NeoX (D2); ALiBi."""
+
+from __future__ import annotations
+
+from sheafscope.adapters.base import FusedInterleavedQKVAdapter
+
+
+class BloomAdapter(FusedInterleavedQKVAdapter):
+    family = "bloom"
+    model_types = ("bloom",)
+    blocks_paths = ("transformer.h", "h")
+    attention_path = "self_attention"
+    norm_path = "input_layernorm"

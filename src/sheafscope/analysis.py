@@ -1,0 +1,204 @@
+"""Per-model analysis: prompts in, per-head masses, traces and L* out.
+
+Capture (what runs inside the forward pass) lives in capture_*.py; this module turns
+captured numbers into traces and L*, and knows nothing about architectures.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from sheafscope.capture_eager import PromptCapture, capture_eager
+from sheafscope.errors import PromptError
+from sheafscope.loading import LoadedModel
+from sheafscope.lstar import lstar_block
+from sheafscope.restriction import norms_sq
+
+
+@dataclass
+class PromptResult:
+    """One prompt's numbers for one model. Arrays are (layers, heads) unless noted."""
+
+    text: str
+    n_tokens: int
+    truncated: bool
+    offdiag_mass: np.ndarray
+    trace: np.ndarray
+    layer_trace: np.ndarray  # (layers,)
+    legacy_trace_full: np.ndarray  # (layers,) notebook 000's trace_full (D8)
+    first_token_mass: np.ndarray
+    max_abs_hidden: np.ndarray  # (layers + 1,)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class ModelResult:
+    """Everything measured on one model. `to_dict` gives the results.json entry,
+    `to_dataframe` one row per prompt x layer x head."""
+
+    info: dict[str, Any]
+    wv_norm_sq: np.ndarray  # (layers, heads) ||R_h||_F^2
+    prompts: list[PromptResult]
+    lstar: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def layer_traces(self) -> np.ndarray:
+        """(prompts, layers) multi-head traces."""
+        return np.stack([p.layer_trace for p in self.prompts])
+
+    @property
+    def mean_trace(self) -> float:
+        return float(self.layer_traces.mean())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.info,
+            "status": "ok",
+            "error": None,
+            "wv_norm_sq": self.wv_norm_sq.tolist(),
+            "prompts": [p.to_dict() for p in self.prompts],
+            "lstar": self.lstar,
+            "mean_trace": self.mean_trace,
+            "warnings": self.warnings,
+        }
+
+    def to_dataframe(self):
+        """Long table: prompt, layer, head, n_tokens, offdiag_mass, wv_norm_sq, trace, first_token_mass."""
+        import pandas as pd
+
+        rows = []
+        for pi, p in enumerate(self.prompts):
+            n_layers, n_heads = p.trace.shape
+            layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+            rows.append(pd.DataFrame({
+                "model": self.info["spec"],
+                "prompt": pi,
+                "layer": layer.ravel(),
+                "head": head.ravel(),
+                "n_tokens": p.n_tokens,
+                "offdiag_mass": p.offdiag_mass.ravel(),
+                "wv_norm_sq": self.wv_norm_sq.ravel(),
+                "trace": p.trace.ravel(),
+                "first_token_mass": p.first_token_mass.ravel(),
+            }))
+        return pd.concat(rows, ignore_index=True)
+
+
+def validate_prompts(prompts: Iterable[str]) -> list[str]:
+    """Reject empty prompts at once (before any model runs), naming which one."""
+    out = list(prompts)
+    if not out:
+        raise PromptError("no prompts given: pass --prompts FILE (one prompt a line, or .jsonl with a 'text' field)")
+    for i, p in enumerate(out):
+        if not isinstance(p, str) or not p.strip():
+            raise PromptError(f"prompt {i + 1} is empty: remove it from the prompts file")
+    return out
+
+
+def tokenize(loaded: LoadedModel, text: str, max_tokens: int | None) -> tuple[torch.Tensor | None, bool, str | None]:
+    """Token ids (1, n) on the model's device, whether truncated, and a warning if unusable."""
+    ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"]
+    n = ids.shape[1]
+    limit = loaded.context_length
+    truncated = False
+    if max_tokens is not None and n > max_tokens:
+        ids, truncated = ids[:, :max_tokens], True
+    elif limit is not None and n > limit:
+        return None, False, (
+            f"prompt skipped: {n} tokens, longer than the {limit}-token context of {loaded.spec}; "
+            f"shorten it or pass --max-tokens {limit} to truncate (recorded in results)"
+        )
+    if ids.shape[1] < 2:
+        return None, False, (
+            f"prompt skipped: {ids.shape[1]} token(s); an attention graph needs at least 2 nodes "
+            "(every trace would be 0): use a longer prompt"
+        )
+    if limit is not None and ids.shape[1] > limit:
+        return None, False, f"prompt skipped: --max-tokens {max_tokens} exceeds the {limit}-token context of {loaded.spec}"
+    return ids.to(loaded.device), truncated, None
+
+
+def model_info(loaded: LoadedModel, restriction_map: str, attention_path: str) -> dict[str, Any]:
+    g = loaded.adapter.geometry
+    return {
+        "spec": loaded.spec,
+        "model_id": loaded.model_id,
+        "source": loaded.source,
+        "revision": loaded.revision,
+        "file_sha256": loaded.file_sha256,
+        "init": loaded.init,
+        "seed": loaded.seed,
+        "tokenizer_from": loaded.tokenizer_from,
+        "architecture": type(loaded.model).__name__,
+        "family": loaded.adapter.family,
+        "n_layers": g.n_layers,
+        "n_heads": g.n_heads,
+        "n_kv_heads": g.n_kv_heads,
+        "head_dim": g.head_dim,
+        "d_model": g.d_model,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+        "attention_path": attention_path,
+        "causal": g.causal,
+        "context_length": loaded.context_length,
+        "metadata": loaded.metadata,
+        "restriction_map": restriction_map,
+        "notes": loaded.notes,
+        "load_seconds": loaded.load_seconds,
+    }
+
+
+def prompt_result(text: str, cap: PromptCapture, truncated: bool, norm_sq: np.ndarray) -> PromptResult:
+    trace = cap.offdiag_mass * norm_sq
+    # D8: notebook 000 paired the head-averaged attention with head 0's W_V only. The
+    # off-diagonal mass is linear in A, so mass(mean_h A_h) = mean_h mass(A_h).
+    legacy = cap.offdiag_mass.mean(axis=1) * norm_sq[:, 0]
+    return PromptResult(text, cap.n_tokens, truncated, cap.offdiag_mass, trace, trace.sum(axis=1), legacy,
+                        cap.first_token_mass, cap.max_abs_hidden)
+
+
+def analyze(
+    loaded: LoadedModel,
+    prompts: Iterable[str],
+    *,
+    restriction_map: str = "raw_wv",
+    max_tokens: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ModelResult:
+    """Measure every prompt on one model: masses, traces, L* (all definitions), formula.
+
+    Prompts that cannot be measured (one token, longer than the context) are skipped with a
+    warning in the result; if none is left, PromptError. NaN/Inf raises NonFiniteError.
+    """
+    t0 = time.time()
+    texts = validate_prompts(prompts)
+    norm_sq = norms_sq(loaded.adapter, restriction_map).numpy()
+    g = loaded.adapter.geometry
+    results, warnings = [], []
+    for i, text in enumerate(texts):
+        ids, truncated, warning = tokenize(loaded, text, max_tokens)
+        if warning:
+            warnings.append(f"prompt {i + 1}: {warning}")
+        else:
+            cap = capture_eager(loaded.model, ids, g.n_layers)
+            results.append(prompt_result(text, cap, truncated, norm_sq))
+        if progress:
+            progress(1)
+    if not results:
+        raise PromptError(f"no prompt could be measured on {loaded.spec}: " + "; ".join(warnings))
+    info = model_info(loaded, restriction_map, "eager")
+    res = ModelResult(info, norm_sq, results, {}, warnings)
+    res.lstar = lstar_block(res.layer_traces, g.n_layers, g.n_heads)
+    if res.lstar["formula"]["exceeds_L"]:
+        f = res.lstar["formula"]
+        warnings.append(f"D10: the formula predicts L* = {f['predicted']:.1f}, beyond the last layer (L = {g.n_layers}); not clipped")
+    res.info["elapsed_s"] = time.time() - t0
+    return res
