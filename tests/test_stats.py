@@ -229,6 +229,24 @@ def test_mape_by_lab_computes_prediction_when_absent() -> None:
     assert out["n_exceeds_L"] == n_exceeds
 
 
+def test_mape_by_lab_counts_strict_exceedance() -> None:
+    df = pd.DataFrame(
+        {
+            "lab": ["X", "X", "X"],
+            "L": [30, 30, 30],
+            "H": [9, 9, 9],
+            "lstar_empirical": [20.0, 20.0, 20.0],
+            "lstar_predicted": [29.5, 30.0, 30.5],  # only the last is beyond L
+        }
+    )
+    assert mape_by_lab(df)["n_exceeds_L"] == 1
+    # With the published formula: SmolLM2 and gemma-3-270m shapes exceed, L=60/H=32 does not.
+    shapes = pd.DataFrame(
+        {"lab": ["X"] * 4, "L": [30, 18, 60, 12], "H": [9, 4, 32, 12], "lstar_empirical": [10.0] * 4}
+    )
+    assert mape_by_lab(shapes)["n_exceeds_L"] == 2
+
+
 def test_mape_by_lab_empty_frame() -> None:
     df = tiny_frame().iloc[:0]
     out = mape_by_lab(df)
@@ -341,25 +359,28 @@ def test_random_data_published_formula_needs_calibration() -> None:
 
 
 def test_baseline_ratio_uses_training_median_only() -> None:
-    # Lab X has L*/L = 0.3, lab Y 0.6, lab Z 0.9 (two models each).
+    # L*/L is 0.3 in lab X (2 models), 0.5 in Y (1), 0.9 in Z (3): skewed, so
+    # the median of each training fold differs from its mean.
     df = pd.DataFrame(
         {
             "model": list("abcdef"),
-            "lab": ["X", "X", "Y", "Y", "Z", "Z"],
-            "L": [10, 20, 10, 30, 20, 40],
-            "H": [4, 8, 4, 8, 4, 8],
-            "lstar_empirical": [3.0, 6.0, 6.0, 18.0, 18.0, 36.0],
+            "lab": ["X", "X", "Y", "Z", "Z", "Z"],
+            "L": [10, 20, 10, 10, 20, 30],
+            "H": [4, 8, 4, 4, 8, 8],
+            "lstar_empirical": [3.0, 6.0, 5.0, 9.0, 18.0, 27.0],
         }
     )
     out = baseline_ratio(df)
     coef = {f["group"]: f["coef"][0] for f in out["folds"]}
-    # Held-out X: median of (0.6, 0.6, 0.9, 0.9) = 0.75; Y: of (0.3, 0.3, 0.9, 0.9) = 0.6;
-    # Z: of (0.3, 0.3, 0.6, 0.6) = 0.45.
-    assert coef == {"X": pytest.approx(0.75), "Y": pytest.approx(0.6), "Z": pytest.approx(0.45)}
+    # Held-out X: median(0.5, 0.9, 0.9, 0.9) = 0.9; Y: median(0.3, 0.3, 0.9, 0.9, 0.9) = 0.9;
+    # Z: median(0.3, 0.3, 0.5) = 0.3.
+    assert coef == {"X": pytest.approx(0.9), "Y": pytest.approx(0.9), "Z": pytest.approx(0.3)}
     pred = {r["model"]: r["lstar_predicted"] for r in out["per_model"]}
-    assert pred["a"] == pytest.approx(7.5) and pred["f"] == pytest.approx(18.0)
-    errs = [abs(0.75 - 0.3) * 100] * 2 + [0.0] * 2 + [abs(0.45 - 0.9) * 100] * 2
-    assert out["mape_of_L"] == pytest.approx(np.mean(errs))
+    assert pred["a"] == pytest.approx(9.0) and pred["f"] == pytest.approx(9.0)
+    errs_of_L = [60.0, 60.0, 40.0, 60.0, 60.0, 60.0]  # |c - true ratio| * 100
+    assert out["mape_of_L"] == pytest.approx(np.mean(errs_of_L))
+    errs_of_lstar = [0.6 / 0.3 * 100] * 2 + [0.4 / 0.5 * 100] + [0.6 / 0.9 * 100] * 3
+    assert out["mape_of_lstar"] == pytest.approx(np.mean(errs_of_lstar))
 
 
 # ---------------------------------------------------------------------------
@@ -484,6 +505,10 @@ def test_bootstrap_normal_mean() -> None:
     assert lo < 5.0 < hi
     expected_width = 2 * 1.96 / math.sqrt(400)
     assert abs((hi - lo) - expected_width) < 0.25 * expected_width
+    # Tighter, against the normal approximation with the sample's own SD: this
+    # is what tells a 95 % interval from a 90 % one (width ratio 1.96 / 1.645).
+    normal_width = 2 * 1.96 * float(np.std(x, ddof=1)) / math.sqrt(400)
+    assert abs((hi - lo) - normal_width) < 0.08 * normal_width
 
 
 def test_bootstrap_is_deterministic_given_seed() -> None:

@@ -491,10 +491,11 @@ def plot_layer_profiles(
     if not models:
         _empty_axes(axes[0], "no successful model with per-prompt traces")
 
+    # Neutral colours + distinct line styles: lab colours are already used by the mean lines.
     markers = (
-        ("L* (gradient)", "#C0392B", "-"),
-        ("attention sink", "#2980B9", "--"),
-        ("massive activation", "#7D3C98", ":"),
+        ("L* (gradient)", "black", "-."),
+        ("attention sink", "#2C3E50", "--"),
+        ("massive activation", "#7F8C8D", ":"),
     )
     used: set[str] = set()
     for ax, m in zip(axes, models):
@@ -516,7 +517,7 @@ def plot_layer_profiles(
         )
         for (label, colour, style), pos in zip(markers, positions):
             if pos is not None:
-                ax.axvline(pos, color=colour, ls=style, lw=1.3)
+                ax.axvline(pos, color=colour, ls=style, lw=1.5)
                 used.add(label)
         title = _short_name(m.get("spec") or m.get("model_id"))
         ax.set_title(f"{title}  (L={m.get('n_layers', len(layers))}, H={m.get('n_heads', '?')})",
@@ -529,7 +530,7 @@ def plot_layer_profiles(
 
     handles = [Line2D([], [], color="grey", lw=0.6, label="single prompt"),
                Line2D([], [], color="black", lw=2.2, label="prompt mean (lab colour)")]
-    handles += [Line2D([], [], color=c, ls=s, lw=1.3, label=lbl) for lbl, c, s in markers if lbl in used]
+    handles += [Line2D([], [], color=c, ls=s, lw=1.5, label=lbl) for lbl, c, s in markers if lbl in used]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
     fig.suptitle("Per-model layer trace profiles", fontsize=12)
     return _save(fig, out_dir, "layer_profiles")

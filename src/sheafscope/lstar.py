@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sheafscope import stats
+
 FORMULA_TEXT = "L* = L * (0.11 + 0.012 L + 4.9 / H)"
 
 
@@ -74,7 +76,7 @@ def lstar_sign_change(mean_layer_trace: np.ndarray) -> int | None:
 
 def predict_lstar(n_layers: int, n_heads: int) -> float:
     """The formula under test (notebook 001's predict_l_star_v3)."""
-    return n_layers * (0.11 + 0.012 * n_layers + 4.9 / n_heads)
+    return float(stats.predict_lstar(n_layers, n_heads))
 
 
 def lstar_block(layer_traces: np.ndarray, n_layers: int, n_heads: int) -> dict:

@@ -73,6 +73,7 @@ tr.failed td{background:#fdecea}
  background:#f7f7f7}
 .verdict.good{border-color:#27AE60;background:#eef9f1}
 .verdict.bad{border-color:#C0392B;background:#fdf0ee}
+.verdict.warn{border-color:#F39C12;background:#fef7ec}
 .verdict .text{font-size:1.1rem;font-weight:600;margin:0 0 .5rem}
 .na{color:#888;font-style:italic}
 ul.warnings li{margin:.15rem 0}
@@ -303,10 +304,14 @@ def _mape_line(block: Any) -> str:
 
 
 def _verdict_class(text: str) -> str:
+    # Colours the box for notebook 001's verdicts (sheafscope.stats.verdict): "FORMULA
+    # GENERALIZES", "PARTIAL GENERALIZATION", "CALIBRATION NEEDED", "NO DATA".
     low = text.lower()
-    if any(w in low for w in ("fail", "reject", "not supported", "refuted")):
+    if "partial" in low:
+        return "warn"
+    if any(w in low for w in ("calibration needed", "fail", "reject")):
         return "bad"
-    if any(w in low for w in ("pass", "support", "confirm", "holds")):
+    if any(w in low for w in ("generaliz", "pass")):
         return "good"
     return ""
 
@@ -320,6 +325,8 @@ def _section_verdict(analysis: Any) -> str:
     verdict_html = _e(verdict) if verdict else NOT_AVAILABLE
     cls = _verdict_class(str(verdict)) if verdict else ""
     n_exceeds = mape.get("n_exceeds_L")
+    labs = mape.get("in_sample_labs")
+    labs_html = _e(", ".join(map(str, labs))) if isinstance(labs, list) and labs else _na()
     split_rows = []
     for name in ("in_sample", "out_of_sample"):
         block = mape.get(name)
@@ -330,6 +337,7 @@ def _section_verdict(analysis: Any) -> str:
     return (
         f'<div class="verdict {cls}"><p class="text">Verdict: {verdict_html}</p>'
         f"<p>Overall MAPE: {_mape_line(mape.get('overall'))}</p>"
+        f"<p>In-sample labs (formula calibrated on): {labs_html}</p>"
         f"<p>Models whose prediction exceeds L: "
         f"{_cell(n_exceeds, 'n_exceeds_L')[0] if not _is_missing(n_exceeds) else _na()}</p>"
         "<h3>In-sample vs out-of-sample</h3>"
