@@ -172,6 +172,7 @@ def analyze(
     restriction_map: str = "raw_wv",
     max_tokens: int | None = None,
     progress: Callable[[int], None] | None = None,
+    batch_size: int | None = None,
 ) -> ModelResult:
     """Measure every prompt on one model: masses, traces, L* (all definitions), formula.
 

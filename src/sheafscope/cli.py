@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--restriction-map", default="raw_wv", choices=["raw_wv", "raw_wv_norm", "ov", "ov_norm"],
                    help="the map on each edge: raw W_V (notebooks), OV circuit, optionally norm-folded")
     r.add_argument("--max-tokens", type=int, help="truncate longer prompts to this many tokens (recorded per prompt)")
+    r.add_argument("--attention", choices=["fast", "eager"], default="fast",
+                   help="fast: attention diagonals captured inside the forward pass (default); eager: explicit n x n matrices (reference)")
+    r.add_argument("--batch-size", type=int, help="prompts per forward pass (default: automatic, backs off on out-of-memory)")
     r.add_argument("--force", action="store_true", help="recompute models already complete in --out")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -121,7 +124,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     prompts, label = load_prompts(prompt_source)
     validate_prompts(prompts)
     opts = RunOptions(dtype=args.dtype, device=args.device, restriction_map=args.restriction_map, max_tokens=args.max_tokens,
-                      revision=args.revision, quantize=args.quantize, seed=args.seed, init=args.init)
+                      revision=args.revision, quantize=args.quantize, seed=args.seed, init=args.init,
+                      attention=args.attention, batch_size=args.batch_size)
     out = Path(args.out)
     print(f"sheafscope {__version__}: {len(entries)} model(s) x {len(prompts)} prompt(s) ({label}) -> {out}", file=sys.stderr)
     outcome = run(entries, prompts, opts, out, prompt_source=label, force=args.force, show_progress=not args.no_progress,

@@ -184,6 +184,13 @@ def build_twin(entry: cat.CatalogEntry, seed: int, dtype, device, attn) -> Loade
                        notes=[f"untrained: random init (seed {seed}) of {entry.hub_id}'s architecture; a control, not the trained model"])
 
 
+def attention_implementation(attention: str) -> str:
+    """The transformers attn_implementation for sheafscope's capture path."""
+    if attention in ("eager", "fast"):  # "fast" lands with capture_fast.py; until then the reference path
+        return "eager"
+    raise ConfigError(f"unknown attention path '{attention}'; choose fast or eager")
+
+
 def parse_spec(spec: str, init: str) -> tuple[str, str]:
     """Split an optional `random:` / `pretrained:` prefix off a spec."""
     for prefix in ("random", "pretrained"):
@@ -226,7 +233,7 @@ def load_model(
     device: str | None = None,
     revision: str | None = None,
     quantize: str | None = None,
-    attn_implementation: str = "eager",
+    attention: str = "eager",
 ) -> LoadedModel:
     """Load a model by spec (see the module docstring) and prepare it for analysis.
 
@@ -237,6 +244,7 @@ def load_model(
     import transformers
 
     t0 = time.time()
+    attn_implementation = attention_implementation(attention)
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     kind = classify_spec(spec, init)

@@ -40,6 +40,10 @@ class RunOptions:
     quantize: str | None = None
     seed: int = 0
     init: str = "pretrained"
+    attention: str = "fast"  # "fast" (diagonal capture inside the forward pass) or "eager" (reference)
+    batch_size: int | None = None  # None: automatic
+
+
 
 
 @dataclass
@@ -112,9 +116,9 @@ def run_one(entry: ModelEntry, prompts: list[str], options: RunOptions, progress
     loaded = None
     try:
         loaded = load_model(entry.spec, init=options.init, seed=options.seed, dtype=options.dtype, device=options.device,
-                            revision=options.revision, quantize=options.quantize)
+                            revision=options.revision, quantize=options.quantize, attention=options.attention)
         result = analyze(loaded, prompts, restriction_map=options.restriction_map, max_tokens=options.max_tokens,
-                         progress=progress)
+                         progress=progress, batch_size=options.batch_size)
         out = result.to_dict()
         out["metadata"] = {**out.get("metadata", {}), **entry.metadata}
         return out

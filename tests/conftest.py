@@ -1,0 +1,31 @@
+"""Shared fixtures. Offline models load once per session (the first load dequantizes a GGUF
+into the repo-local cache .cache/, later loads read plain safetensors)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("SHEAFSCOPE_CACHE", str(ROOT / ".cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+_LOADED: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def offline_model():
+    """offline_model(alias) -> LoadedModel, float32 eager, cached for the session."""
+    from sheafscope import load_model
+
+    def get(alias: str):
+        if alias not in _LOADED:
+            _LOADED[alias] = load_model(alias, device="cpu", dtype="float32")
+        return _LOADED[alias]
+
+    return get
