@@ -24,6 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from sheafscope import stats
+
 __all__ = [
     "FIGURE_STEMS",
     "LAB_COLOURS",
@@ -65,7 +67,7 @@ _THRESHOLD_PCT = 10.0
 
 def predicted_lstar(n_layers: float, n_heads: float) -> float:
     """The formula under test: ``L* = L * (0.11 + 0.012 L + 4.9 / H)``."""
-    return float(n_layers) * (0.11 + 0.012 * float(n_layers) + 4.9 / float(n_heads))
+    return float(stats.predict_lstar(float(n_layers), float(n_heads)))
 
 
 def lab_colour_map(labs: Iterable[Any]) -> dict[str, str]:
@@ -186,35 +188,10 @@ def _clean_summary(summary: pd.DataFrame | None) -> pd.DataFrame:
 
 
 def summary_from_results(results: Mapping[str, Any]) -> pd.DataFrame:
-    """A minimal summary table rebuilt from results.json, for runs whose summary.csv is missing."""
-    rows = []
-    for m in results.get("models") or []:
-        formula = _get(m, "lstar", "formula") or {}
-        n_layers = m.get("n_layers")
-        grad = _get(m, "lstar", "gradient", "value")
-        rows.append({
-            "model": m.get("model_id") or m.get("spec"),
-            "spec": m.get("spec"),
-            "lab": _model_lab(m),
-            "behavior": _get(m, "metadata", "behavior"),
-            "gain": _get(m, "metadata", "gain"),
-            "init": m.get("init"),
-            "status": m.get("status"),
-            "n_layers": n_layers,
-            "n_heads": m.get("n_heads"),
-            "mean_trace": m.get("mean_trace"),
-            "lstar_gradient": grad,
-            "lstar_diff_mean": _get(m, "lstar", "diff", "mean"),
-            "lstar_diff_std": _get(m, "lstar", "diff", "std"),
-            "lstar_sign_change": _get(m, "lstar", "sign_change", "value"),
-            "lstar_ratio": (grad / n_layers) if grad is not None and n_layers else None,
-            "lstar_predicted": formula.get("predicted"),
-            "exceeds_L": formula.get("exceeds_L"),
-            "error_pct": formula.get("error_pct"),
-            "sink_layer": m.get("sink_layer"),
-            "massive_activation_layer": m.get("massive_activation_layer"),
-        })
-    return pd.DataFrame(rows)
+    """The summary table rebuilt from results.json, for runs whose summary.csv is missing."""
+    from sheafscope.summarize import summary_frame
+
+    return summary_frame(list(results.get("models") or []))
 
 
 def _new_figure(width: float, height: float) -> Figure:

@@ -216,3 +216,11 @@ def write_outputs(out_dir: Path, header: dict[str, Any], results: list[dict[str,
 
     atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     atomic_write_json(out_dir / "analysis.json", analysis_block(results, summary))
+    try:  # figures and report are derived views: a plotting problem must not lose the numbers
+        from sheafscope.figures import write_all_figures
+        from sheafscope.report import write_report
+
+        write_all_figures(out_dir)
+        write_report(out_dir)
+    except Exception as e:  # noqa: BLE001
+        log.error("figures/report could not be written (%s); the numbers are in results.json", e)
