@@ -67,6 +67,8 @@ def _row(model: dict[str, Any]) -> dict[str, Any]:
     lg, lg_lo, lg_hi = stats.bootstrap_ci(traces, lambda t: float(lstar_gradient(t.mean(axis=0))), n_boot=N_BOOT)
     ls = model["lstar"]
     f = ls["formula"]
+    per_prompt = np.asarray(ls["diff"]["per_prompt"], dtype=float)
+    _, ld_lo, ld_hi = stats.bootstrap_ci(per_prompt, lambda x: float(x.mean()), n_boot=N_BOOT)
     return {
         **base,
         "n_layers": n_layers,
@@ -81,6 +83,8 @@ def _row(model: dict[str, Any]) -> dict[str, Any]:
         "lstar_gradient_ci_high": lg_hi,
         "lstar_diff_mean": ls["diff"]["mean"],
         "lstar_diff_std": ls["diff"]["std"],
+        "lstar_diff_ci_low": ld_lo,
+        "lstar_diff_ci_high": ld_hi,
         "lstar_sign_change": ls["sign_change"]["value"],
         "lstar_ratio": ls["gradient"]["value"] / n_layers,
         "lstar_predicted": f["predicted"],
