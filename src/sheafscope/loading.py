@@ -156,6 +156,9 @@ def twin_tokenizer(entry: cat.CatalogEntry) -> tuple[Any, str]:
     offline one whose vocabulary fits inside the twin's (token ids only index random rows)."""
     import transformers
 
+    override = os.environ.get("SHEAFSCOPE_TWIN_TOKENIZER")
+    if override:  # a tokenizer directory, for machines with neither the hub nor the weight packages
+        return transformers.AutoTokenizer.from_pretrained(override), f"{override} ($SHEAFSCOPE_TWIN_TOKENIZER)"
     try:
         tok = transformers.AutoTokenizer.from_pretrained(entry.hub_id, local_files_only=True)
         return tok, f"{entry.hub_id} (local hub cache)"
