@@ -50,6 +50,7 @@ class LoadedModel:
     metadata: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
+    attention_path: str = "eager"  # "fast", "eager", or "eager (fallback: why)"
     _adapter: Adapter | None = None
 
     @property
@@ -96,12 +97,21 @@ def _auto_class(model_type: str):
     return getattr(transformers, adapter_class(model_type).auto_class)
 
 
+def _attention_for(model_type: str, attn: str) -> str:
+    """The attn_implementation to load a family with: eager where the fast path cannot see its
+    attention (adapter.fast_path_supported False); load_model records the fallback."""
+    if attn != "eager" and not adapter_class(model_type).fast_path_supported:
+        return "eager"
+    return attn
+
+
 def _from_pretrained(path_or_id: str, dtype, device, attn, **kw):
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path_or_id, **{k: v for k, v in kw.items() if k in ("revision", "token", "gguf_file")})
     model_type = getattr(config, "model_type", "?")
     cls = _auto_class(model_type)  # fails here, before any weight is read, if unsupported
+    attn = _attention_for(model_type, attn)
     return cls.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn, **kw).to(device).eval()
 
 
@@ -168,12 +178,15 @@ def twin_tokenizer(entry: cat.CatalogEntry) -> tuple[Any, str]:
     return tok, f"{TWIN_TOKENIZER} (offline stand-in: {entry.hub_id}'s tokenizer is not available without the hub)"
 
 
-def build_twin(entry: cat.CatalogEntry, seed: int, dtype, device, attn) -> LoadedModel:
-    """An untrained model of the catalog entry's exact shape, seeded."""
+def build_twin(entry: cat.CatalogEntry, seed: int, dtype, device, attn,
+               config_overrides: dict[str, Any] | None = None) -> LoadedModel:
+    """An untrained model of the catalog entry's exact shape, seeded. `config_overrides`
+    (e.g. max_position_embeddings for a longer context) change the config and are noted."""
     import transformers
 
-    config = entry.build_config()
+    config = entry.build_config(**(config_overrides or {}))
     cls = _auto_class(config.model_type)
+    attn = _attention_for(config.model_type, attn)
     torch.manual_seed(seed)
     # Build directly on the target device: a 7B twin initialised on the CPU takes minutes.
     with torch.device(device):
@@ -182,16 +195,40 @@ def build_twin(entry: cat.CatalogEntry, seed: int, dtype, device, attn) -> Loade
     tok, tok_from = twin_tokenizer(entry)
     if len(tok) > config.vocab_size:
         raise ModelLoadError(f"tokenizer {tok_from} has {len(tok)} tokens, more than {entry.name}'s vocabulary {config.vocab_size}")
+    notes = [f"untrained: random init (seed {seed}) of {entry.hub_id}'s architecture; a control, not the trained model"]
+    if config_overrides:
+        notes.append(f"config overridden: {config_overrides}")
     return LoadedModel(model, tok, f"random:{entry.name}", entry.hub_id, "random-init", init="random", seed=seed,
-                       tokenizer_from=tok_from, metadata=entry.metadata,
-                       notes=[f"untrained: random init (seed {seed}) of {entry.hub_id}'s architecture; a control, not the trained model"])
+                       tokenizer_from=tok_from, metadata=entry.metadata, notes=notes)
 
 
 def attention_implementation(attention: str) -> str:
-    """The transformers attn_implementation for sheafscope's capture path."""
-    if attention in ("eager", "fast"):  # "fast" lands with capture_fast.py; until then the reference path
+    """The transformers attn_implementation for sheafscope's capture path: "fast" is the
+    attention function capture_fast.py registers (registered here, before any model loads),
+    "eager" the reference path that materialises every attention matrix."""
+    if attention == "fast":
+        from sheafscope.capture_fast import register
+
+        return register()
+    if attention == "eager":
         return "eager"
     raise ConfigError(f"unknown attention path '{attention}'; choose fast or eager")
+
+
+def _settle_attention(loaded: LoadedModel, attention: str) -> None:
+    """Record which path the loaded model will take; a family the fast path cannot see that
+    still got the fast implementation (a GGUF file) is switched to eager here."""
+    if attention != "fast":
+        loaded.attention_path = "eager"
+        return
+    adapter = loaded.adapter
+    if adapter.fast_path_supported:
+        loaded.attention_path = "fast"
+        return
+    if getattr(loaded.model.config, "_attn_implementation", None) != "eager":
+        loaded.model.set_attn_implementation("eager")
+    loaded.attention_path = f"eager (fallback: {adapter.fast_path_note or adapter.family + ' is not supported by the fast path'})"
+    loaded.notes.append(f"attention: {loaded.attention_path}")
 
 
 def parse_spec(spec: str, init: str) -> tuple[str, str]:
@@ -237,9 +274,13 @@ def load_model(
     revision: str | None = None,
     quantize: str | None = None,
     attention: str = "eager",
+    config_overrides: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a model by spec (see the module docstring) and prepare it for analysis.
 
+    attention: "fast" (diagonals captured inside the forward pass; families that cannot, such
+    as BLOOM, load eager and record why in `attention_path`) or "eager" (reference).
+    config_overrides apply to random-init twins only (e.g. {"max_position_embeddings": 65536}).
     dtype defaults to float32 on the CPU and bfloat16 on a GPU. The hub token is read from
     $HF_TOKEN. Raises UnknownModelError, UnsupportedArchitectureError or ModelLoadError with
     a message that says what to do.
@@ -253,9 +294,11 @@ def load_model(
     kind = classify_spec(spec, init)
     name, _ = parse_spec(spec.strip(), init)
     entry = cat.find(name)
+    if config_overrides and kind != "random-init":
+        raise ConfigError(f"config overrides apply to random-init twins only, not to '{spec}' ({kind})")
     try:
         if kind == "random-init":
-            loaded = build_twin(entry, seed, torch_dtype, device, attn_implementation)
+            loaded = build_twin(entry, seed, torch_dtype, device, attn_implementation, config_overrides)
         elif kind == "offline-package":
             if quantize:
                 raise ConfigError("--quantize applies to hub and local checkpoints, not to the offline GGUF models")
@@ -288,9 +331,10 @@ def load_model(
         if kind == "hub":
             hint = (" This machine may not reach the model hub: use an offline alias "
                     f"({', '.join(offline.OFFLINE_WEIGHTS)}), a local directory, or --init random.")
-        raise ModelLoadError(f"could not load '{spec}' ({kind}): {str(e).splitlines()[0] if str(e) else type(e).__name__}.{hint}") from e
+        raise ModelLoadError(f"could not load '{spec}' ({kind}): {(str(e).splitlines()[0] if str(e) else type(e).__name__).rstrip('.')}.{hint}") from e
     loaded.load_seconds = time.time() - t0
     loaded.adapter  # resolve now: an unsupported layout fails at load, not mid-run
+    _settle_attention(loaded, attention)
     if quantize:
         loaded.notes.append(f"bitsandbytes {quantize}: value weights dequantized for ||W_V||")
     return loaded
