@@ -6,6 +6,7 @@ captured numbers into traces and L*, and knows nothing about architectures.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
@@ -14,10 +15,12 @@ import numpy as np
 import torch
 
 from sheafscope.capture_eager import PromptCapture, capture_eager
-from sheafscope.errors import PromptError
+from sheafscope.errors import ConfigError, PromptError, SheafscopeError
 from sheafscope.loading import LoadedModel
 from sheafscope.lstar import lstar_block
 from sheafscope.restriction import norms_sq
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -165,6 +168,66 @@ def prompt_result(text: str, cap: PromptCapture, truncated: bool, norm_sq: np.nd
                         cap.first_token_mass, cap.max_abs_hidden)
 
 
+# Automatic batching: prompts per forward pass to start with, and a cap on padded tokens per
+# batch (long prompts run alone rather than starting 32-wide and halving down through OOMs).
+AUTO_BATCH = {"cuda": 32, "cpu": 8}
+AUTO_BATCH_TOKENS = {"cuda": 65536, "cpu": 8192}
+
+
+@dataclass
+class _Item:
+    index: int  # position in the prompt list
+    ids: torch.Tensor  # (1, n)
+    truncated: bool
+
+
+def _capture_fast_all(loaded: LoadedModel, items: list[_Item], batch_size: int | None,
+                      progress: Callable[[int], None] | None) -> tuple[dict[int, PromptCapture], dict[str, Any]]:
+    """Fast-path captures of every item, batched longest first (little padding), halving the
+    batch on CUDA out-of-memory and retrying. Returns captures by item index and what ran."""
+    from sheafscope.capture_fast import BatchStats, capture_batch
+
+    dev = loaded.device.type
+    size = batch_size or AUTO_BATCH.get(dev, 8)
+    budget = None if batch_size else AUTO_BATCH_TOKENS.get(dev, 8192)
+    order = sorted(items, key=lambda it: -it.ids.shape[1])
+    stats = BatchStats()
+    pad_id = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+    out: dict[int, PromptCapture] = {}
+    largest, backoffs, i = 0, 0, 0
+    while i < len(order):
+        n_first = order[i].ids.shape[1]  # the longest of this batch
+        take = min(size, max(1, budget // n_first)) if budget else size
+        batch = order[i : i + take]
+        try:
+            caps = capture_batch(loaded.model, loaded.adapter.blocks, [it.ids for it in batch], stats, pad_id)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise SheafscopeError(
+                    f"out of {dev} memory on one prompt of {n_first} tokens with {loaded.spec}: "
+                    "pass --max-tokens to truncate long prompts, or use a smaller --dtype"
+                ) from None
+            size, backoffs = max(1, len(batch) // 2), backoffs + 1
+            log.warning("out of memory with %d prompts of up to %d tokens; retrying with %d", len(batch), n_first, size)
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        for it, cap in zip(batch, caps):
+            out[it.index] = cap
+        largest = max(largest, len(batch))
+        i += len(batch)
+        if progress:
+            progress(len(batch))
+    info = {
+        "batch_size": largest,
+        "batch_size_requested": batch_size if batch_size else "auto",
+        "oom_backoffs": backoffs,
+        "fast_kernels": dict(stats.kernels),
+        "fast_fallbacks": stats.fallbacks,
+    }
+    return out, info
+
+
 def analyze(
     loaded: LoadedModel,
     prompts: Iterable[str],
@@ -176,26 +239,46 @@ def analyze(
 ) -> ModelResult:
     """Measure every prompt on one model: masses, traces, L* (all definitions), formula.
 
+    A model loaded with attention="fast" runs prompts in right-padded batches of `batch_size`
+    (None: automatic, halved on CUDA out-of-memory); every prompt's numbers equal those of
+    running it alone. Otherwise the eager reference path runs one prompt at a time.
     Prompts that cannot be measured (one token, longer than the context) are skipped with a
     warning in the result; if none is left, PromptError. NaN/Inf raises NonFiniteError.
+    `progress(k)` is called as k more prompts are done.
     """
+    from sheafscope.capture_fast import is_fast
+
     t0 = time.time()
     texts = validate_prompts(prompts)
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, not {batch_size}")
     norm_sq = norms_sq(loaded.adapter, restriction_map).numpy()
     g = loaded.adapter.geometry
-    results, warnings = [], []
+    items, warnings = [], []
     for i, text in enumerate(texts):
         ids, truncated, warning = tokenize(loaded, text, max_tokens)
         if warning:
             warnings.append(f"prompt {i + 1}: {warning}")
+            if progress:
+                progress(1)
         else:
-            cap = capture_eager(loaded.model, ids, g.n_layers)
-            results.append(prompt_result(text, cap, truncated, norm_sq))
-        if progress:
-            progress(1)
-    if not results:
+            items.append(_Item(i, ids, truncated))
+    if not items:
         raise PromptError(f"no prompt could be measured on {loaded.spec}: " + "; ".join(warnings))
-    info = model_info(loaded, restriction_map, "eager")
+    fast = is_fast(loaded.model)
+    if fast:
+        caps, run_info = _capture_fast_all(loaded, items, batch_size, progress)
+        path = "fast"
+    else:
+        caps, run_info = {}, {"batch_size": 1, "batch_size_requested": batch_size if batch_size else "auto"}
+        for it in items:
+            caps[it.index] = capture_eager(loaded.model, it.ids, g.n_layers)
+            if progress:
+                progress(1)
+        path = loaded.attention_path if loaded.attention_path.startswith("eager") else "eager"
+    results = [prompt_result(texts[it.index], caps[it.index], it.truncated, norm_sq) for it in items]
+    info = model_info(loaded, restriction_map, path)
+    info.update(run_info)
     res = ModelResult(info, norm_sq, results, {}, warnings)
     res.lstar = lstar_block(res.layer_traces, g.n_layers, g.n_heads)
     if res.lstar["formula"]["exceeds_L"]:

@@ -11,3 +11,5 @@ class BloomAdapter(FusedInterleavedQKVAdapter):
     blocks_paths = ("transformer.h", "h")
     attention_path = "self_attention"
     norm_path = "input_layernorm"
+    fast_path_supported = False
+    fast_path_note = "bloom uses ALiBi outside the attention interface"

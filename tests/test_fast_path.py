@@ -1,0 +1,277 @@
+"""The fast path (capture_fast.py) against the eager reference (capture_eager.py).
+
+Every per-head off-diagonal mass, first-token mass and residual maximum of the fast path must
+equal the eager path's to 1e-5 relative (float32), on every supported family (prompts longer
+than the sliding windows, so windows and soft-capping matter), through both the fused kernels
+and the chunked torch fallback; padded batches must equal prompts run alone; the model's own
+outputs must not change; chunked memory must stay O(chunk x n).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from torch.profiler import ProfilerActivity, profile
+
+from sheafscope import analyze, load_model
+from sheafscope.adapters import adapter_class, adapter_for
+from sheafscope.capture_eager import capture_eager
+from sheafscope.capture_fast import FAST_ATTENTION, DiagonalCapture, capture_batch
+from sheafscope.errors import NonFiniteError
+from sheafscope.loading import attention_implementation
+from tiny_models import TINY_CONFIGS, build_tiny
+
+RTOL = 1e-5
+FIELDS = ("offdiag_mass", "first_token_mass", "max_abs_hidden")
+
+
+def _family_supported(name: str) -> bool:
+    cls_name, kwargs = TINY_CONFIGS[name]
+    return adapter_class(getattr(transformers, cls_name)(**kwargs).model_type).fast_path_supported
+
+
+FAMILIES = [n for n in sorted(TINY_CONFIGS) if _family_supported(n)]
+UNSUPPORTED = [n for n in sorted(TINY_CONFIGS) if not _family_supported(n)]
+
+
+def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
+    x, ref = np.asarray(x, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.max(np.abs(x - ref) / np.maximum(np.abs(ref), 1e-30)))
+
+
+def _ids(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _pair(name: str):
+    return build_tiny(name), build_tiny(name, attn_implementation=FAST_ATTENTION)
+
+
+def test_fast_is_registered_with_transformers():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    assert attention_implementation("fast") == FAST_ATTENTION
+    assert attention_implementation("eager") == "eager"
+    assert FAST_ATTENTION in AttentionInterface._global_mapping
+    assert FAST_ATTENTION in AttentionMaskInterface._global_mapping
+    assert UNSUPPORTED == ["bloom"] and len(FAMILIES) == len(TINY_CONFIGS) - 1
+
+
+@pytest.mark.parametrize("kernel", ["auto", "chunked"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tiny_fast_equals_eager(name, kernel):
+    """Per-head masses and residual maxima, prompts of 12 and 19 tokens (sliding windows are 4).
+    chunk_rows=5 splits every sequence into several row blocks with their own key ranges."""
+    eager, fast = _pair(name)
+    layers = adapter_for(eager).geometry.n_layers
+    blocks = adapter_for(fast).blocks
+    for n, seed in ((12, 1), (19, 2)):
+        ids = _ids(n, seed)
+        ref = capture_eager(eager, ids, layers)
+        (cap,) = capture_batch(fast, blocks, [ids], kernel=kernel, chunk_rows=5)
+        assert cap.n_tokens == n
+        for f in FIELDS:
+            assert getattr(cap, f).shape == getattr(ref, f).shape
+            assert rel_err(getattr(cap, f), getattr(ref, f)) <= RTOL, (f, n)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tiny_model_outputs_unchanged(name):
+    """Logits and every hidden state: with no capture active (the sdpa delegate), inside a
+    capture (fused kernels), and with the chunked fallback."""
+    eager, fast = _pair(name)
+    ids = _ids(19, 3)
+    kw = dict(input_ids=ids, output_hidden_states=True, use_cache=False)
+    with torch.no_grad():
+        ref = eager(**kw)
+        runs = {"no capture": fast(**kw)}
+        with DiagonalCapture(fast, chunk_rows=5):
+            runs["capture"] = fast(**kw)
+        with DiagonalCapture(fast, kernel="chunked", chunk_rows=5):
+            runs["chunked"] = fast(**kw)
+    final = "logits" if "logits" in ref else "last_hidden_state"
+    for label, out in runs.items():
+        pairs = [(out[final], ref[final])] + list(zip(out.hidden_states, ref.hidden_states))
+        assert len(out.hidden_states) == len(ref.hidden_states)
+        for got, want in pairs:
+            assert (got - want).abs().max() <= RTOL * want.abs().max(), label
+
+
+@pytest.mark.parametrize("kernel", ["auto", "chunked"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_padded_batch_equals_prompts_alone(name, kernel):
+    """Right-padded batch of 3..20 tokens: each prompt's n, masses and maxima as if run alone."""
+    _, fast = _pair(name)
+    blocks = adapter_for(fast).blocks
+    lengths = [3, 20, 7, 12, 5, 17]
+    prompts = [_ids(n, 10 + i) for i, n in enumerate(lengths)]
+    batch = capture_batch(fast, blocks, prompts, kernel=kernel, chunk_rows=6)
+    for p, got in zip(prompts, batch):
+        (alone,) = capture_batch(fast, blocks, [p], kernel=kernel)
+        assert got.n_tokens == alone.n_tokens == p.shape[1]
+        for f in FIELDS:
+            assert rel_err(getattr(got, f), getattr(alone, f)) <= RTOL, (f, p.shape[1])
+
+
+# -- offline pretrained models --------------------------------------------------------------------
+PROMPTS = [
+    "The capital of France is Paris, which is known for the Eiffel Tower.",
+    "Hi there",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "Once upon a time, in a land far away, there lived a king who had three daughters and a very old dog.",
+    "One two three four five.",
+]
+_FAST: dict[str, object] = {}
+
+
+def _fast(alias: str):
+    if alias not in _FAST:
+        _FAST[alias] = load_model(alias, device="cpu", dtype="float32", attention="fast")
+    return _FAST[alias]
+
+
+def _assert_results_equal(got, want, rtol):
+    assert [p.n_tokens for p in got.prompts] == [p.n_tokens for p in want.prompts]
+    assert [p.text for p in got.prompts] == [p.text for p in want.prompts]
+    for g, w in zip(got.prompts, want.prompts):
+        for f in FIELDS:
+            assert rel_err(getattr(g, f), getattr(w, f)) <= rtol, (f, g.n_tokens)
+
+
+@pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m", "minilm-l6"])
+def test_offline_fast_equals_eager(offline_model, alias):
+    """analyze() end to end (automatic batches of prompts of different lengths) and logits."""
+    eager, fast = offline_model(alias), _fast(alias)
+    assert fast.attention_path == "fast" and eager.attention_path == "eager"
+    want = analyze(eager, PROMPTS)
+    got = analyze(fast, PROMPTS)
+    assert got.info["attention_path"] == "fast" and want.info["attention_path"] == "eager"
+    assert got.info["batch_size"] == len(PROMPTS)  # automatic: one CPU batch of 8 at most
+    _assert_results_equal(got, want, RTOL)
+    ids = eager.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a = eager.model(input_ids=ids, use_cache=False)
+        b = fast.model(input_ids=ids, use_cache=False)
+    key = "logits" if "logits" in a else "last_hidden_state"
+    assert (a[key] - b[key]).abs().max() <= RTOL * a[key].abs().max()
+
+
+def test_offline_qwen_fast_equals_exact_reference(offline_model, monkeypatch):
+    """Qwen2.5 has attention logits near 1500 (its large q/k biases): one float32 rounding of a
+    logit (eps32 * 1500 ~ 2e-4) moves A by ~1e-4 relative, so no two float32 computations
+    (eager included, which downcasts its softmax to float32 even in a float64 model) agree to
+    1e-5 on every head. Checked instead: in float64 against eager with an exact float64 softmax,
+    to 1e-6 (not 1e-12: even float64 rounding differences grow ~10x per layer after layer 13,
+    to ~1e-8 in the last layers); and in float32, the fast path is no further from that exact
+    reference than eager float32 is (plus 1e-5)."""
+    alias = "qwen2.5-coder-0.5b"
+    fast = load_model(alias, device="cpu", dtype="float32", attention="fast")
+    eager32 = analyze(offline_model(alias), PROMPTS)
+    fast32 = analyze(fast, PROMPTS)
+    fast.model.double()
+    fast64 = analyze(fast, PROMPTS)
+    assert fast64.info["attention_path"] == "fast"
+
+    softmax = torch.nn.functional.softmax
+
+    def exact_softmax(x, dim=None, _stacklevel=3, dtype=None):
+        return softmax(x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype)
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", exact_softmax)
+    fast.model.set_attn_implementation("eager")
+    exact = analyze(fast, PROMPTS)
+    assert exact.info["attention_path"] == "eager"
+    _assert_results_equal(fast64, exact, 1e-6)
+    for f in FIELDS:
+        err_fast = max(rel_err(getattr(g, f), getattr(w, f)) for g, w in zip(fast32.prompts, exact.prompts))
+        err_eager = max(rel_err(getattr(g, f), getattr(w, f)) for g, w in zip(eager32.prompts, exact.prompts))
+        assert err_fast <= RTOL + 2 * err_eager, (f, err_fast, err_eager)
+    del fast
+
+
+# -- memory, fallbacks, batching, errors -----------------------------------------------------------
+@pytest.mark.parametrize("name,kernel", [("llama", "chunked"), ("mistral", "auto"), ("mistral", "chunked")])
+def test_chunked_memory_is_linear_in_n(name, kernel):
+    """n = 4096 in blocks of 128 query rows: no tensor anywhere near n x n is allocated (the
+    profiler's largest single CPU allocation) and the implementation's own bookkeeping says
+    no block had more than 128 rows. One n x n float32 matrix would be 64 MiB, eager's
+    per-layer attention 8 x 64 MiB. The mistral runs build the sliding-window mask in
+    blocks too, with key ranges a few columns wider than the window."""
+    n, rows = 4096, 128
+    _, fast = _pair(name)
+    heads = fast.config.num_attention_heads
+    ids = _ids(n, 4)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.no_grad(), DiagonalCapture(fast, kernel=kernel, chunk_rows=rows) as cap:
+            fast.base_model(input_ids=ids, use_cache=False)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert cap.max_block[0] <= rows and cap.max_block[1] <= n
+    assert largest <= heads * rows * n * 4 < n * n * 4, largest
+    if name == "mistral":
+        assert cap.max_block[1] <= rows + fast.config.sliding_window
+    assert len(cap.off) == 2 and cap.off[0].shape == (1, heads, n)
+    assert all(torch.isfinite(t).all() for t in cap.off + cap.sink)
+
+
+def test_long_sequence_fused_equals_chunked():
+    """At n = 1024 the fused kernel (one call, causal) and the chunked torch path agree."""
+    _, fast = _pair("llama")
+    blocks = adapter_for(fast).blocks
+    ids = _ids(1024, 5)
+    (a,) = capture_batch(fast, blocks, [ids])
+    (b,) = capture_batch(fast, blocks, [ids], kernel="chunked", chunk_rows=100)
+    for f in FIELDS:
+        assert rel_err(a.__dict__[f], b.__dict__[f]) <= RTOL
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED)
+def test_unsupported_family_loads_eager_and_says_why(tmp_path, offline_model, name):
+    tok = offline_model("smollm2-135m").tokenizer
+    cls_name, kwargs = TINY_CONFIGS[name]
+    config = getattr(transformers, cls_name)(**{**kwargs, "vocab_size": len(tok)})
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu", dtype="float32", attention="fast")
+    assert loaded.model.config._attn_implementation == "eager"
+    assert loaded.attention_path == f"eager (fallback: {loaded.adapter.fast_path_note})"
+    assert "ALiBi" in loaded.attention_path
+    res = analyze(loaded, PROMPTS[:2])
+    assert res.info["attention_path"] == loaded.attention_path
+
+
+def test_analyze_batches_keep_order_and_back_off_on_oom(monkeypatch, offline_model):
+    """Batches of 4, then an out-of-memory error for any batch of more than one prompt: the
+    batch is halved (4, 2, 1) and retried; results keep the prompts' order; progress counts
+    every prompt (skipped ones too)."""
+    import sheafscope.capture_fast as cf
+
+    fast = _fast("smollm2-135m")
+    real = cf.capture_batch
+
+    def flaky(model, blocks, prompts, *a, **k):
+        if len(prompts) > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real(model, blocks, prompts, *a, **k)
+
+    monkeypatch.setattr(cf, "capture_batch", flaky)
+    done = []
+    prompts = [*PROMPTS, "x"]  # "x" is one token: skipped with a warning
+    got = analyze(fast, prompts, batch_size=4, progress=done.append)
+    assert sum(done) == len(prompts)
+    assert got.info["batch_size"] == 1 and got.info["oom_backoffs"] == 2
+    assert got.info["batch_size_requested"] == 4
+    assert len(got.warnings) >= 1 and "prompt 6" in got.warnings[0]
+    monkeypatch.setattr(cf, "capture_batch", real)
+    want = analyze(offline_model("smollm2-135m"), PROMPTS)
+    _assert_results_equal(got, want, RTOL)
+
+
+def test_nan_in_the_forward_pass_raises():
+    _, fast = _pair("llama")
+    with torch.no_grad():
+        fast.model.layers[1].self_attn.q_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="layer 1"):
+        capture_batch(fast, adapter_for(fast).blocks, [_ids(9, 6)])
