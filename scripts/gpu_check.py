@@ -9,6 +9,7 @@ other kernels (flash / memory-efficient attention), so it is checked there too. 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -20,7 +21,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from sheafscope.adapters import adapter_for  # noqa: E402
+from sheafscope.adapters import adapter_class, adapter_for  # noqa: E402
 from sheafscope.capture_eager import capture_eager  # noqa: E402
 from sheafscope.capture_fast import FAST_ATTENTION, capture_batch  # noqa: E402
 from tiny_models import TINY_CONFIGS, build_tiny  # noqa: E402
@@ -57,6 +58,8 @@ def main() -> None:
            "tiny": {}, "mistral_shape": {}}
     for dtype in (torch.float32, torch.bfloat16):
         for name in sorted(TINY_CONFIGS):
+            if not adapter_class(build_tiny(name).config.model_type).fast_path_supported:
+                continue  # loads eager: nothing to compare
             vocab = TINY_CONFIGS[name][1]["vocab_size"]
             prompts = [torch.randint(0, vocab, (1, n), generator=g).cuda() for n in (5, 17, 40)]
             eager, fast = tiny_pair(name, dtype)
@@ -71,8 +74,9 @@ def main() -> None:
     for n in (2048, 6144):
         torch.manual_seed(0)
         with torch.device("cuda"):
-            eager = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="eager").eval()
-            fast = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=FAST_ATTENTION).eval()
+            # from_config writes attn_implementation into the config object: one copy each.
+            eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), dtype=torch.bfloat16, attn_implementation="eager").eval()
+            fast = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), dtype=torch.bfloat16, attn_implementation=FAST_ATTENTION).eval()
         fast.load_state_dict(eager.state_dict())
         ids = [torch.randint(0, 32000, (1, n), generator=g).cuda()]
         t0 = time.time()
