@@ -60,9 +60,16 @@ def test_fast_is_registered_with_transformers():
     assert UNSUPPORTED == ["bloom"] and len(FAMILIES) == len(TINY_CONFIGS) - 1
 
 
-@pytest.mark.parametrize("kernel", ["auto", "chunked"])
+# How the statistics are computed: short prompts get exact float64 statistics from one dense
+# product ("dense"); longer ones the kernel's lse with exact recomputation of the rows where
+# A_ii > 1/2 ("lse": forced here with exact_below=0); "chunked" is the torch fallback.
+ROUTES = {"dense": dict(kernel="auto"), "lse": dict(kernel="auto", exact_below=0),
+          "chunked": dict(kernel="chunked", exact_below=0)}
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
 @pytest.mark.parametrize("name", FAMILIES)
-def test_tiny_fast_equals_eager(name, kernel):
+def test_tiny_fast_equals_eager(name, route):
     """Per-head masses and residual maxima, prompts of 12 and 19 tokens (sliding windows are 4).
     chunk_rows=5 splits every sequence into several row blocks with their own key ranges."""
     eager, fast = _pair(name)
@@ -71,7 +78,7 @@ def test_tiny_fast_equals_eager(name, kernel):
     for n, seed in ((12, 1), (19, 2)):
         ids = _ids(n, seed)
         ref = capture_eager(eager, ids, layers)
-        (cap,) = capture_batch(fast, blocks, [ids], kernel=kernel, chunk_rows=5)
+        (cap,) = capture_batch(fast, blocks, [ids], chunk_rows=5, **ROUTES[route])
         assert cap.n_tokens == n
         for f in FIELDS:
             assert getattr(cap, f).shape == getattr(ref, f).shape
@@ -80,18 +87,17 @@ def test_tiny_fast_equals_eager(name, kernel):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_tiny_model_outputs_unchanged(name):
-    """Logits and every hidden state: with no capture active (the sdpa delegate), inside a
-    capture (fused kernels), and with the chunked fallback."""
+    """Logits and every hidden state: with no capture active (the sdpa delegate), and inside
+    a capture along every route."""
     eager, fast = _pair(name)
     ids = _ids(19, 3)
     kw = dict(input_ids=ids, output_hidden_states=True, use_cache=False)
     with torch.no_grad():
         ref = eager(**kw)
         runs = {"no capture": fast(**kw)}
-        with DiagonalCapture(fast, chunk_rows=5):
-            runs["capture"] = fast(**kw)
-        with DiagonalCapture(fast, kernel="chunked", chunk_rows=5):
-            runs["chunked"] = fast(**kw)
+        for route, options in ROUTES.items():
+            with DiagonalCapture(fast, chunk_rows=5, **options):
+                runs[route] = fast(**kw)
     final = "logits" if "logits" in ref else "last_hidden_state"
     for label, out in runs.items():
         pairs = [(out[final], ref[final])] + list(zip(out.hidden_states, ref.hidden_states))
@@ -100,17 +106,17 @@ def test_tiny_model_outputs_unchanged(name):
             assert (got - want).abs().max() <= RTOL * want.abs().max(), label
 
 
-@pytest.mark.parametrize("kernel", ["auto", "chunked"])
+@pytest.mark.parametrize("route", sorted(ROUTES))
 @pytest.mark.parametrize("name", FAMILIES)
-def test_padded_batch_equals_prompts_alone(name, kernel):
+def test_padded_batch_equals_prompts_alone(name, route):
     """Right-padded batch of 3..20 tokens: each prompt's n, masses and maxima as if run alone."""
     _, fast = _pair(name)
     blocks = adapter_for(fast).blocks
     lengths = [3, 20, 7, 12, 5, 17]
     prompts = [_ids(n, 10 + i) for i, n in enumerate(lengths)]
-    batch = capture_batch(fast, blocks, prompts, kernel=kernel, chunk_rows=6)
+    batch = capture_batch(fast, blocks, prompts, chunk_rows=6, **ROUTES[route])
     for p, got in zip(prompts, batch):
-        (alone,) = capture_batch(fast, blocks, [p], kernel=kernel)
+        (alone,) = capture_batch(fast, blocks, [p], **ROUTES[route])
         assert got.n_tokens == alone.n_tokens == p.shape[1]
         for f in FIELDS:
             assert rel_err(getattr(got, f), getattr(alone, f)) <= RTOL, (f, p.shape[1])
@@ -133,6 +139,15 @@ def _fast(alias: str):
     return _FAST[alias]
 
 
+def _lse_route(loaded, prompts):
+    """analyze's numbers for `prompts`, one padded batch, statistics by the lse route."""
+    from types import SimpleNamespace
+
+    ids = [loaded.tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
+    caps = capture_batch(loaded.model, loaded.adapter.blocks, ids, exact_below=0)
+    return SimpleNamespace(prompts=[SimpleNamespace(text=t, **c.__dict__) for t, c in zip(prompts, caps)])
+
+
 def _assert_results_equal(got, want, rtol):
     assert [p.n_tokens for p in got.prompts] == [p.n_tokens for p in want.prompts]
     assert [p.text for p in got.prompts] == [p.text for p in want.prompts]
@@ -151,6 +166,9 @@ def test_offline_fast_equals_eager(offline_model, alias):
     assert got.info["attention_path"] == "fast" and want.info["attention_path"] == "eager"
     assert got.info["batch_size"] == len(PROMPTS)  # automatic: one CPU batch of 8 at most
     _assert_results_equal(got, want, RTOL)
+    # Short prompts take the dense exact route; force the lse route (with its exact
+    # recomputation of self-attending rows) on the same batch.
+    _assert_results_equal(_lse_route(fast, PROMPTS), want, RTOL)
     ids = eager.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         a = eager.model(input_ids=ids, use_cache=False)
@@ -171,6 +189,7 @@ def test_offline_qwen_fast_equals_exact_reference(offline_model, monkeypatch):
     fast = load_model(alias, device="cpu", dtype="float32", attention="fast")
     eager32 = analyze(offline_model(alias), PROMPTS)
     fast32 = analyze(fast, PROMPTS)
+    fast32_lse = _lse_route(fast, PROMPTS)
     fast.model.double()
     fast64 = analyze(fast, PROMPTS)
     assert fast64.info["attention_path"] == "fast"
@@ -186,9 +205,10 @@ def test_offline_qwen_fast_equals_exact_reference(offline_model, monkeypatch):
     assert exact.info["attention_path"] == "eager"
     _assert_results_equal(fast64, exact, 1e-6)
     for f in FIELDS:
-        err_fast = max(rel_err(getattr(g, f), getattr(w, f)) for g, w in zip(fast32.prompts, exact.prompts))
         err_eager = max(rel_err(getattr(g, f), getattr(w, f)) for g, w in zip(eager32.prompts, exact.prompts))
-        assert err_fast <= RTOL + 2 * err_eager, (f, err_fast, err_eager)
+        for run in (fast32, fast32_lse):
+            err_fast = max(rel_err(getattr(g, f), getattr(w, f)) for g, w in zip(run.prompts, exact.prompts))
+            assert err_fast <= RTOL + 2 * err_eager, (f, err_fast, err_eager)
     del fast
 
 
@@ -275,3 +295,71 @@ def test_nan_in_the_forward_pass_raises():
         fast.model.layers[1].self_attn.q_proj.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="layer 1"):
         capture_batch(fast, adapter_for(fast).blocks, [_ids(9, 6)])
+
+
+# -- CUDA (skipped without a GPU) ------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cuda_captures(name, dtype, prompts, **options):
+    from sheafscope.capture_fast import BatchStats
+
+    fast = build_tiny(name, attn_implementation=FAST_ATTENTION).to("cuda", dtype)
+    stats = BatchStats()
+    caps = capture_batch(fast, adapter_for(fast).blocks, [p.cuda() for p in prompts], stats, **options)
+    return caps, stats
+
+
+def _fused_cuda_ran(name, stats) -> None:
+    """A fused CUDA kernel ran, and the only fallback is soft-capping's (gemma2: by design,
+    no fused kernel soft-caps logits, so every gemma2 layer runs the chunked path)."""
+    assert set(stats.fallbacks) <= {"logit soft-capping"}, stats.fallbacks
+    if not stats.fallbacks:
+        assert stats.kernels.get("fused-cuda", 0) > 0, dict(stats.kernels)
+
+
+@cuda
+@pytest.mark.parametrize("route", ["dense", "lse"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cuda_float32_fast_equals_eager(name, route):
+    """Fused CUDA kernels (flash is half-precision only: memory-efficient attention with
+    log-sum-exp, causal flag or mask bias) against the CPU eager reference; a padded batch."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eager = build_tiny(name)
+    layers = adapter_for(eager).geometry.n_layers
+    prompts = [_ids(n, 20 + n) for n in (19, 12, 3, 7)]
+    caps, stats = _cuda_captures(name, torch.float32, prompts, **ROUTES[route])
+    if route == "lse":
+        _fused_cuda_ran(name, stats)
+    for p, cap in zip(prompts, caps):
+        ref = capture_eager(eager, p, layers)
+        for f in FIELDS:
+            assert rel_err(getattr(cap, f), getattr(ref, f)) <= RTOL, (f, p.shape[1])
+
+
+@cuda
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cuda_bfloat16_fused_agrees_with_chunked(name):
+    """bfloat16: flash (no mask) and memory-efficient attention (mask) against the chunked torch
+    path on the same GPU. The two forward passes round differently in bfloat16, so later layers
+    differ by bfloat16 noise: agreement to 3e-2, and exactly the kernels expected."""
+    prompts = [_ids(n, 30 + n) for n in (19, 12, 5)]
+    fused, stats = _cuda_captures(name, torch.bfloat16, prompts, kernel="auto", exact_below=0)
+    _fused_cuda_ran(name, stats)
+    chunked, _ = _cuda_captures(name, torch.bfloat16, prompts, kernel="chunked", exact_below=0)
+    for a, b in zip(fused, chunked):
+        for f in ("offdiag_mass", "first_token_mass"):
+            assert rel_err(getattr(a, f), getattr(b, f)) <= 3e-2, f
+
+
+@cuda
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma3"])
+def test_cuda_long_sequence_fused_equals_chunked(name):
+    """n = 2048 (sliding windows: mask blocks with key ranges) in float32: fused == chunked."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids = [_ids(2048, 7)]
+    a, stats = _cuda_captures(name, torch.float32, ids, kernel="auto")
+    _fused_cuda_ran(name, stats)
+    b, _ = _cuda_captures(name, torch.float32, ids, kernel="chunked", chunk_rows=256)
+    for f in FIELDS:
+        assert rel_err(getattr(a[0], f), getattr(b[0], f)) <= RTOL, f

@@ -53,9 +53,14 @@ SMALL_MASK_ELEMENTS = 1 << 22
 # Rows with 1 - A_ii below this get their statistics recomputed from float64 scores (see
 # _refine_rows): a few percent of rows on pretrained models.
 REFINE_BELOW = 0.5
+# Rows per fused call when a mask is given (see _attention_with_lse).
+FUSED_MASK_ROWS = 2048
 # A block of query rows this small (batch x heads x rows x keys) gets exact float64 statistics
 # for all its rows in one dense product: short prompts never take the lse route at all.
 DENSE_EXACT_ELEMENTS = 1 << 18
+# On a GPU float64 products are cheap next to the launches and host syncs of the lse route:
+# a batch of 32 short prompts of a 7B model (32 x 32 heads x 64 x 64) stays dense.
+DENSE_EXACT_ELEMENTS_CUDA = 1 << 24
 
 _ACTIVE: ContextVar["DiagonalCapture | None"] = ContextVar("sheafscope_diagonal_capture", default=None)
 
@@ -215,6 +220,9 @@ class DiagonalCapture:
     valid rows (`masses` then gives per-prompt numbers), so memory stays O(layers x heads).
     `kernel`: "auto" (fused kernels where they apply), or "chunked" (the torch fallback
     everywhere, for tests). `chunk_rows` fixes the rows per block of chunked steps.
+    `exact_below`: problems (batch x heads x rows x keys) up to this size get exact float64
+    statistics from one dense product instead of the lse route (0: always the lse route;
+    None: DENSE_EXACT_ELEMENTS, or DENSE_EXACT_ELEMENTS_CUDA on a GPU).
     """
 
     model: nn.Module
@@ -222,6 +230,7 @@ class DiagonalCapture:
     keep_positions: bool = True
     kernel: str = "auto"
     chunk_rows: int | None = None
+    exact_below: int | None = None
     layer_of: dict[int, int] = field(default_factory=dict)
     records: dict[int, _LayerRecord] = field(default_factory=dict)
     kernels: Counter = field(default_factory=Counter)  # which computation ran, per attention call
@@ -349,24 +358,26 @@ def _stat_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)
 
 
-def _row_scores(q: torch.Tensor, k: torch.Tensor, k_rows: slice | None, scale: float, softcap: float | None,
-                capture: DiagonalCapture | None) -> torch.Tensor:
-    """s_i,j(i) (in _stat_dtype) for every query row i: j(i) = i (k_rows None) or the single key
-    row given by k_rows. Row blocks bound the temporaries to O(block x d)."""
+def _row_scores(q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float | None,
+                capture: DiagonalCapture | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """s_ii and s_i0 (in _stat_dtype), (b, h, n) each, as row-wise dot products: O(n d), never
+    a score matrix. Row blocks bound the temporaries to O(block x d)."""
     b, h, n, d = q.shape
     n_kv = k.shape[1]
     dt = _stat_dtype(q)
-    out = torch.empty(b, h, n, dtype=dt, device=q.device)
+    diag = torch.empty(b, h, n, dtype=dt, device=q.device)
+    first = torch.empty(b, h, n, dtype=dt, device=q.device)
+    k0 = k[:, :, :1].to(dt)[:, :, None]  # (b, h_kv, 1, 1, d)
     step = _rows_per_block(capture, b * h * d, n, q.device)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         qg = _grouped(q[:, :, r0:r1], n_kv).to(dt)
-        kk = k[:, :, r0:r1] if k_rows is None else k[:, :, k_rows]
-        s = (qg * kk.to(dt)[:, :, None]).sum(-1).reshape(b, h, r1 - r0) * scale
-        out[:, :, r0:r1] = s
+        diag[:, :, r0:r1] = (qg * k[:, :, r0:r1].to(dt)[:, :, None]).sum(-1).reshape(b, h, r1 - r0)
+        first[:, :, r0:r1] = (qg * k0).sum(-1).reshape(b, h, r1 - r0)
+    diag, first = diag * scale, first * scale
     if softcap is not None:
-        out = torch.tanh(out / softcap) * softcap
-    return out
+        diag, first = torch.tanh(diag / softcap) * softcap, torch.tanh(first / softcap) * softcap
+    return diag, first
 
 
 def _fused_cpu(q, k, v, bias, causal, scale):
@@ -441,9 +452,10 @@ def _chunk_attention(q, k, v, block, causal_from, scale, softcap, pbias):
     return out, lse
 
 
-def _attention_with_lse(q, k, v, mask, causal, scale, softcap, pbias, capture):
-    """Attention output (b, h, n, d_v) in v's dtype and lse (b, h, n) in _stat_dtype, plus the mask's
-    additive value at each row's diagonal and first key ((b|1, 1, n) float64; None: 0)."""
+def _attention_with_lse(q, k, v, mask, causal, scale, softcap, pbias, capture, point_bias=True):
+    """Attention output (b, h, n, d_v) in v's dtype and lse (b, h, n) in _stat_dtype, plus the
+    mask's additive value at each row's diagonal and first key ((b|1, 1, n) float64; None: 0;
+    also None when not `point_bias`)."""
     b, h, n, _ = q.shape
     kv_len = k.shape[2]
     dev = q.device.type
@@ -470,19 +482,25 @@ def _attention_with_lse(q, k, v, mask, causal, scale, softcap, pbias, capture):
     out = torch.empty(b, h, n, v.shape[-1], dtype=v.dtype, device=q.device)
     lse = torch.empty(b, h, n, dtype=_stat_dtype(q), device=q.device)
     diag_bias = first_bias = None
-    if mask is not None:
+    if mask is not None and point_bias:
         diag_bias = torch.empty(b, 1, n, dtype=torch.float64, device=q.device)
         first_bias = torch.empty(b, 1, n, dtype=torch.float64, device=q.device)
     # Rows per block: every block builds a (b, rows, kv) mask; the torch fallback also holds
     # (b, h, rows, kv) float32 scores and their exponentials.
     step = _rows_per_block(capture, b * kv_len * (1 if fused_ok else 3 * h), n, q.device)
+    if fused_ok and not (capture is not None and capture.chunk_rows):
+        # Row blocks of at most FUSED_MASK_ROWS: each block attends only to its key range
+        # (causal and sliding-window structure skipped), which a whole-matrix masked call
+        # cannot do.
+        step = min(step, FUSED_MASK_ROWS)
     for q0 in range(0, n, step):
         q1 = min(n, q0 + step)
         if mask is not None:
             block = _mask_block(mask, q0, q1)
             k0, k1 = (0, kv_len) if step >= n else _key_range(mask, q0, q1, block)
-            diag_bias[:, :, q0:q1] = _point_bias(block, q0, None)
-            first_bias[:, :, q0:q1] = _point_bias(block, q0, 0)
+            if point_bias:
+                diag_bias[:, :, q0:q1] = _point_bias(block, q0, None)
+                first_bias[:, :, q0:q1] = _point_bias(block, q0, 0)
             block, causal_from = block[..., k0:k1], None
         else:
             block = None
@@ -555,20 +573,18 @@ def sheafscope_attention(
     if q_len != kv_len:
         raise SheafscopeError(f"attention statistics need one full forward pass (queries {q_len} != keys {kv_len}); "
                               "pass use_cache=False")
-    out, lse, diag_bias, first_bias = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap,
-                                                          position_bias, capture)
     b, h, n, _ = query.shape
-    if b * h * n * kv_len <= DENSE_EXACT_ELEMENTS:
+    small = b * h * n * kv_len <= _exact_limit(capture, query.device)
+    out, lse, diag_bias, first_bias = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap,
+                                                          position_bias, capture, point_bias=not small)
+    if small:
         # Small problems (short prompts): exact statistics for every row in one float64
         # product, cheaper than the per-row bookkeeping of the lse route.
         off, sink = _exact_stats(query, key, attention_mask, causal, scale, softcap, position_bias, capture)
-        bad = torch.isnan(off)  # fully masked rows (padding): whatever the kernel says
-        if bool(bad.any()):
-            off, sink = off.masked_fill(bad, 1.0), sink.masked_fill(bad, 0.0)
-        capture._record(module, off, sink)
+        bad = torch.isnan(off)  # fully masked rows (padding rows): any finite value, never read
+        capture._record(module, off.masked_fill(bad, 1.0), sink.masked_fill(bad, 0.0))
         return out.transpose(1, 2).contiguous(), None
-    s_diag = _row_scores(query, key, None, scale, softcap, capture).double()
-    s_first = _row_scores(query, key, slice(0, 1), scale, softcap, capture).double()
+    s_diag, s_first = (t.double() for t in _row_scores(query, key, scale, softcap, capture))
     if position_bias is not None:
         s_diag = s_diag + position_bias.diagonal(dim1=-2, dim2=-1).double()
         s_first = s_first + position_bias[..., :, 0].double()
@@ -578,6 +594,8 @@ def sheafscope_attention(
     # Clamp: rounding can put s_ii a hair above lse where A_ii = 1 (row 0 under a causal mask).
     off = -torch.expm1((s_diag - lse64).clamp(max=0.0))
     sink = torch.exp((s_first - lse64).clamp(max=0.0))
+    if attention_mask is None and causal and position_bias is None:
+        off[:, :, 0], sink[:, :, 0] = 0.0, 1.0  # row 0 sees key 0 alone: A_00 = 1 exactly
     _refine_rows(query, key, attention_mask, causal, scale, softcap, position_bias, off, sink, capture)
     capture._record(module, off, sink)
     return out.transpose(1, 2).contiguous(), None
@@ -626,16 +644,65 @@ def _exact_dense(q, k, q0, q1, k0, k1, block, causal, scale, softcap, pbias):
     return _exact_from_scores(s, torch.arange(q0, q1, device=q.device), k0, block, causal)
 
 
+def _exact_sparse(q, k, flagged, q0, k0, k1, block, causal, scale, softcap, pbias, off, sink) -> None:
+    """Exact statistics of the flagged rows (flagged: (b, h, rows) for rows q0..) of one block,
+    written into off and sink. Rows are grouped by the (batch, KV head) whose keys they read
+    and padded to the largest group, so that one batched product serves every group (a few
+    launches and host syncs per block, however many groups)."""
+    b, h, _, d = q.shape
+    n_kv = k.shape[1]
+    groups = h // n_kv
+    hit = flagged.nonzero()  # (F, 3): batch, head, row in block
+    pair, order = torch.sort(hit[:, 0] * n_kv + hit[:, 1] // groups)
+    hit = hit[order]
+    uniq, counts = torch.unique_consecutive(pair, return_counts=True)
+    ends = torch.cumsum(counts, 0)
+    slot = torch.arange(hit.shape[0], device=q.device) - torch.repeat_interleave(ends - counts, counts)
+    gid = torch.repeat_interleave(torch.arange(uniq.numel(), device=q.device), counts)
+    bb, hh, rr = hit.unbind(1)
+    width = max(int(counts.max()), 1)
+    ends_host = [0, *ends.tolist()]
+    # Groups per product: the float64 keys (groups, keys, d) and scores (groups, width, keys)
+    # stay within one block's element budget.
+    per_group = (k1 - k0) * (d + width)
+    step = max(1, _block_elements(q.device) // 2 // per_group)
+    for g0 in range(0, uniq.numel(), step):
+        g1 = min(uniq.numel(), g0 + step)
+        r0, r1 = ends_host[g0], ends_host[g1]
+        qs = torch.zeros(g1 - g0, width, d, dtype=torch.float64, device=q.device)
+        qs[gid[r0:r1] - g0, slot[r0:r1]] = q[bb[r0:r1], hh[r0:r1], q0 + rr[r0:r1]].double()
+        ks = k[uniq[g0:g1] // n_kv, uniq[g0:g1] % n_kv, k0:k1].double()  # (groups, keys, d)
+        sc = torch.bmm(qs, ks.transpose(1, 2))[gid[r0:r1] - g0, slot[r0:r1]] * scale  # (rows, keys)
+        if softcap is not None:
+            sc = torch.tanh(sc / softcap) * softcap
+        rb, rh, i = bb[r0:r1], hh[r0:r1], q0 + rr[r0:r1]
+        if pbias is not None:
+            sc = sc + pbias[rb if pbias.shape[0] > 1 else 0, rh if pbias.shape[1] > 1 else 0, i, k0:k1].double()
+        rows = None if block is None else block[rb if block.shape[0] > 1 else 0, 0, rr[r0:r1]]
+        o, f = _exact_from_scores(sc, i, k0, rows, causal)
+        off[rb, rh, i], sink[rb, rh, i] = o, f
+
+
+def _exact_limit(capture: "DiagonalCapture | None", device: torch.device) -> int:
+    if capture is not None and capture.exact_below is not None:
+        return capture.exact_below
+    return DENSE_EXACT_ELEMENTS_CUDA if device.type == "cuda" else DENSE_EXACT_ELEMENTS
+
+
 def _exact_stats(q, k, mask, causal, scale, softcap, pbias, capture, only=None):
     """Exact (float64-score) 1 - A_ii and A_i0, (b, h, n) each: every row, or with `only`
     (b, h, n) bool the flagged rows (NaN elsewhere), by blocks of query rows; small blocks as
     one dense product, large ones gathering just the flagged rows of each (batch, KV head)."""
     b, h, n, d = q.shape
-    n_kv, kv_len = k.shape[1], k.shape[2]
-    groups = h // n_kv
+    kv_len = k.shape[2]
     off = torch.full((b, h, n), math.nan, dtype=torch.float64, device=q.device)
     sink = off.clone()
     step = _rows_per_block(capture, b * kv_len, n, q.device)
+    limit = _exact_limit(capture, q.device)
+    if only is not None and not (capture is not None and capture.chunk_rows) and limit // (b * h * kv_len) >= 64:
+        # Blocks small enough to be dense: on a GPU a float64 product over a whole block
+        # costs less than the launches and host syncs of gathering its flagged rows.
+        step = min(step, limit // (b * h * kv_len))
     if only is None:
         blocks = range(0, (n + step - 1) // step)
     else:
@@ -645,24 +712,11 @@ def _exact_stats(q, k, mask, causal, scale, softcap, pbias, capture, only=None):
         block, k0, k1 = _block_keys(mask, q0, q1, n, kv_len, causal, step)
         if capture is not None:
             capture._note_block(q1 - q0, k1 - k0)
-        if only is None or b * h * (q1 - q0) * (k1 - k0) <= DENSE_EXACT_ELEMENTS:
+        if only is None or b * h * (q1 - q0) * (k1 - k0) <= limit:
             o, f = _exact_dense(q, k, q0, q1, k0, k1, block, causal, scale, softcap, pbias)
             off[:, :, q0:q1], sink[:, :, q0:q1] = o, f
             continue
-        hit = only[:, :, q0:q1].nonzero()  # (F, 3): batch, head, row in block
-        for pair in torch.unique(hit[:, 0] * n_kv + hit[:, 1] // groups).tolist():
-            bb, kh = divmod(pair, n_kv)
-            sel = hit[(hit[:, 0] == bb) & (hit[:, 1] // groups == kh)]
-            heads, i = sel[:, 1], q0 + sel[:, 2]
-            sc = (q[bb, heads, i].double() @ k[bb, kh, k0:k1].double().T) * scale  # (rows, k1 - k0)
-            if softcap is not None:
-                sc = torch.tanh(sc / softcap) * softcap
-            if pbias is not None:
-                pb = pbias[bb if pbias.shape[0] > 1 else 0]
-                sc = sc + pb[heads if pb.shape[0] > 1 else 0, i, k0:k1].double()
-            rows = None if block is None else block[bb if block.shape[0] > 1 else 0, 0, sel[:, 2]]
-            o, f = _exact_from_scores(sc, i, k0, rows, causal)
-            off[bb, heads, i], sink[bb, heads, i] = o, f
+        _exact_sparse(q, k, only[:, :, q0:q1], q0, k0, k1, block, causal, scale, softcap, pbias, off, sink)
     return off, sink
 
 
@@ -677,6 +731,8 @@ def _refine_rows(q, k, mask, causal, scale, softcap, pbias, off, sink, capture) 
     A_ii <= 1/2 their relative error is at most about twice eps * |lse|, eager's own.
     """
     flag = off < REFINE_BELOW
+    if mask is None and causal and pbias is None:
+        flag[:, :, 0] = False  # set exactly by the caller
     if capture.valid is not None:
         flag &= capture.valid.to(flag.device)[:, None, :]
     if not bool(flag.any()):
