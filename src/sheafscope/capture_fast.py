@@ -6,7 +6,8 @@ them (scaled, soft-capped, position-biased, masked) and lse_i = log sum_j exp(s_
     1 - A_h[i,i] = -expm1(s_ii - lse_i),        A_h[i,0] = exp(s_i0 - lse_i).
 
 So the statistics need s_ii and s_i0 (row-wise dot products, O(n d)) and lse_i, which the fused
-attention kernels return next to their output for free. No n x n matrix is ever built:
+attention kernels return next to their output for free ("the lse route"). No n x n matrix is
+ever built:
 
   - CPU: torch's flash kernel for CPU (`_scaled_dot_product_flash_attention_for_cpu`, the one
     `scaled_dot_product_attention` runs) returns (output, lse) in one pass;
@@ -15,6 +16,14 @@ attention kernels return next to their output for free. No n x n matrix is ever 
     additive bias) with compute_log_sumexp;
   - anywhere else, and for what no kernel does (logit soft-capping, a position bias): a chunked
     torch computation over blocks of query rows, memory O(rows x n).
+
+Precision. lse_i carries an absolute rounding of about eps * |lse_i|, so -expm1(s_ii - lse_i)
+has a relative error of eps * |lse_i| / (1 - A_ii): fine where A_ii <= 1/2 (eager's own float
+error is eps * |s|), noise where a head attends to itself and 1 - A_ii is tiny. Rows with
+A_ii > 1/2 (a few percent on pretrained models) are therefore recomputed exactly from float64
+scores (`_refine_rows`), summing their off-diagonal terms. Small problems (short prompts, a
+batch of them) skip the lse route and get exact float64 statistics for every row from one
+dense product (`DENSE_EXACT_ELEMENTS`), cheaper there than the route's bookkeeping.
 
 Masks are registered as a `LazyMask`: the recipe of the boolean mask transformers would build
 for sdpa, materialised one block of query rows at a time (with the key range that block can
@@ -33,7 +42,7 @@ import math
 from collections import Counter
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -646,41 +655,60 @@ def _exact_dense(q, k, q0, q1, k0, k1, block, causal, scale, softcap, pbias):
 
 def _exact_sparse(q, k, flagged, q0, k0, k1, block, causal, scale, softcap, pbias, off, sink) -> None:
     """Exact statistics of the flagged rows (flagged: (b, h, rows) for rows q0..) of one block,
-    written into off and sink. Rows are grouped by the (batch, KV head) whose keys they read
-    and padded to the largest group, so that one batched product serves every group (a few
-    launches and host syncs per block, however many groups)."""
-    b, h, _, d = q.shape
+    written into off and sink.
+
+    Rows are grouped by the (batch, KV head) whose keys they read; pieces of consecutive groups
+    (a group with very many rows is split) are padded to their largest group, so that one
+    batched product serves a whole piece. Pieces keep the float64 keys, scores and their
+    exponentials within a block's element budget; planning needs two host syncs per block.
+    """
+    _, h, _, d = q.shape
     n_kv = k.shape[1]
     groups = h // n_kv
+    keys = k1 - k0
     hit = flagged.nonzero()  # (F, 3): batch, head, row in block
-    pair, order = torch.sort(hit[:, 0] * n_kv + hit[:, 1] // groups)
+    pair, order = torch.sort(hit[:, 0] * n_kv + hit[:, 1] // groups, stable=True)
     hit = hit[order]
     uniq, counts = torch.unique_consecutive(pair, return_counts=True)
-    ends = torch.cumsum(counts, 0)
-    slot = torch.arange(hit.shape[0], device=q.device) - torch.repeat_interleave(ends - counts, counts)
-    gid = torch.repeat_interleave(torch.arange(uniq.numel(), device=q.device), counts)
-    bb, hh, rr = hit.unbind(1)
-    width = max(int(counts.max()), 1)
-    ends_host = [0, *ends.tolist()]
-    # Groups per product: the float64 keys (groups, keys, d) and scores (groups, width, keys)
-    # stay within one block's element budget.
-    per_group = (k1 - k0) * (d + width)
-    step = max(1, _block_elements(q.device) // 2 // per_group)
-    for g0 in range(0, uniq.numel(), step):
-        g1 = min(uniq.numel(), g0 + step)
-        r0, r1 = ends_host[g0], ends_host[g1]
-        qs = torch.zeros(g1 - g0, width, d, dtype=torch.float64, device=q.device)
-        qs[gid[r0:r1] - g0, slot[r0:r1]] = q[bb[r0:r1], hh[r0:r1], q0 + rr[r0:r1]].double()
-        ks = k[uniq[g0:g1] // n_kv, uniq[g0:g1] % n_kv, k0:k1].double()  # (groups, keys, d)
-        sc = torch.bmm(qs, ks.transpose(1, 2))[gid[r0:r1] - g0, slot[r0:r1]] * scale  # (rows, keys)
+    # Host plan: (group, first row, end row) segments of at most rows_cap rows, gathered into
+    # pieces of at most rows_cap rows and groups_cap groups.
+    budget = _block_elements(q.device) // 4
+    rows_cap = max(1, budget // keys)
+    groups_cap = max(1, budget // (keys * d))
+    segments, start = [], 0
+    for gi, c in enumerate(counts.tolist()):
+        for s0 in range(start, start + c, rows_cap):
+            segments.append((gi, s0, min(start + c, s0 + rows_cap)))
+        start += c
+    pieces, cur = [], []
+    for seg in segments:
+        if cur and (sum(e - s for _, s, e in cur) + seg[2] - seg[1] > rows_cap or len(cur) >= groups_cap):
+            pieces.append(cur)
+            cur = []
+        cur.append(seg)
+    if cur:
+        pieces.append(cur)
+    pair_of = uniq.tolist()
+    for piece in pieces:
+        r0, r1 = piece[0][1], piece[-1][2]
+        width = max(e - s for _, s, e in piece)
+        lens = torch.tensor([e - s for _, s, e in piece], device=q.device)
+        gid = torch.repeat_interleave(torch.arange(len(piece), device=q.device), lens, output_size=r1 - r0)
+        slot = torch.arange(r1 - r0, device=q.device) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens, output_size=r1 - r0)
+        bb, hh, rr = hit[r0:r1].unbind(1)
+        i = q0 + rr
+        qs = torch.zeros(len(piece), width, d, dtype=torch.float64, device=q.device)
+        qs[gid, slot] = q[bb, hh, i].double()
+        pairs = torch.tensor([pair_of[g] for g, _, _ in piece], device=q.device)
+        ks = k[pairs // n_kv, pairs % n_kv, k0:k1].double()  # (groups, keys, d)
+        sc = torch.bmm(qs, ks.transpose(1, 2))[gid, slot] * scale  # (rows, keys)
         if softcap is not None:
             sc = torch.tanh(sc / softcap) * softcap
-        rb, rh, i = bb[r0:r1], hh[r0:r1], q0 + rr[r0:r1]
         if pbias is not None:
-            sc = sc + pbias[rb if pbias.shape[0] > 1 else 0, rh if pbias.shape[1] > 1 else 0, i, k0:k1].double()
-        rows = None if block is None else block[rb if block.shape[0] > 1 else 0, 0, rr[r0:r1]]
+            sc = sc + pbias[bb if pbias.shape[0] > 1 else 0, hh if pbias.shape[1] > 1 else 0, i, k0:k1].double()
+        rows = None if block is None else block[bb if block.shape[0] > 1 else 0, 0, rr]
         o, f = _exact_from_scores(sc, i, k0, rows, causal)
-        off[rb, rh, i], sink[rb, rh, i] = o, f
+        off[bb, hh, i], sink[bb, hh, i] = o, f
 
 
 def _exact_limit(capture: "DiagonalCapture | None", device: torch.device) -> int:

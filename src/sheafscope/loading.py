@@ -225,8 +225,13 @@ def _settle_attention(loaded: LoadedModel, attention: str) -> None:
     if adapter.fast_path_supported:
         loaded.attention_path = "fast"
         return
-    if getattr(loaded.model.config, "_attn_implementation", None) != "eager":
+    config = loaded.model.config
+    if getattr(config, "_attn_implementation", None) != "eager":
         loaded.model.set_attn_implementation("eager")
+        if config._attn_implementation != "eager":
+            # Families outside the attention interface refuse the switch (their attention never
+            # reads it); the config is what analysis reads to choose its path.
+            config._attn_implementation_internal = "eager"
     loaded.attention_path = f"eager (fallback: {adapter.fast_path_note or adapter.family + ' is not supported by the fast path'})"
     loaded.notes.append(f"attention: {loaded.attention_path}")
 
