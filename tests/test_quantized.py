@@ -5,6 +5,8 @@ bitsandbytes quantizes on the CPU too, so this runs everywhere CI runs.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -45,7 +47,31 @@ def test_packed_bytes_are_not_weights_and_dequantized_ones_are(quantized_and_ref
 def test_quantized_model_value_vectors_match_its_own_forward_pass(quantized_and_reference):
     q, _ = quantized_and_reference
     ids = q.tokenizer("The capital of France is Paris.", return_tensors="pt")["input_ids"]
-    assert max(value_vector_errors(q.model, q.adapter, ids)) < 1e-4
+    errors = value_vector_errors(q.model, q.adapter, ids)
+    v_proj = q.model.model.layers[0].self_attn.v_proj
+    # On a CPU with AVX512-BF16, bitsandbytes repacks the weight at the first forward and its
+    # kernel then computes in bfloat16 (unit roundoff 2^-8); a wrong layout gives errors ~1.
+    bf16_kernel = getattr(v_proj.weight.quant_state, "packing_format_for_cpu", False)
+    assert max(errors) < (1e-2 if bf16_kernel else 1e-4)
+
+
+def test_dequantizes_bitsandbytes_cpu_packed_layout():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    import bitsandbytes as bnb
+
+    torch.manual_seed(1)
+    w = torch.randn(64, 256)
+    layer = bnb.nn.Linear4bit(256, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4").to("cpu")
+    before = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    # The layout bitsandbytes switches to on an AVX512-BF16 CPU, forced here on any CPU.
+    packed, state = bnbf._convert_weight_packed_for_cpu(layer.weight.data.clone(), copy.deepcopy(layer.weight.quant_state))
+    layer.weight.data, layer.weight.quant_state = packed, state
+    after = dense_weight(layer)
+    assert after.shape == w.shape
+    # Only the block scales change: rounded to bfloat16 (relative 2^-9 at most).
+    assert ((after - before).abs() <= before.abs() * 2.0**-8 + 1e-7).all()
+    assert (after - w).norm() / w.norm() < 0.15
 
 
 def test_quantized_traces_use_dequantized_norms(quantized_and_reference):

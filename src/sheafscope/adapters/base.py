@@ -49,6 +49,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if cls == "Params4bit":
         import bitsandbytes.functional as bnbf
 
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            return _dequantize_cpu_packed_4bit(w.data, w.quant_state)
         return bnbf.dequantize_4bit(w.data, w.quant_state).float()
     if cls == "Int8Params":
         scb = getattr(w, "SCB", None) or getattr(module.state, "SCB", None)
@@ -61,6 +63,30 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
             "load the model without quantization or with bitsandbytes 4/8-bit"
         )
     return w.detach().float()
+
+
+def _dequantize_cpu_packed_4bit(packed: torch.Tensor, state) -> torch.Tensor:
+    """Dequantize a 4-bit weight in bitsandbytes' AVX512-BF16 CPU layout.
+
+    bitsandbytes >= 0.48 repacks a 4-bit weight on its first CPU forward pass: (N, K/2) bytes in
+    tiles of 32 output rows, each 64-index run stored as 32 low and 32 high nibbles, with absmax
+    as a bfloat16 (K/blocksize, N) matrix. dequantize_4bit does not read that layout, and
+    bitsandbytes' own inverse (0.50.2) does not restore the weights, so unpack it here: these are
+    exactly the values the CPU kernel multiplies by.
+    """
+    tile = 32
+    n_out, half_k = packed.shape
+    n_in = 2 * half_k
+    if n_out % tile or tuple(state.shape) != (n_out, n_in):
+        raise UnsupportedArchitectureError(
+            f"unrecognised bitsandbytes CPU 4-bit layout {tuple(packed.shape)} for a "
+            f"{tuple(state.shape)} weight; load the model without quantization"
+        )
+    runs = packed.reshape(-1, tile)
+    codes = torch.cat([runs & 0xF, runs >> 4], dim=-1)
+    codes = codes.reshape(n_out // tile, half_k, tile, 2).transpose(1, 2).reshape(n_out, n_in)
+    scale = state.absmax.float().T.repeat_interleave(state.blocksize, dim=1)
+    return state.code.float()[codes.long()] * scale
 
 
 def resolve_path(root: nn.Module, dotted: str) -> nn.Module | None:
