@@ -66,7 +66,10 @@ def test_fast_is_registered_with_transformers():
 # How the statistics are computed: short prompts get exact float64 statistics from one dense
 # product ("dense"); longer ones the kernel's lse with exact recomputation of the rows where
 # A_ii > 1/2 ("lse": forced here with exact_below=0); "chunked" is the torch fallback.
+# "lse-deferred": the lse route with each layer's exact recomputation done after the next
+# layer ran, as on a GPU.
 ROUTES = {"dense": dict(kernel="auto"), "lse": dict(kernel="auto", exact_below=0),
+          "lse-deferred": dict(kernel="auto", exact_below=0, defer=True),
           "chunked": dict(kernel="chunked", exact_below=0)}
 
 
@@ -250,20 +253,26 @@ def test_long_sequence_fused_equals_chunked():
         assert rel_err(a.__dict__[f], b.__dict__[f]) <= RTOL
 
 
+@pytest.mark.parametrize("defer", [False, True])
 @pytest.mark.parametrize("name", ["llama", "mistral"])
-def test_tiny_budgets_split_the_work_not_the_numbers(monkeypatch, name):
+def test_tiny_budgets_split_the_work_not_the_numbers(monkeypatch, name, defer):
     """A 4096-element budget splits every step (row blocks of 8, refinement pieces of a few
-    rows of one group), and REFINE_BELOW > 1 sends every row through the exact recomputation:
-    the numbers stay those of the lse route with ordinary budgets."""
-    import sheafscope.capture_fast as cf
+    rows of one group), and REFINE_BELOW > 1 sends every row through the exact recomputation
+    (every valid row of every head and layer but row 0, which sees only itself): the numbers
+    stay those of the lse route with ordinary budgets."""
+    import sheafscope.diag_stats as ds
+    from sheafscope.capture_fast import BatchStats
 
     _, fast = _pair(name)
     blocks = adapter_for(fast).blocks
     ids = [_ids(512, 8), _ids(300, 9)]
     ref = capture_batch(fast, blocks, ids, exact_below=0)
-    monkeypatch.setattr(cf, "CPU_BLOCK_ELEMENTS", 1 << 12)
-    monkeypatch.setattr(cf, "REFINE_BELOW", 1.01)
-    got = capture_batch(fast, blocks, ids, exact_below=0)
+    monkeypatch.setattr(ds, "CPU_BLOCK_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(ds, "REFINE_BELOW", 1.01)
+    stats = BatchStats()
+    got = capture_batch(fast, blocks, ids, stats, exact_below=0, defer=defer)
+    heads, layers = fast.config.num_attention_heads, fast.config.num_hidden_layers
+    assert stats.refined_rows == heads * layers * (511 + 299)
     for a, b in zip(got, ref):
         for f in FIELDS:
             assert rel_err(getattr(a, f), getattr(b, f)) <= RTOL, f

@@ -224,6 +224,7 @@ def _capture_fast_all(loaded: LoadedModel, items: list[_Item], batch_size: int |
         "oom_backoffs": backoffs,
         "fast_kernels": dict(stats.kernels),
         "fast_fallbacks": stats.fallbacks,
+        "fast_rows_recomputed": stats.refined_rows,
     }
     return out, info
 

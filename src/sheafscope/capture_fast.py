@@ -17,13 +17,17 @@ ever built:
   - anywhere else, and for what no kernel does (logit soft-capping, a position bias): a chunked
     torch computation over blocks of query rows, memory O(rows x n).
 
-Precision. lse_i carries an absolute rounding of about eps * |lse_i|, so -expm1(s_ii - lse_i)
-has a relative error of eps * |lse_i| / (1 - A_ii): fine where A_ii <= 1/2 (eager's own float
-error is eps * |s|), noise where a head attends to itself and 1 - A_ii is tiny. Rows with
-A_ii > 1/2 (a few percent on pretrained models) are therefore recomputed exactly from float64
-scores (`_refine_rows`), summing their off-diagonal terms. Small problems (short prompts, a
-batch of them) skip the lse route and get exact float64 statistics for every row from one
-dense product (`DENSE_EXACT_ELEMENTS`), cheaper there than the route's bookkeeping.
+Precision. lse_i carries an absolute rounding of about eps * |lse_i|, so 1 - A_ii from it has
+a relative error of eps * |lse_i| / (1 - A_ii): fine where A_ii <= 1/2 (eager's own float error
+is eps * |s|), noise where a head attends to itself and 1 - A_ii is tiny. Rows with A_ii > 1/2
+(a few percent on pretrained models) are therefore recomputed exactly from float64 scores.
+Small problems (short prompts, a batch of them) skip the lse route and get exact float64
+statistics for every row from one dense product (`DENSE_EXACT_ELEMENTS`). The arithmetic of
+all three is in diag_stats.py.
+
+Nothing here makes the host wait for the device: which rows need recomputing is copied to the
+host asynchronously and acted on when the next layer has been launched, so that on a GPU the
+statistics cost their kernels' time and little else.
 
 Masks are registered as a `LazyMask`: the recipe of the boolean mask transformers would build
 for sdpa, materialised one block of query rows at a time (with the key range that block can
@@ -44,32 +48,26 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from sheafscope.diag_stats import dense_rows, exact_rows, grouped, lse_rows, rows_per_block, stat_dtype
 from sheafscope.errors import SheafscopeError
 
 FAST_ATTENTION = "sheafscope"
 
-# Elements (rows x key columns, times batch and heads where they apply) of the largest block a
-# chunked step may materialise. CPU: 2^24 float32 = 64 MiB; CUDA: 2^27 (a 7B model at 64k tokens
-# keeps each mask block near 256 MiB).
-CPU_BLOCK_ELEMENTS = 1 << 24
-CUDA_BLOCK_ELEMENTS = 1 << 27
 # A LazyMask no larger than this (batch x q x kv booleans) is materialised once and reused by
 # every layer: cheaper than rebuilding small masks 30 times per forward.
 SMALL_MASK_ELEMENTS = 1 << 22
-# Rows with 1 - A_ii below this get their statistics recomputed from float64 scores (see
-# _refine_rows): a few percent of rows on pretrained models.
-REFINE_BELOW = 0.5
 # Rows per fused call when a mask is given (see _attention_with_lse).
 FUSED_MASK_ROWS = 2048
 # A block of query rows this small (batch x heads x rows x keys) gets exact float64 statistics
 # for all its rows in one dense product: short prompts never take the lse route at all.
 DENSE_EXACT_ELEMENTS = 1 << 18
-# On a GPU float64 products are cheap next to the launches and host syncs of the lse route:
-# a batch of 32 short prompts of a 7B model (32 x 32 heads x 64 x 64) stays dense.
-DENSE_EXACT_ELEMENTS_CUDA = 1 << 24
+# On a GPU float64 products are cheap next to kernel launches: a batch of 32 short prompts of
+# a 7B model (32 x 32 heads x 64 x 64), or one prompt of 512 tokens, stays dense.
+DENSE_EXACT_ELEMENTS_CUDA = 1 << 23
 
 _ACTIVE: ContextVar["DiagonalCapture | None"] = ContextVar("sheafscope_diagonal_capture", default=None)
 
@@ -209,10 +207,24 @@ def _point_bias(block: torch.Tensor, q0: int, key: int | None) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Capture
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class _LayerRecord:
-    off: torch.Tensor  # (b, h, n) float64 per position, or (b, h) sums over valid rows
-    sink: torch.Tensor  # likewise, A_i0 (sums over valid rows i >= 1)
+@dataclass(eq=False)
+class _Refinement:
+    """A layer's flagged rows, waiting for their exact 1 - A_ii: the flags travel to the host
+    (pinned memory, asynchronously on a GPU) while the device runs on; the rows are planned and
+    recomputed when the next layer has been launched."""
+
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    mask: Any
+    causal: bool
+    scale: float
+    softcap: float | None
+    pbias: torch.Tensor | None
+    step: int
+    flags: torch.Tensor  # (b, h, n) bool on the host
+    ready: Any  # torch.cuda.Event once the copy is done, or None
+    first_row_alone: bool
 
 
 @dataclass(eq=False)
@@ -231,7 +243,9 @@ class DiagonalCapture:
     everywhere, for tests). `chunk_rows` fixes the rows per block of chunked steps.
     `exact_below`: problems (batch x heads x rows x keys) up to this size get exact float64
     statistics from one dense product instead of the lse route (0: always the lse route;
-    None: DENSE_EXACT_ELEMENTS, or DENSE_EXACT_ELEMENTS_CUDA on a GPU).
+    None: DENSE_EXACT_ELEMENTS, or DENSE_EXACT_ELEMENTS_CUDA on a GPU). `defer`: recompute a
+    layer's flagged rows only once the next layer is launched (None: on a GPU). Rows of a padded
+    batch that see no key at all hold NaN in `off` and `sink`; sums never include them.
     """
 
     model: nn.Module
@@ -240,11 +254,16 @@ class DiagonalCapture:
     kernel: str = "auto"
     chunk_rows: int | None = None
     exact_below: int | None = None
+    defer: bool | None = None
     layer_of: dict[int, int] = field(default_factory=dict)
-    records: dict[int, _LayerRecord] = field(default_factory=dict)
+    records: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> rows (b, h, n, 2) or sums (b, h, 2)
     kernels: Counter = field(default_factory=Counter)  # which computation ran, per attention call
     fallbacks: list[str] = field(default_factory=list)  # why a fused kernel was not used
     max_block: tuple[int, int] = (0, 0)  # largest (rows, key columns) block any chunked step built
+    refined_rows: int = 0  # rows whose 1 - A_ii was recomputed exactly
+    _pending: list[_Refinement] = field(default_factory=list)
+    _valid_host: np.ndarray | None = None
+    _cache: dict[Any, Any] = field(default_factory=dict)  # per forward: weights, dense mask biases
     _token: Any = None
 
     def __post_init__(self) -> None:
@@ -260,45 +279,51 @@ class DiagonalCapture:
                 f"DiagonalCapture needs a model loaded with attn_implementation={FAST_ATTENTION!r} (got {impl!r})"
             )
         self.records.clear()
+        self._pending.clear()
+        self._cache.clear()
+        self._valid_host = None if self.valid is None else self.valid.cpu().numpy().astype(bool)
         self._token = _ACTIVE.set(self)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         _ACTIVE.reset(self._token)
         self._token = None
+        if exc_type is None:
+            self._flush(keep=0)
+        self._pending.clear()
+        self._cache.clear()
 
     # -- results ------------------------------------------------------------------------------
     @property
     def n_layers(self) -> int:
         return len(self.records)
 
+    def _column(self, c: int) -> list[torch.Tensor]:
+        self._flush(keep=0)
+        return [self.records[k][..., c] for k in sorted(self.records)]
+
     @property
     def off(self) -> list[torch.Tensor]:
-        return [self.records[k].off for k in sorted(self.records)]
+        return self._column(0)
 
     @property
     def sink(self) -> list[torch.Tensor]:
-        return [self.records[k].sink for k in sorted(self.records)]
+        return self._column(1)
 
     def masses(self, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per batch element: offdiag mass (b, layers, heads) = sum over its valid rows of
         1 - A_ii, and first-token mass (b, layers, heads) = mean over its rows 1..n-1 of A_i0."""
+        self._flush(keep=0)
         layers = sorted(self.records)
         if layers != list(range(len(layers))):
             raise SheafscopeError(f"attention statistics were recorded for layers {layers}, not 0..{len(layers) - 1}")
+        sums = torch.stack([self.records[k] for k in layers], dim=1)
         if self.keep_positions:
-            n = self.records[layers[0]].off.shape[-1]
-            dev = self.records[layers[0]].off.device
-            valid = torch.arange(n, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
-            after_first = valid.clone()
-            after_first[:, 0] = False
-            off = torch.stack([(self.records[k].off * valid[:, None]).sum(-1) for k in layers], dim=1)
-            sink = torch.stack([(self.records[k].sink * after_first[:, None]).sum(-1) for k in layers], dim=1)
-        else:
-            off = torch.stack([self.records[k].off for k in layers], dim=1)
-            sink = torch.stack([self.records[k].sink for k in layers], dim=1)
-        denom = (torch.tensor(lengths, dtype=torch.float64, device=sink.device) - 1).clamp(min=1)
-        return off.cpu(), (sink / denom[:, None, None]).cpu()
+            n = sums.shape[-2]
+            valid = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+            sums = torch.where(self._weights(valid, sums.device)[:, None], sums, 0.0).sum(-2)
+        denom = (torch.tensor(lengths, dtype=torch.float64, device=sums.device) - 1).clamp(min=1)
+        return sums[..., 0].cpu(), (sums[..., 1] / denom[:, None, None]).cpu()
 
     # -- called by the attention function -----------------------------------------------------------
     def _layer(self, module: nn.Module) -> int:
@@ -314,21 +339,75 @@ class DiagonalCapture:
         if rows * cols > self.max_block[0] * self.max_block[1]:
             self.max_block = (rows, cols)
 
-    def _record(self, module: nn.Module, off: torch.Tensor, sink: torch.Tensor) -> None:
+    def _weights(self, valid: torch.Tensor | None, device: torch.device, n: int | None = None) -> torch.Tensor:
+        """(b | 1, 1, n, 2) bool: which rows count in the off-diagonal sum (valid ones) and in
+        the first-token sum (valid ones after the first)."""
+        if valid is None:
+            valid = torch.ones(1, n, dtype=torch.bool)
+        w = torch.stack((valid, valid), dim=-1)[:, None]
+        w[:, :, 0, 1] = False
+        return w.to(device)
+
+    def _record(self, module: nn.Module, rows: torch.Tensor, refinement: dict[str, Any] | None = None) -> None:
+        """Keep a layer's rows (b, h, n, 2), or their sums over valid rows; queue the exact
+        recomputation of its flagged rows. On a GPU the previous layer's queued rows are
+        recomputed now, after this layer's work is queued: the device never waits for the host."""
         layer = self._layer(module)
-        if not self.keep_positions:
-            n = off.shape[-1]
-            valid = self.valid if self.valid is not None else torch.ones(off.shape[0], n, dtype=torch.bool, device=off.device)
-            valid = valid.to(off.device)
-            after_first = valid.clone()
-            after_first[:, 0] = False
-            # where(), not a product: a NaN in a padded row must not poison the sum (check_finite
-            # then reports only what valid rows produced).
-            off = torch.where(valid[:, None], off, 0.0).sum(-1)
-            sink = torch.where(after_first[:, None], sink, 0.0).sum(-1)
         if layer in self.records:
             raise SheafscopeError(f"layer {layer} ran twice inside one DiagonalCapture; use one capture per forward pass")
-        self.records[layer] = _LayerRecord(off, sink)
+        if self.keep_positions:
+            self.records[layer] = rows
+        else:
+            key = ("weights", rows.shape[0], rows.shape[2])
+            if key not in self._cache:
+                valid = None if self._valid_host is None else torch.from_numpy(self._valid_host)
+                self._cache[key] = self._weights(valid, rows.device, rows.shape[2])
+            # where(), not a product: a NaN in a padded row must not poison the sum (check_finite
+            # then reports only what valid rows produced).
+            self.records[layer] = torch.where(self._cache[key], rows, 0.0).sum(-2)
+        if refinement is not None:
+            flags = refinement.pop("flags")
+            if flags.is_cuda:
+                host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+                host.copy_(flags, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                host, ready = flags, None
+            self._pending.append(_Refinement(layer=layer, flags=host, ready=ready, **refinement))
+        self._flush(keep=1 if (rows.is_cuda if self.defer is None else self.defer) else 0)
+
+    def _flush(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            self._refine(self._pending.pop(0))
+
+    def _refine(self, job: _Refinement) -> None:
+        """Exact rows for a layer's flagged valid rows, into its record."""
+        if job.ready is not None:
+            job.ready.synchronize()
+        flags = job.flags.numpy()
+        if self._valid_host is not None:
+            flags = flags & self._valid_host[:, None, :]
+        if job.first_row_alone:
+            flags[:, :, 0] = False
+        hits = np.argwhere(flags)
+        if not len(hits):
+            return
+        self.refined_rows += len(hits)
+        n, kv_len = job.q.shape[2], job.k.shape[2]
+        record = self.records[job.layer]
+        block_of = hits[:, 2] // job.step
+        for blk in np.unique(block_of):
+            q0, q1 = int(blk) * job.step, min(n, int(blk) * job.step + job.step)
+            block, k0, k1 = _block_keys(job.mask, q0, q1, n, kv_len, job.causal, job.step)
+            self._note_block(q1 - q0, k1 - k0)
+            (bb, hh, ii), rows = exact_rows(job.q, job.k, hits[block_of == blk], q0, k0, k1, block, job.causal,
+                                               job.scale, job.softcap, job.pbias)
+            if self.keep_positions:
+                record[bb, hh, ii] = rows
+            else:
+                rows[:, 1].masked_fill_(ii == 0, 0.0)  # row 0 never counts in the first-token sum
+                record.index_put_((bb, hh), rows, accumulate=True)
 
 
 def attention_layer_indices(model: nn.Module) -> dict[int, int]:
@@ -346,47 +425,8 @@ def attention_layer_indices(model: nn.Module) -> dict[int, int]:
 # ------------------------------------------------------------------------------------------------
 # The attention function
 # ------------------------------------------------------------------------------------------------
-def _block_elements(device: torch.device) -> int:
-    return CUDA_BLOCK_ELEMENTS if device.type == "cuda" else CPU_BLOCK_ELEMENTS
-
-
 def _rows_per_block(capture: DiagonalCapture | None, per_row: int, n: int, device: torch.device) -> int:
-    if capture is not None and capture.chunk_rows:
-        return max(1, min(n, capture.chunk_rows))
-    return max(16, min(n, _block_elements(device) // max(per_row, 1)))
-
-
-def _grouped(q: torch.Tensor, n_kv: int) -> torch.Tensor:
-    """(b, h, n, d) -> (b, h_kv, g, n, d): query head h reads key/value head h // g."""
-    b, h, n, d = q.shape
-    return q.view(b, n_kv, h // n_kv, n, d)
-
-
-def _stat_dtype(q: torch.Tensor) -> torch.dtype:
-    """Scores and lse: float32 for float32 and half-precision models, float64 for float64."""
-    return torch.promote_types(q.dtype, torch.float32)
-
-
-def _row_scores(q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float | None,
-                capture: DiagonalCapture | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """s_ii and s_i0 (in _stat_dtype), (b, h, n) each, as row-wise dot products: O(n d), never
-    a score matrix. Row blocks bound the temporaries to O(block x d)."""
-    b, h, n, d = q.shape
-    n_kv = k.shape[1]
-    dt = _stat_dtype(q)
-    diag = torch.empty(b, h, n, dtype=dt, device=q.device)
-    first = torch.empty(b, h, n, dtype=dt, device=q.device)
-    k0 = k[:, :, :1].to(dt)[:, :, None]  # (b, h_kv, 1, 1, d)
-    step = _rows_per_block(capture, b * h * d, n, q.device)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        qg = _grouped(q[:, :, r0:r1], n_kv).to(dt)
-        diag[:, :, r0:r1] = (qg * k[:, :, r0:r1].to(dt)[:, :, None]).sum(-1).reshape(b, h, r1 - r0)
-        first[:, :, r0:r1] = (qg * k0).sum(-1).reshape(b, h, r1 - r0)
-    diag, first = diag * scale, first * scale
-    if softcap is not None:
-        diag, first = torch.tanh(diag / softcap) * softcap, torch.tanh(first / softcap) * softcap
-    return diag, first
+    return rows_per_block(capture.chunk_rows if capture is not None else None, per_row, n, device)
 
 
 def _fused_cpu(q, k, v, bias, causal, scale):
@@ -438,13 +478,13 @@ def _chunk_attention(q, k, v, block, causal_from, scale, softcap, pbias):
 
     q (b, h, r, d) holds rows q0..; k, v (b, h_kv, c, d) key columns k0..; `block` the mask over
     those rows and columns, or None with `causal_from` = (q0, k0) for a causal mask, or neither.
-    Scores are at least float32 (_stat_dtype) even for half-precision models, so that lse
-    agrees with the diagonal scores of _row_scores to float32 rounding.
+    Scores are at least float32 (stat_dtype) even for half-precision models, so that lse
+    agrees with the diagonal scores of diag_stats.lse_rows to float32 rounding.
     """
     b, h, r, d = q.shape
     n_kv = k.shape[1]
-    dt = _stat_dtype(q)
-    s = torch.matmul(_grouped(q, n_kv).to(dt), k.to(dt)[:, :, None].transpose(-1, -2)).reshape(b, h, r, -1) * scale
+    dt = stat_dtype(q)
+    s = torch.matmul(grouped(q, n_kv).to(dt), k.to(dt)[:, :, None].transpose(-1, -2)).reshape(b, h, r, -1) * scale
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
     if pbias is not None:
@@ -462,9 +502,10 @@ def _chunk_attention(q, k, v, block, causal_from, scale, softcap, pbias):
 
 
 def _attention_with_lse(q, k, v, mask, causal, scale, softcap, pbias, capture, point_bias=True):
-    """Attention output (b, h, n, d_v) in v's dtype and lse (b, h, n) in _stat_dtype, plus the
-    mask's additive value at each row's diagonal and first key ((b|1, 1, n) float64; None: 0;
-    also None when not `point_bias`)."""
+    """Attention output (b, h, n, d_v) in v's dtype and lse (b, h, n) in stat_dtype; the mask's
+    additive value at each row's diagonal and first key ((b|1, 1, n, 2) float64; None where
+    there is no mask or not `point_bias`); and the rows per block its masked steps used (the
+    blocks whose key ranges a LazyMask has cached)."""
     b, h, n, _ = q.shape
     kv_len = k.shape[2]
     dev = q.device.type
@@ -484,16 +525,15 @@ def _attention_with_lse(q, k, v, mask, causal, scale, softcap, pbias, capture, p
         try:
             out, lse = _fused(q, k, v, None, causal, scale)
             note(f"fused-{dev}")
-            return out, lse.to(_stat_dtype(q)), None, None
+            return out, lse.to(stat_dtype(q)), None, _rows_per_block(capture, b * kv_len, n, q.device)
         except RuntimeError as e:
             fused_ok, reason = False, f"fused kernel failed on {dev} ({str(e).splitlines()[0][:160]})"
 
     out = torch.empty(b, h, n, v.shape[-1], dtype=v.dtype, device=q.device)
-    lse = torch.empty(b, h, n, dtype=_stat_dtype(q), device=q.device)
-    diag_bias = first_bias = None
+    lse = torch.empty(b, h, n, dtype=stat_dtype(q), device=q.device)
+    points = None
     if mask is not None and point_bias:
-        diag_bias = torch.empty(b, 1, n, dtype=torch.float64, device=q.device)
-        first_bias = torch.empty(b, 1, n, dtype=torch.float64, device=q.device)
+        points = torch.empty(b, 1, n, 2, dtype=torch.float64, device=q.device)
     # Rows per block: every block builds a (b, rows, kv) mask; the torch fallback also holds
     # (b, h, rows, kv) float32 scores and their exponentials.
     step = _rows_per_block(capture, b * kv_len * (1 if fused_ok else 3 * h), n, q.device)
@@ -507,9 +547,9 @@ def _attention_with_lse(q, k, v, mask, causal, scale, softcap, pbias, capture, p
         if mask is not None:
             block = _mask_block(mask, q0, q1)
             k0, k1 = (0, kv_len) if step >= n else _key_range(mask, q0, q1, block)
-            if point_bias:
-                diag_bias[:, :, q0:q1] = _point_bias(block, q0, None)
-                first_bias[:, :, q0:q1] = _point_bias(block, q0, 0)
+            if points is not None:
+                points[:, :, q0:q1, 0] = _point_bias(block, q0, None)
+                points[:, :, q0:q1, 1] = _point_bias(block, q0, 0)
             block, causal_from = block[..., k0:k1], None
         else:
             block = None
@@ -532,7 +572,7 @@ def _attention_with_lse(q, k, v, mask, causal, scale, softcap, pbias, capture, p
         out[:, :, q0:q1] = o
         lse[:, :, q0:q1] = l
         note("chunked", reason)
-    return out, lse, diag_bias, first_bias
+    return out, lse, points, step
 
 
 def sheafscope_attention(
@@ -574,7 +614,7 @@ def sheafscope_attention(
             mask = attention_mask.materialize() if isinstance(attention_mask, LazyMask) else attention_mask
             return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scale,
                                           is_causal=causal, **kwargs)
-        out, _, _, _ = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap, position_bias, None)
+        out = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap, position_bias, None)[0]
         return out.transpose(1, 2).contiguous(), None
 
     if dropout and module.training:
@@ -584,30 +624,43 @@ def sheafscope_attention(
                               "pass use_cache=False")
     b, h, n, _ = query.shape
     small = b * h * n * kv_len <= _exact_limit(capture, query.device)
-    out, lse, diag_bias, first_bias = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap,
-                                                          position_bias, capture, point_bias=not small)
+    out, lse, points, step = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap,
+                                                 position_bias, capture, point_bias=not small)
     if small:
-        # Small problems (short prompts): exact statistics for every row in one float64
-        # product, cheaper than the per-row bookkeeping of the lse route.
-        off, sink = _exact_stats(query, key, attention_mask, causal, scale, softcap, position_bias, capture)
-        bad = torch.isnan(off)  # fully masked rows (padding rows): any finite value, never read
-        capture._record(module, off.masked_fill(bad, 1.0), sink.masked_fill(bad, 0.0))
+        # Small problems (short prompts): exact statistics for every row from one float64
+        # product, fewer operations than the lse route and nothing to recompute.
+        rows = dense_rows(query, key, _dense_bias(capture, attention_mask, causal, n, kv_len, query.device),
+                          scale, softcap, position_bias)
+        capture._record(module, rows)
         return out.transpose(1, 2).contiguous(), None
-    s_diag, s_first = (t.double() for t in _row_scores(query, key, scale, softcap, capture))
-    if position_bias is not None:
-        s_diag = s_diag + position_bias.diagonal(dim1=-2, dim2=-1).double()
-        s_first = s_first + position_bias[..., :, 0].double()
-    if diag_bias is not None:
-        s_diag, s_first = s_diag + diag_bias, s_first + first_bias
-    lse64 = lse.double()
-    # Clamp: rounding can put s_ii a hair above lse where A_ii = 1 (row 0 under a causal mask).
-    off = -torch.expm1((s_diag - lse64).clamp(max=0.0))
-    sink = torch.exp((s_first - lse64).clamp(max=0.0))
-    if attention_mask is None and causal and position_bias is None:
-        off[:, :, 0], sink[:, :, 0] = 0.0, 1.0  # row 0 sees key 0 alone: A_00 = 1 exactly
-    _refine_rows(query, key, attention_mask, causal, scale, softcap, position_bias, off, sink, capture)
-    capture._record(module, off, sink)
+    causal_module = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    rows, flags = lse_rows(query, key, lse, points, scale, softcap, position_bias, capture.chunk_rows,
+                           first_row_alone=bool(causal_module))
+    capture._record(module, rows, dict(flags=flags, q=query, k=key, mask=attention_mask, causal=causal, scale=scale,
+                                       softcap=softcap, pbias=position_bias, step=step,
+                                       first_row_alone=bool(causal_module)))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _dense_bias(capture: DiagonalCapture, mask: Any, causal: bool, n: int, kv_len: int,
+                device: torch.device) -> torch.Tensor | None:
+    """The additive float64 mask (0 / -inf) of a small problem, made once per forward pass
+    and shared by the layers that use the same mask."""
+    if mask is None and not causal:
+        return None
+    key = ("bias", id(mask), causal, n, kv_len)
+    if key not in capture._cache:
+        if mask is None:
+            allowed = torch.ones(n, kv_len, dtype=torch.bool, device=device).tril_()
+        else:
+            block = _mask_block(mask, 0, n)
+            if block.dtype != torch.bool:
+                capture._cache[key] = (mask, block.double())
+                return capture._cache[key][1]
+            allowed = block
+        bias = torch.zeros(allowed.shape, dtype=torch.float64, device=device).masked_fill_(~allowed, -math.inf)
+        capture._cache[key] = (mask, bias)  # the mask is kept so that its id is not reused
+    return capture._cache[key][1]
 
 
 def _block_keys(mask, q0: int, q1: int, n: int, kv_len: int, causal: bool, step: int):
@@ -619,156 +672,10 @@ def _block_keys(mask, q0: int, q1: int, n: int, kv_len: int, causal: bool, step:
     return None, 0, (min(kv_len, q1) if causal else kv_len)
 
 
-def _exact_from_scores(s, i, k0, block_rows, causal):
-    """1 - A_ii and A_i0 from float64 scores s (..., rows, keys k0..) of query rows i (rows,).
-
-    Sums the off-diagonal terms themselves (sum - e_ii would cancel where A_ii is near 1).
-    A fully masked row (padding) gives NaN; callers keep the kernel's numbers there.
-    """
-    cols = torch.arange(k0, k0 + s.shape[-1], device=s.device)
-    if block_rows is not None:
-        if block_rows.dtype != torch.bool:
-            s, block_rows = s + block_rows.double(), block_rows > torch.finfo(block_rows.dtype).min / 2
-        s = s.masked_fill(~block_rows, -math.inf)
-    elif causal:
-        s = s.masked_fill(cols > i[:, None], -math.inf)
-    e = torch.exp(s - s.amax(dim=-1, keepdim=True))
-    total = e.sum(-1)
-    first = e[..., 0] / total if k0 == 0 else torch.zeros_like(total)
-    off = e.masked_fill(cols == i[:, None], 0.0).sum(-1) / total
-    return off, first
-
-
-def _exact_dense(q, k, q0, q1, k0, k1, block, causal, scale, softcap, pbias):
-    """Exact (float64) statistics of every head and batch row for query rows q0..q1-1."""
-    b, h, _, d = q.shape
-    n_kv = k.shape[1]
-    r = q1 - q0
-    s = torch.matmul(_grouped(q[:, :, q0:q1], n_kv).double(),
-                     k[:, :, k0:k1].double()[:, :, None].transpose(-1, -2)).reshape(b, h, r, k1 - k0) * scale
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    if pbias is not None:
-        s = s + pbias[:, :, q0:q1, k0:k1].double()
-    return _exact_from_scores(s, torch.arange(q0, q1, device=q.device), k0, block, causal)
-
-
-def _exact_sparse(q, k, flagged, q0, k0, k1, block, causal, scale, softcap, pbias, off, sink) -> None:
-    """Exact statistics of the flagged rows (flagged: (b, h, rows) for rows q0..) of one block,
-    written into off and sink.
-
-    Rows are grouped by the (batch, KV head) whose keys they read; pieces of consecutive groups
-    (a group with very many rows is split) are padded to their largest group, so that one
-    batched product serves a whole piece. Pieces keep the float64 keys, scores and their
-    exponentials within a block's element budget; planning needs two host syncs per block.
-    """
-    _, h, _, d = q.shape
-    n_kv = k.shape[1]
-    groups = h // n_kv
-    keys = k1 - k0
-    hit = flagged.nonzero()  # (F, 3): batch, head, row in block
-    pair, order = torch.sort(hit[:, 0] * n_kv + hit[:, 1] // groups, stable=True)
-    hit = hit[order]
-    uniq, counts = torch.unique_consecutive(pair, return_counts=True)
-    # Host plan: (group, first row, end row) segments of at most rows_cap rows, gathered into
-    # pieces of at most rows_cap rows and groups_cap groups.
-    budget = _block_elements(q.device) // 4
-    rows_cap = max(1, budget // keys)
-    groups_cap = max(1, budget // (keys * d))
-    segments, start = [], 0
-    for gi, c in enumerate(counts.tolist()):
-        for s0 in range(start, start + c, rows_cap):
-            segments.append((gi, s0, min(start + c, s0 + rows_cap)))
-        start += c
-    pieces, cur = [], []
-    for seg in segments:
-        if cur and (sum(e - s for _, s, e in cur) + seg[2] - seg[1] > rows_cap or len(cur) >= groups_cap):
-            pieces.append(cur)
-            cur = []
-        cur.append(seg)
-    if cur:
-        pieces.append(cur)
-    pair_of = uniq.tolist()
-    for piece in pieces:
-        r0, r1 = piece[0][1], piece[-1][2]
-        width = max(e - s for _, s, e in piece)
-        lens = torch.tensor([e - s for _, s, e in piece], device=q.device)
-        gid = torch.repeat_interleave(torch.arange(len(piece), device=q.device), lens, output_size=r1 - r0)
-        slot = torch.arange(r1 - r0, device=q.device) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens, output_size=r1 - r0)
-        bb, hh, rr = hit[r0:r1].unbind(1)
-        i = q0 + rr
-        qs = torch.zeros(len(piece), width, d, dtype=torch.float64, device=q.device)
-        qs[gid, slot] = q[bb, hh, i].double()
-        pairs = torch.tensor([pair_of[g] for g, _, _ in piece], device=q.device)
-        ks = k[pairs // n_kv, pairs % n_kv, k0:k1].double()  # (groups, keys, d)
-        sc = torch.bmm(qs, ks.transpose(1, 2))[gid, slot] * scale  # (rows, keys)
-        if softcap is not None:
-            sc = torch.tanh(sc / softcap) * softcap
-        if pbias is not None:
-            sc = sc + pbias[bb if pbias.shape[0] > 1 else 0, hh if pbias.shape[1] > 1 else 0, i, k0:k1].double()
-        rows = None if block is None else block[bb if block.shape[0] > 1 else 0, 0, rr]
-        o, f = _exact_from_scores(sc, i, k0, rows, causal)
-        off[bb, hh, i], sink[bb, hh, i] = o, f
-
-
 def _exact_limit(capture: "DiagonalCapture | None", device: torch.device) -> int:
     if capture is not None and capture.exact_below is not None:
         return capture.exact_below
     return DENSE_EXACT_ELEMENTS_CUDA if device.type == "cuda" else DENSE_EXACT_ELEMENTS
-
-
-def _exact_stats(q, k, mask, causal, scale, softcap, pbias, capture, only=None):
-    """Exact (float64-score) 1 - A_ii and A_i0, (b, h, n) each: every row, or with `only`
-    (b, h, n) bool the flagged rows (NaN elsewhere), by blocks of query rows; small blocks as
-    one dense product, large ones gathering just the flagged rows of each (batch, KV head)."""
-    b, h, n, d = q.shape
-    kv_len = k.shape[2]
-    off = torch.full((b, h, n), math.nan, dtype=torch.float64, device=q.device)
-    sink = off.clone()
-    step = _rows_per_block(capture, b * kv_len, n, q.device)
-    limit = _exact_limit(capture, q.device)
-    if only is not None and not (capture is not None and capture.chunk_rows) and limit // (b * h * kv_len) >= 64:
-        # Blocks small enough to be dense: on a GPU a float64 product over a whole block
-        # costs less than the launches and host syncs of gathering its flagged rows.
-        step = min(step, limit // (b * h * kv_len))
-    if only is None:
-        blocks = range(0, (n + step - 1) // step)
-    else:
-        blocks = torch.unique(only.any(dim=1).any(dim=0).nonzero()[:, 0] // step).tolist()
-    for blk in blocks:
-        q0, q1 = blk * step, min(n, blk * step + step)
-        block, k0, k1 = _block_keys(mask, q0, q1, n, kv_len, causal, step)
-        if capture is not None:
-            capture._note_block(q1 - q0, k1 - k0)
-        if only is None or b * h * (q1 - q0) * (k1 - k0) <= limit:
-            o, f = _exact_dense(q, k, q0, q1, k0, k1, block, causal, scale, softcap, pbias)
-            off[:, :, q0:q1], sink[:, :, q0:q1] = o, f
-            continue
-        _exact_sparse(q, k, only[:, :, q0:q1], q0, k0, k1, block, causal, scale, softcap, pbias, off, sink)
-    return off, sink
-
-
-def _refine_rows(q, k, mask, causal, scale, softcap, pbias, off, sink, capture) -> None:
-    """Recompute, exactly (float64 scores), the rows where A_ii > 1 - REFINE_BELOW.
-
-    -expm1(s_ii - lse_i) carries lse_i's absolute rounding (~eps * |lse_i|), which is a large
-    relative error once 1 - A_ii is small: a head that attends to itself would get its tiny
-    off-diagonal mass from rounding noise. For those rows (a few percent on pretrained models)
-    sum_{j != i} exp(s_ij - m_i) / sum_j exp(s_ij - m_i) is computed from the row's scores,
-    accurate relative to the value itself. The other rows keep the kernel's lse: with
-    A_ii <= 1/2 their relative error is at most about twice eps * |lse|, eager's own.
-    """
-    flag = off < REFINE_BELOW
-    if mask is None and causal and pbias is None:
-        flag[:, :, 0] = False  # set exactly by the caller
-    if capture.valid is not None:
-        flag &= capture.valid.to(flag.device)[:, None, :]
-    if not bool(flag.any()):
-        return
-    o, f = _exact_stats(q, k, mask, causal, scale, softcap, pbias, capture, only=flag)
-    done = ~torch.isnan(o)  # flagged rows, and all rows of small dense blocks; not fully masked ones
-    off.copy_(torch.where(done, o, off))
-    sink.copy_(torch.where(done, f, sink))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -790,10 +697,8 @@ class HiddenMax:
         self._handles: list[Any] = []
 
     def _reduce(self, h: torch.Tensor) -> torch.Tensor:
-        per_token = h.detach().abs().amax(dim=-1)  # (b, n); amax propagates NaN
-        if self.valid is not None:
-            per_token = torch.where(self.valid.to(per_token.device), per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
-        return per_token.amax(dim=-1).double()
+        # Per token only, (b, n): the masking and the max over tokens happen once, in result().
+        return h.detach().abs().amax(dim=-1)  # amax propagates NaN
 
     def __enter__(self) -> "HiddenMax":
         def first_input(module, args, kwargs):
@@ -823,7 +728,10 @@ class HiddenMax:
         missing = [i for i, v in enumerate(self.values) if v is None]
         if missing:
             raise SheafscopeError(f"no max |h| for hidden-state streams {missing} (hooks did not fire, or final() not called)")
-        return torch.stack(self.values, dim=1).cpu()
+        per_token = torch.stack([v.to(self.values[-1].dtype) for v in self.values], dim=1)  # (b, streams, n)
+        if self.valid is not None:
+            per_token = torch.where(self.valid.to(per_token.device)[:, None], per_token, 0)
+        return per_token.amax(dim=-1).double().cpu()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -852,13 +760,16 @@ def is_fast(model: nn.Module) -> bool:
 
 @dataclass
 class BatchStats:
-    """What ran during fast captures: kernel counts, fallback reasons, largest block."""
+    """What ran during fast captures: kernel counts, fallback reasons, and how many (layer,
+    head, row) statistics were recomputed exactly after the lse route flagged them."""
 
     kernels: Counter = field(default_factory=Counter)
     fallbacks: list[str] = field(default_factory=list)
+    refined_rows: int = 0
 
     def add(self, cap: DiagonalCapture) -> None:
         self.kernels.update(cap.kernels)
+        self.refined_rows += cap.refined_rows
         self.fallbacks.extend(f for f in cap.fallbacks if f not in self.fallbacks)
 
 
@@ -877,15 +788,15 @@ def capture_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch
     lengths = [int(p.shape[1]) for p in prompts]
     n, b = max(lengths), len(prompts)
     device = prompts[0].device
-    input_ids = torch.full((b, n), pad_id, dtype=prompts[0].dtype, device=device)
-    valid = torch.zeros(b, n, dtype=torch.bool, device=device)
-    for j, p in enumerate(prompts):
-        input_ids[j, : lengths[j]] = p[0]
-        valid[j, : lengths[j]] = True
+    input_ids = prompts[0] if b == 1 else torch.nn.utils.rnn.pad_sequence(
+        [p[0] for p in prompts], batch_first=True, padding_value=pad_id)
+    valid_host = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    valid = valid_host.to(device)
     # No mask when nothing is padded: exactly the call a single prompt gets (and sdpa's is_causal).
     attention_mask = None if min(lengths) == n else valid.long()
     trunk = getattr(model, "base_model", model)
-    with DiagonalCapture(model, valid=valid, keep_positions=False, **capture_options) as cap, HiddenMax(blocks, valid) as hm:
+    with DiagonalCapture(model, valid=valid_host, keep_positions=False, **capture_options) as cap, \
+            HiddenMax(blocks, valid) as hm:
         out = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hm.final(out[0])
     if stats is not None:

@@ -1,0 +1,238 @@
+"""Per-row attention statistics of the fast path, from tensors the attention function holds.
+
+For query row i of head h, with s_ij the pre-softmax scores exactly as the model's softmax sees
+them (scaled, soft-capped, position-biased, masked) and lse_i = log sum_j exp(s_ij), a "rows"
+tensor holds, float64, (batch, heads, n, 2):
+
+    rows[..., i, 0] = 1 - A_ii = sum_{j != i} exp(s_ij - lse_i)
+    rows[..., i, 1] = A_i0     = exp(s_i0 - lse_i)
+
+Three ways to get them, each a handful of tensor operations and none waiting for the device
+(the callers in capture_fast.py choose):
+
+  - `dense_rows`: exact, from one float64 score product and two log-sum-exps (with and
+    without the diagonal). For small problems, where the product is cheaper than anything.
+  - `lse_rows`: from the fused kernel's lse and two row-wise dot products, O(n d). lse_i
+    carries an absolute rounding of ~eps * |lse_i|, which is a large relative error of
+    1 - A_ii once A_ii is near 1; rows with 1 - A_ii < REFINE_BELOW are returned flagged.
+  - `exact_rows`: the flagged rows, recomputed from float64 scores against their keys.
+    Which rows those are is planned on the host (numpy) from a copy of the flags, so the
+    caller can let the device run on and refine a layer later.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# Rows with 1 - A_ii below this get their row recomputed exactly (exact_rows): a few
+# percent of rows on pretrained models. Above it, 1 - A_ii from the kernel's lse is accurate
+# to about twice eps * |lse|, eager's own rounding.
+REFINE_BELOW = 0.5
+# Elements (rows x key columns, times batch and heads where they apply) of the largest block a
+# chunked step may materialise. CPU: 2^24 float32 = 64 MiB; CUDA: 2^27 (a 7B model at 64k tokens
+# keeps each mask block near 256 MiB).
+CPU_BLOCK_ELEMENTS = 1 << 24
+CUDA_BLOCK_ELEMENTS = 1 << 27
+
+_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def block_elements(device: torch.device) -> int:
+    return CUDA_BLOCK_ELEMENTS if device.type == "cuda" else CPU_BLOCK_ELEMENTS
+
+
+def rows_per_block(chunk_rows: int | None, per_row: int, n: int, device: torch.device) -> int:
+    """Rows per block of a chunked step: `chunk_rows` if fixed, else what the element budget allows."""
+    if chunk_rows:
+        return max(1, min(n, chunk_rows))
+    return max(16, min(n, block_elements(device) // max(per_row, 1)))
+
+
+def grouped(q: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """(b, h, n, d) -> (b, h_kv, g, n, d): query head h reads key/value head h // g."""
+    b, h, n, d = q.shape
+    return q.view(b, n_kv, h // n_kv, n, d)
+
+
+def stat_dtype(q: torch.Tensor) -> torch.dtype:
+    """Scores and lse: float32 for float32 and half-precision models, float64 for float64."""
+    return torch.promote_types(q.dtype, torch.float32)
+
+
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(1, 0), (-1, 1) and the exact row of a query that sees only itself, (0, 1): float64
+    on `device`, made once (a host-to-device copy per layer would cost more than the math)."""
+    if device not in _CONSTANTS:
+        t = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, 1.0]], dtype=torch.float64, device=device)
+        _CONSTANTS[device] = (t[0], t[1], t[2])
+    return _CONSTANTS[device]
+
+
+def _softcapped(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return s if softcap is None else torch.tanh(s / softcap) * softcap
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact, dense
+# ------------------------------------------------------------------------------------------------
+def dense_rows(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float,
+               softcap: float | None, pbias: torch.Tensor | None) -> torch.Tensor:
+    """Exact rows (b, h, n, 2) from float64 scores of every query against every key.
+
+    `bias`: the mask as an additive float64 tensor (0 / -inf), broadcastable to (b, h, n, kv),
+    or None for no mask. 1 - A_ii is exp(logsumexp_{j != i} s_ij - lse_i), relative-accurate
+    even where it is tiny. A row with no allowed key (padding) comes out NaN; callers never
+    read it.
+    """
+    n_kv = k.shape[1]
+    b, h, n, _ = q.shape
+    s = torch.matmul(grouped(q, n_kv).double(), k.double()[:, :, None].transpose(-1, -2))
+    s = _softcapped(s.view(b, h, n, -1).mul_(scale), softcap)
+    if pbias is not None:
+        s = s + pbias.double()
+    if bias is not None:
+        s = s + bias
+    lse = torch.logsumexp(s, dim=-1)
+    first = s[..., 0] - lse
+    s.diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
+    off = torch.logsumexp(s, dim=-1).sub_(lse)
+    return torch.stack((off, first), dim=-1).exp_()
+
+
+# ------------------------------------------------------------------------------------------------
+# From the kernel's lse
+# ------------------------------------------------------------------------------------------------
+def lse_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, point_bias: torch.Tensor | None,
+             scale: float, softcap: float | None, pbias: torch.Tensor | None, chunk_rows: int | None,
+             first_row_alone: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (b, h, n, 2) from the kernel's lse (b, h, n), and the flags (b, h, n) of rows whose
+    1 - A_ii must be recomputed (both their columns are set to 0 here: the recomputation gives
+    A_i0 too, which from lse carries the same absolute error).
+
+    s_ii and s_i0 are row-wise dot products in float32 (float64 for float64 models), by blocks
+    of rows so that temporaries stay O(block x d). `point_bias` (b | 1, 1, n, 2) float64: the
+    mask's additive value at (i, i) and (i, 0), or None. `first_row_alone`: row 0 sees only
+    key 0 (causal attention), so its row is exactly (0, 1).
+    """
+    b, h, n, d = q.shape
+    n_kv = k.shape[1]
+    dt = stat_dtype(q)
+    scores = torch.empty(b, n_kv, h // n_kv, n, 2, dtype=dt, device=q.device)
+    k_first = k[:, :, None, :1].to(dt).transpose(-1, -2)  # (b, h_kv, 1, d, 1)
+    step = rows_per_block(chunk_rows, b * h * d, n, q.device)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        qg = grouped(q[:, :, r0:r1], n_kv).to(dt)
+        scores[..., r0:r1, 0] = (qg * k[:, :, None, r0:r1].to(dt)).sum(-1)
+        scores[..., r0:r1, 1] = torch.matmul(qg, k_first)[..., 0]
+    x = _softcapped(scores.view(b, h, n, 2).mul_(scale), softcap).double()
+    if pbias is not None:
+        x[..., 0] += pbias.diagonal(dim1=-2, dim2=-1).double()
+        x[..., 1] += pbias[..., :, 0].double()
+    if point_bias is not None:
+        x += point_bias
+    x -= lse.double()[..., None]
+    base, sign, alone = _constants(q.device)
+    rows = torch.addcmul(base, x.exp_(), sign)
+    flag = rows[..., 0] < REFINE_BELOW
+    rows.masked_fill_(flag[..., None], 0.0)
+    if first_row_alone:
+        rows[:, :, 0] = alone
+    return rows, flag
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact, for flagged rows
+# ------------------------------------------------------------------------------------------------
+def plan_pieces(hits: np.ndarray, n_kv: int, groups: int, keys: int, d: int, budget: int) -> list[dict[str, np.ndarray]]:
+    """Group flagged rows for batched products, on the host.
+
+    hits (F, 3): batch, head, row. Rows are grouped by the (batch, KV head) whose keys they
+    read; a piece is a run of consecutive groups (a group with very many rows split) padded to
+    its largest group, so that one float64 product (groups, width, d) x (groups, d, keys)
+    serves it, within `budget` elements for the scores and the keys.
+    """
+    pair = hits[:, 0] * n_kv + hits[:, 1] // groups
+    order = np.argsort(pair, kind="stable")
+    hits, pair = hits[order], pair[order]
+    rows_cap = max(1, budget // keys)
+    groups_cap = max(1, budget // (keys * d))
+    starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+    ends = np.r_[starts[1:], len(pair)]
+    segments = [(s0, min(e, s0 + rows_cap)) for s, e in zip(starts, ends) for s0 in range(s, e, rows_cap)]
+    pieces, cur, cur_rows = [], [], 0
+    for seg in segments:
+        if cur and (cur_rows + seg[1] - seg[0] > rows_cap or len(cur) >= groups_cap):
+            pieces.append(cur)
+            cur, cur_rows = [], 0
+        cur.append(seg)
+        cur_rows += seg[1] - seg[0]
+    if cur:
+        pieces.append(cur)
+    out = []
+    for piece in pieces:
+        lens = np.array([e - s for s, e in piece])
+        r0, r1 = piece[0][0], piece[-1][1]
+        gid = np.repeat(np.arange(len(piece)), lens)
+        slot = np.arange(r1 - r0) - np.repeat(np.cumsum(lens) - lens, lens)
+        group_pair = pair[[s for s, _ in piece]]
+        out.append({"hits": hits[r0:r1], "gid": gid, "slot": slot, "width": int(lens.max()),
+                    "kv_batch": group_pair // n_kv, "kv_head": group_pair % n_kv})
+    return out
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An int64 host array on `device`, without making the host wait for the device."""
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def exact_rows(q: torch.Tensor, k: torch.Tensor, hits: np.ndarray, q0: int, k0: int, k1: int,
+                  block: torch.Tensor | None, causal: bool, scale: float, softcap: float | None,
+                  pbias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact rows (1 - A_ii, A_i0) for the rows `hits` (F, 3: batch, head, row; rows in a block
+    starting at q0 whose keys are k0..k1-1), from float64 scores: returns (batch, head, row)
+    index tensors (3, F) and the rows (F, 2) on q's device, in the order of the planned pieces.
+
+    `block`: the mask of the block's rows over keys k0..k1-1 (bool, True = attend, or
+    additive), (b | 1, 1, rows, keys); or None with `causal` for a causal mask, or neither.
+    """
+    _, h, _, d = q.shape
+    n_kv = k.shape[1]
+    keys = k1 - k0
+    pieces = plan_pieces(hits, n_kv, h // n_kv, keys, d, block_elements(q.device) // 4)
+    idx_out, vals = [], []
+    for piece in pieces:
+        f = len(piece["gid"])
+        packed = to_device(np.concatenate([piece["hits"].T.ravel(), piece["gid"], piece["slot"],
+                                           piece["kv_batch"], piece["kv_head"]]), q.device)
+        bb, hh, ii, gid, slot = packed[: 5 * f].view(5, f)
+        kb, kh = packed[5 * f:].view(2, -1)
+        qs = torch.zeros(len(piece["kv_batch"]), piece["width"], d, dtype=torch.float64, device=q.device)
+        qs[gid, slot] = q[bb, hh, ii].double()
+        sc = torch.bmm(qs, k[kb, kh, k0:k1].double().transpose(1, 2))[gid, slot].mul_(scale)  # (F, keys)
+        sc = _softcapped(sc, softcap)
+        if pbias is not None:
+            sc = sc + pbias[bb if pbias.shape[0] > 1 else 0, hh if pbias.shape[1] > 1 else 0, ii, k0:k1].double()
+        cols = torch.arange(k0, k1, device=q.device)
+        if block is not None:
+            rows = block[bb if block.shape[0] > 1 else 0, 0, ii - q0]
+            if rows.dtype == torch.bool:
+                sc = sc.masked_fill_(~rows, -math.inf)
+            else:
+                sc = sc.add_(rows.double()).masked_fill_(rows <= torch.finfo(rows.dtype).min / 2, -math.inf)
+        elif causal:
+            sc = sc.masked_fill_(cols > ii[:, None], -math.inf)
+        lse = torch.logsumexp(sc, dim=-1)
+        first = sc[:, 0] - lse if k0 == 0 else torch.full_like(lse, -math.inf)  # key 0 outside the window: A_i0 = 0
+        off = torch.logsumexp(sc.masked_fill_(cols == ii[:, None], -math.inf), dim=-1).sub_(lse)
+        idx_out.append(torch.stack((bb, hh, ii)))
+        vals.append(torch.stack((off, first), dim=-1).exp_())
+    if len(vals) == 1:
+        return idx_out[0], vals[0]
+    return torch.cat(idx_out, dim=1), torch.cat(vals)
