@@ -479,21 +479,31 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         shown = row.get("skipped") or f"{row['median_s']:.3f} s, {fmt_mem(row['peak_mem_bytes'])}"
         print(f"  n={config['n']:>6} {config['method']} {METHODS[config['method']]:<22} {shown}", flush=True)
+        if args.out:  # after every configuration, so a run cut short keeps what it measured
+            write_results(args.out, info, rows, lengths, args.corpus_size, time.time() - t0, complete=False)
+    text = write_results(args.out, info, rows, lengths, args.corpus_size, time.time() - t0, complete=True)
+    print("\n" + text)
+    if args.out:
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def write_results(out: str | None, info: dict[str, Any], rows: list[dict[str, Any]], lengths: list[int],
+                  corpus_size: int, elapsed_s: float, complete: bool) -> str:
+    """The ratios and the markdown table of `rows`; written as JSON to `out` when given."""
     ratios = []
-    for n in [*lengths, *(["corpus"] if args.corpus_size else [])]:
+    for n in [*lengths, *(["corpus"] if corpus_size else [])]:
         t = {r["method"]: r["median_s"] for r in rows if r["n"] == n and "median_s" in r}
         q = {"n": n}
         for key, (num, den) in {"b/a": ("b", "a"), "d/b": ("d", "b"), "c/b": ("c", "b")}.items():
             q[key] = t[num] / t[den] if num in t and den in t else None
         ratios.append(q)
-    info["elapsed_s"] = time.time() - t0
     text = table(rows, ratios)
-    print("\n" + text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({**info, "results": rows, "ratios": ratios, "table_markdown": text}, indent=2, default=str))
-        print(f"\nwrote {args.out}")
-    return 0
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        record = {**info, "elapsed_s": elapsed_s, "complete": complete, "results": rows, "ratios": ratios, "table_markdown": text}
+        Path(out).write_text(json.dumps(record, indent=2, default=str))
+    return text
 
 
 if __name__ == "__main__":

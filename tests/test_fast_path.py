@@ -66,10 +66,12 @@ def test_fast_is_registered_with_transformers():
 # How the statistics are computed: short prompts get exact float64 statistics from one dense
 # product ("dense"); longer ones the kernel's lse with exact recomputation of the rows where
 # A_ii > 1/2 ("lse": forced here with exact_below=0); "chunked" is the torch fallback.
-# "lse-deferred": the lse route with each layer's exact recomputation done after the next
-# layer ran, as on a GPU.
+# By default the statistics of all layers are computed together at the end of the forward
+# pass; "lse-per-layer" computes each layer's on its own (hold_bytes=0) and "lse-deferred"
+# also does each layer's exact recomputation only after the next layer ran, as on a GPU.
 ROUTES = {"dense": dict(kernel="auto"), "lse": dict(kernel="auto", exact_below=0),
-          "lse-deferred": dict(kernel="auto", exact_below=0, defer=True),
+          "lse-per-layer": dict(kernel="auto", exact_below=0, hold_bytes=0),
+          "lse-deferred": dict(kernel="auto", exact_below=0, hold_bytes=0, defer=True),
           "chunked": dict(kernel="chunked", exact_below=0)}
 
 
@@ -253,13 +255,15 @@ def test_long_sequence_fused_equals_chunked():
         assert rel_err(a.__dict__[f], b.__dict__[f]) <= RTOL
 
 
-@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("options", [{}, {"hold_bytes": 0}, {"hold_bytes": 0, "defer": True}],
+                         ids=["layers-together", "per-layer", "per-layer-deferred"])
 @pytest.mark.parametrize("name", ["llama", "mistral"])
-def test_tiny_budgets_split_the_work_not_the_numbers(monkeypatch, name, defer):
+def test_tiny_budgets_split_the_work_not_the_numbers(monkeypatch, name, options):
     """A 4096-element budget splits every step (row blocks of 8, refinement pieces of a few
     rows of one group), and REFINE_BELOW > 1 sends every row through the exact recomputation
     (every valid row of every head and layer but row 0, which sees only itself): the numbers
-    stay those of the lse route with ordinary budgets."""
+    stay those of the lse route with ordinary budgets, whether the layers' statistics are
+    computed together (layers stacked along the batch) or one layer at a time."""
     import sheafscope.diag_stats as ds
     from sheafscope.capture_fast import BatchStats
 
@@ -270,7 +274,7 @@ def test_tiny_budgets_split_the_work_not_the_numbers(monkeypatch, name, defer):
     monkeypatch.setattr(ds, "CPU_BLOCK_ELEMENTS", 1 << 12)
     monkeypatch.setattr(ds, "REFINE_BELOW", 1.01)
     stats = BatchStats()
-    got = capture_batch(fast, blocks, ids, stats, exact_below=0, defer=defer)
+    got = capture_batch(fast, blocks, ids, stats, exact_below=0, **options)
     heads, layers = fast.config.num_attention_heads, fast.config.num_hidden_layers
     assert stats.refined_rows == heads * layers * (511 + 299)
     for a, b in zip(got, ref):

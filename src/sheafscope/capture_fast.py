@@ -65,9 +65,15 @@ FUSED_MASK_ROWS = 2048
 # A block of query rows this small (batch x heads x rows x keys) gets exact float64 statistics
 # for all its rows in one dense product: short prompts never take the lse route at all.
 DENSE_EXACT_ELEMENTS = 1 << 18
-# On a GPU float64 products are cheap next to kernel launches: a batch of 32 short prompts of
-# a 7B model (32 x 32 heads x 64 x 64), or one prompt of 512 tokens, stays dense.
-DENSE_EXACT_ELEMENTS_CUDA = 1 << 23
+# On a GPU: a batch of 32 prompts of up to 45 tokens of a 7B model (32 x 32 heads x 45 x 45)
+# stays dense; one prompt of 512 tokens takes the lse route (float64 products of 8M scores per
+# layer would cost about as much GPU time as the layer itself).
+DENSE_EXACT_ELEMENTS_CUDA = 1 << 21
+# Queries, keys and lse of up to this many bytes are held and their layers' statistics
+# computed together (DiagonalCapture.hold_bytes): on a GPU a short forward pass is bound by
+# kernel launches, and a few dozen per layer would cost more than the statistics' arithmetic.
+HOLD_BYTES = 1 << 28
+HOLD_BYTES_CUDA = 1 << 30
 
 _ACTIVE: ContextVar["DiagonalCapture | None"] = ContextVar("sheafscope_diagonal_capture", default=None)
 
@@ -208,23 +214,56 @@ def _point_bias(block: torch.Tensor, q0: int, key: int | None) -> torch.Tensor:
 # Capture
 # ------------------------------------------------------------------------------------------------
 @dataclass(eq=False)
-class _Refinement:
-    """A layer's flagged rows, waiting for their exact 1 - A_ii: the flags travel to the host
-    (pinned memory, asynchronously on a GPU) while the device runs on; the rows are planned and
-    recomputed when the next layer has been launched."""
+class _LayerInputs:
+    """What one attention call leaves for the statistics: its queries, keys and (lse route)
+    the kernel's lse, with everything else that shapes its softmax. Held until a group of
+    layers is processed together (`DiagonalCapture._process_held`)."""
 
     layer: int
     q: torch.Tensor
     k: torch.Tensor
+    lse: torch.Tensor | None  # None: the dense exact route
+    points: torch.Tensor | None
     mask: Any
     causal: bool
     scale: float
     softcap: float | None
     pbias: torch.Tensor | None
     step: int
-    flags: torch.Tensor  # (b, h, n) bool on the host
-    ready: Any  # torch.cuda.Event once the copy is done, or None
     first_row_alone: bool
+
+    def group_key(self) -> tuple:
+        """Layers with equal keys share one computation: same shapes, the same mask object
+        (all layers of one attention type in one forward pass) and the same softmax recipe."""
+        return (self.lse is None, tuple(self.q.shape), tuple(self.k.shape), self.q.dtype, id(self.mask),
+                self.causal, self.scale, self.softcap, id(self.pbias), self.step, self.first_row_alone)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.k, self.lse) if t is not None)
+
+
+@dataclass(eq=False)
+class _Refinement:
+    """A group's flagged rows, waiting for their exact 1 - A_ii: the flags travel to the host
+    (pinned memory, asynchronously on a GPU) while the device runs on; the rows are planned and
+    recomputed once later work has been queued. `target` is the group's record, (L * b, h, n, 2)
+    rows or (L * b, h, 2) sums, whose entries the exact rows replace or add to."""
+
+    q: torch.Tensor  # (L * b, h, n, d): the group's layers stacked along the batch
+    k: torch.Tensor
+    batch: int  # b
+    mask: Any
+    causal: bool
+    scale: float
+    softcap: float | None
+    pbias: torch.Tensor | None
+    step: int
+    first_row_alone: bool
+    target: torch.Tensor
+    flags: torch.Tensor | None  # (L * b, h, n) bool on the host, copied asynchronously
+    ready: Any  # torch.cuda.Event once the copy is done, or None
+    hits: np.ndarray | None = None  # (F, 3) flagged valid rows, where already known
 
 
 @dataclass(eq=False)
@@ -243,9 +282,12 @@ class DiagonalCapture:
     everywhere, for tests). `chunk_rows` fixes the rows per block of chunked steps.
     `exact_below`: problems (batch x heads x rows x keys) up to this size get exact float64
     statistics from one dense product instead of the lse route (0: always the lse route;
-    None: DENSE_EXACT_ELEMENTS, or DENSE_EXACT_ELEMENTS_CUDA on a GPU). `defer`: recompute a
-    layer's flagged rows only once the next layer is launched (None: on a GPU). Rows of a padded
-    batch that see no key at all hold NaN in `off` and `sink`; sums never include them.
+    None: DENSE_EXACT_ELEMENTS, or DENSE_EXACT_ELEMENTS_CUDA on a GPU). `hold_bytes`: queries
+    and keys of up to this many bytes are held and the statistics of all held layers computed
+    together, in a few operations instead of a few dozen per layer (None: HOLD_BYTES or
+    HOLD_BYTES_CUDA; 0: every layer on its own). `defer`: recompute a group's flagged rows only
+    once later work is queued (None: on a GPU). Rows of a padded batch that see no key at all
+    hold NaN in `off` and `sink`; sums never include them.
     """
 
     model: nn.Module
@@ -255,6 +297,7 @@ class DiagonalCapture:
     chunk_rows: int | None = None
     exact_below: int | None = None
     defer: bool | None = None
+    hold_bytes: int | None = None
     layer_of: dict[int, int] = field(default_factory=dict)
     records: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> rows (b, h, n, 2) or sums (b, h, 2)
     kernels: Counter = field(default_factory=Counter)  # which computation ran, per attention call
@@ -262,7 +305,9 @@ class DiagonalCapture:
     max_block: tuple[int, int] = (0, 0)  # largest (rows, key columns) block any chunked step built
     refined_rows: int = 0  # rows whose 1 - A_ii was recomputed exactly
     _pending: list[_Refinement] = field(default_factory=list)
-    _valid_host: np.ndarray | None = None
+    _held: list[_LayerInputs] = field(default_factory=list)
+    _held_bytes: int = 0
+    _valid_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
     _cache: dict[Any, Any] = field(default_factory=dict)  # per forward: weights, dense mask biases
     _token: Any = None
 
@@ -280,8 +325,10 @@ class DiagonalCapture:
             )
         self.records.clear()
         self._pending.clear()
+        self._held.clear()
+        self._held_bytes = 0
         self._cache.clear()
-        self._valid_host = None if self.valid is None else self.valid.cpu().numpy().astype(bool)
+        self._valid_device = {}
         self._token = _ACTIVE.set(self)
         return self
 
@@ -289,7 +336,8 @@ class DiagonalCapture:
         _ACTIVE.reset(self._token)
         self._token = None
         if exc_type is None:
-            self._flush(keep=0)
+            self._finish()
+        self._held.clear()
         self._pending.clear()
         self._cache.clear()
 
@@ -298,8 +346,13 @@ class DiagonalCapture:
     def n_layers(self) -> int:
         return len(self.records)
 
-    def _column(self, c: int) -> list[torch.Tensor]:
+    def _finish(self) -> None:
+        """Statistics of every layer still held, and every pending exact recomputation."""
+        self._process_held(final=True)
         self._flush(keep=0)
+
+    def _column(self, c: int) -> list[torch.Tensor]:
+        self._finish()
         return [self.records[k][..., c] for k in sorted(self.records)]
 
     @property
@@ -313,7 +366,7 @@ class DiagonalCapture:
     def masses(self, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per batch element: offdiag mass (b, layers, heads) = sum over its valid rows of
         1 - A_ii, and first-token mass (b, layers, heads) = mean over its rows 1..n-1 of A_i0."""
-        self._flush(keep=0)
+        self._finish()
         layers = sorted(self.records)
         if layers != list(range(len(layers))):
             raise SheafscopeError(f"attention statistics were recorded for layers {layers}, not 0..{len(layers) - 1}")
@@ -331,7 +384,7 @@ class DiagonalCapture:
         if idx is None:
             idx = getattr(module, "layer_idx", None)
         if idx is None:  # a family without layer indices: number the calls in order
-            idx = len(self.records)
+            idx = len(self.records) + len(self._held)
             self.layer_of[id(module)] = idx
         return int(idx)
 
@@ -343,71 +396,133 @@ class DiagonalCapture:
         """(b | 1, 1, n, 2) bool: which rows count in the off-diagonal sum (valid ones) and in
         the first-token sum (valid ones after the first)."""
         if valid is None:
-            valid = torch.ones(1, n, dtype=torch.bool)
+            valid = torch.ones(1, n, dtype=torch.bool, device=device)
         w = torch.stack((valid, valid), dim=-1)[:, None]
         w[:, :, 0, 1] = False
         return w.to(device)
 
-    def _record(self, module: nn.Module, rows: torch.Tensor, refinement: dict[str, Any] | None = None) -> None:
-        """Keep a layer's rows (b, h, n, 2), or their sums over valid rows; queue the exact
-        recomputation of its flagged rows. On a GPU the previous layer's queued rows are
-        recomputed now, after this layer's work is queued: the device never waits for the host."""
+    def _hold(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None,
+              points: torch.Tensor | None, mask: Any, causal: bool, scale: float, softcap: float | None,
+              pbias: torch.Tensor | None, step: int, first_row_alone: bool) -> None:
+        """Keep one attention call's inputs to the statistics; process the held layers once
+        they exceed the byte budget. On a GPU this is what keeps a short forward pass as cheap
+        as a plain one: the per-layer cost is a list append, not kernel launches."""
         layer = self._layer(module)
-        if layer in self.records:
+        if layer in self.records or any(h.layer == layer for h in self._held):
             raise SheafscopeError(f"layer {layer} ran twice inside one DiagonalCapture; use one capture per forward pass")
-        if self.keep_positions:
-            self.records[layer] = rows
+        item = _LayerInputs(layer, q, k, lse, points, mask, causal, scale, softcap, pbias, step, first_row_alone)
+        self._held.append(item)
+        self._held_bytes += item.nbytes
+        budget = self.hold_bytes if self.hold_bytes is not None else (HOLD_BYTES_CUDA if q.is_cuda else HOLD_BYTES)
+        if self._held_bytes > budget:
+            self._process_held()
+
+    def _valid_on(self, device: torch.device) -> torch.Tensor | None:
+        """`valid` on `device`, copied once per capture (before the forward pass queues work:
+        a copy from pageable host memory in mid-forward would wait for the device)."""
+        if self.valid is None:
+            return None
+        if device not in self._valid_device:
+            self._valid_device[device] = self.valid if self.valid.device == device else self.valid.to(device)
+        return self._valid_device[device]
+
+    def _process_held(self, final: bool = False) -> None:
+        groups: dict[tuple, list[_LayerInputs]] = {}
+        for item in self._held:
+            groups.setdefault(item.group_key(), []).append(item)
+        self._held = []
+        self._held_bytes = 0
+        for items in groups.values():
+            self._process_group(items, final)
+
+    def _process_group(self, items: list[_LayerInputs], final: bool = False) -> None:
+        """Statistics of a group of layers, stacked along the batch: one dense or lse-route
+        computation, one record tensor, one refinement job. `final`: nothing more will be
+        queued, so the flagged rows are found on the device and fetched at once; otherwise
+        the flags travel to the host asynchronously and are read a group later."""
+        first, count = items[0], len(items)
+        b, n, kv_len = first.q.shape[0], first.q.shape[2], first.k.shape[2]
+        q = first.q if count == 1 else torch.cat([i.q for i in items])
+        k = first.k if count == 1 else torch.cat([i.k for i in items])
+        pbias = _tile(first.pbias, count)
+        if first.lse is None:
+            bias = _tile(_dense_bias(self, first.mask, first.causal, n, kv_len, q.device), count)
+            rows, flags = dense_rows(q, k, bias, first.scale, first.softcap, pbias), None
         else:
-            key = ("weights", rows.shape[0], rows.shape[2])
-            if key not in self._cache:
-                valid = None if self._valid_host is None else torch.from_numpy(self._valid_host)
-                self._cache[key] = self._weights(valid, rows.device, rows.shape[2])
-            # where(), not a product: a NaN in a padded row must not poison the sum (check_finite
-            # then reports only what valid rows produced).
-            self.records[layer] = torch.where(self._cache[key], rows, 0.0).sum(-2)
-        if refinement is not None:
-            flags = refinement.pop("flags")
-            if flags.is_cuda:
+            lse = first.lse if count == 1 else torch.cat([i.lse for i in items])
+            rows, flags = lse_rows(q, k, lse, _tile(first.points, count), first.scale, first.softcap, pbias,
+                                   self.chunk_rows, first_row_alone=first.first_row_alone)
+        target = self._record_group([i.layer for i in items], b, rows)
+        if flags is not None:
+            valid = self._valid_on(flags.device)
+            if valid is not None:
+                flags = (flags.view(count, b, *flags.shape[1:]) & valid[None, :, None, :]).view(flags.shape)
+            host, ready, hits = None, None, None
+            if final or not flags.is_cuda:
+                hits = flags.nonzero().cpu().numpy()
+            else:
                 host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
                 host.copy_(flags, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record()
-            else:
-                host, ready = flags, None
-            self._pending.append(_Refinement(layer=layer, flags=host, ready=ready, **refinement))
+            self._pending.append(_Refinement(q=q, k=k, batch=b, mask=first.mask, causal=first.causal,
+                                             scale=first.scale, softcap=first.softcap, pbias=pbias, step=first.step,
+                                             first_row_alone=first.first_row_alone, target=target, flags=host,
+                                             ready=ready, hits=hits))
         self._flush(keep=1 if (rows.is_cuda if self.defer is None else self.defer) else 0)
+
+    def _record_group(self, layers: list[int], b: int, rows: torch.Tensor) -> torch.Tensor:
+        """Keep a group's rows (L * b, h, n, 2), or their sums over valid rows; each layer's
+        record is a view of the returned tensor."""
+        count = len(layers)
+        if self.keep_positions:
+            target = rows
+        else:
+            key = ("weights", b, rows.shape[2])
+            if key not in self._cache:
+                self._cache[key] = self._weights(self._valid_on(rows.device), rows.device, rows.shape[2])
+            # where(), not a product: a NaN in a padded row must not poison the sum (check_finite
+            # then reports only what valid rows produced).
+            per_layer = rows.view(count, b, *rows.shape[1:])
+            target = torch.where(self._cache[key], per_layer, 0.0).sum(-2).view(count * b, *rows.shape[1:2], 2)
+        for i, layer in enumerate(layers):
+            self.records[layer] = target[i * b:(i + 1) * b]
+        return target
 
     def _flush(self, keep: int) -> None:
         while len(self._pending) > keep:
             self._refine(self._pending.pop(0))
 
     def _refine(self, job: _Refinement) -> None:
-        """Exact rows for a layer's flagged valid rows, into its record."""
-        if job.ready is not None:
-            job.ready.synchronize()
-        flags = job.flags.numpy()
-        if self._valid_host is not None:
-            flags = flags & self._valid_host[:, None, :]
-        if job.first_row_alone:
-            flags[:, :, 0] = False
-        hits = np.argwhere(flags)
+        """Exact rows for a group's flagged valid rows, into its record."""
+        hits = job.hits
+        if hits is None:
+            if job.ready is not None:
+                job.ready.synchronize()
+            hits = np.argwhere(job.flags.numpy())
         if not len(hits):
             return
         self.refined_rows += len(hits)
         n, kv_len = job.q.shape[2], job.k.shape[2]
-        record = self.records[job.layer]
         block_of = hits[:, 2] // job.step
         for blk in np.unique(block_of):
             q0, q1 = int(blk) * job.step, min(n, int(blk) * job.step + job.step)
             block, k0, k1 = _block_keys(job.mask, q0, q1, n, kv_len, job.causal, job.step)
             self._note_block(q1 - q0, k1 - k0)
             (bb, hh, ii), rows = exact_rows(job.q, job.k, hits[block_of == blk], q0, k0, k1, block, job.causal,
-                                               job.scale, job.softcap, job.pbias)
+                                            job.scale, job.softcap, job.pbias)
             if self.keep_positions:
-                record[bb, hh, ii] = rows
+                job.target[bb, hh, ii] = rows
             else:
                 rows[:, 1].masked_fill_(ii == 0, 0.0)  # row 0 never counts in the first-token sum
-                record.index_put_((bb, hh), rows, accumulate=True)
+                job.target.index_put_((bb, hh), rows, accumulate=True)
+
+
+def _tile(t: torch.Tensor | None, count: int) -> torch.Tensor | None:
+    """A per-batch tensor (b | 1, ...) for `count` layers stacked along the batch."""
+    if t is None or count == 1 or t.shape[0] == 1:
+        return t
+    return t.repeat(count, *([1] * (t.ndim - 1)))
 
 
 def attention_layer_indices(model: nn.Module) -> dict[int, int]:
@@ -443,31 +558,55 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
 
 
+def _sdpa_would_use_cudnn(q, k, v, bias, causal, scale) -> bool:
+    """Whether scaled_dot_product_attention would pick cuDNN attention for these inputs (on
+    Hopper GPUs its choice for half precision, about twice as fast as flash at long n): the
+    fast path then runs the same kernel as a plain forward pass."""
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, bias, 0.0, causal, scale=scale, enable_gqa=True)
+        return int(choice) == int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+def _padded_bias(bias: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The bias as memory-efficient and cuDNN attention want it: rows aligned to 16 elements
+    (as scaled_dot_product_attention pads internally), broadcast over heads."""
+    b_, _, rows, kv = bias.shape
+    padded = torch.empty(b_, 1, rows, (kv + 15) // 16 * 16, dtype=q.dtype, device=q.device)
+    padded[..., :kv] = bias
+    return padded[..., :kv].expand(q.shape[0], q.shape[1], rows, kv)
+
+
 def _fused_cuda(q, k, v, bias, causal, scale):
+    """(output, lse, kernel name) from the kernel a plain forward would use where that kernel
+    returns its lse: cuDNN, else flash (half precision, no mask), else memory-efficient
+    attention. cuDNN and flash read grouped KV heads directly."""
     groups = q.shape[1] // k.shape[1]
+    if bias is not None:
+        bias = _padded_bias(bias, q)
+    if _sdpa_would_use_cudnn(q, k, v, bias, causal, scale):
+        try:
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, causal, False,
+                                                                     scale=scale)
+            return res[0], res[1].reshape(q.shape[:3]), "cudnn"
+        except RuntimeError:
+            pass  # not for these shapes after all: the next kernel
     if bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
         try:
-            res = torch.ops.aten._scaled_dot_product_flash_attention(
-                q, _repeat_kv(k, groups), _repeat_kv(v, groups), 0.0, causal, False, scale=scale
-            )
-            return res[0], res[1]
+            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+            return res[0], res[1], "flash"
         except RuntimeError:
             pass  # flash unavailable for this shape/GPU: memory-efficient attention below
-    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-    if bias is not None:
-        # Memory-efficient attention wants the bias's row stride aligned to 16 elements (what
-        # scaled_dot_product_attention does internally): allocate padded, use a view.
-        b_, _, rows, kv = bias.shape
-        padded = torch.empty(b_, 1, rows, (kv + 15) // 16 * 16, dtype=q.dtype, device=q.device)
-        padded[..., :kv] = bias
-        bias = padded[..., :kv].expand(q.shape[0], q.shape[1], rows, kv)
-    res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal, scale=scale)
-    return res[0], res[1][..., : q.shape[2]]
+    res = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, _repeat_kv(k, groups), _repeat_kv(v, groups), bias, True, 0.0, causal, scale=scale)
+    return res[0], res[1][..., : q.shape[2]], "efficient"
 
 
 def _fused(q, k, v, bias, causal, scale):
+    """(output, lse, kernel name) of one fused attention call."""
     if q.device.type == "cpu":
-        return _fused_cpu(q, k, v, bias, causal, scale)
+        return (*_fused_cpu(q, k, v, bias, causal, scale), "flash-cpu")
     if q.device.type == "cuda":
         return _fused_cuda(q, k, v, bias, causal, scale)
     raise RuntimeError(f"no fused attention kernel with log-sum-exp for device {q.device.type}")
@@ -523,8 +662,9 @@ def _attention_with_lse(q, k, v, mask, causal, scale, softcap, pbias, capture, p
     if mask is None and fused_ok:
         # One fused call for the whole sequence: the kernel applies is_causal itself.
         try:
-            out, lse = _fused(q, k, v, None, causal, scale)
+            out, lse, kind = _fused(q, k, v, None, causal, scale)
             note(f"fused-{dev}")
+            note(f"kernel:{kind}")
             return out, lse.to(stat_dtype(q)), None, _rows_per_block(capture, b * kv_len, n, q.device)
         except RuntimeError as e:
             fused_ok, reason = False, f"fused kernel failed on {dev} ({str(e).splitlines()[0][:160]})"
@@ -560,10 +700,11 @@ def _attention_with_lse(q, k, v, mask, causal, scale, softcap, pbias, capture, p
         qb, kb, vb = q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1]
         if fused_ok:  # here always with a mask block: fused calls never see a shifted causal block
             try:
-                o, l = _fused(qb, kb, vb, _as_bias(block, q.dtype), False, scale)
+                o, l, kind = _fused(qb, kb, vb, _as_bias(block, q.dtype), False, scale)
                 out[:, :, q0:q1] = o
                 lse[:, :, q0:q1] = l
                 note(f"fused-{dev}")
+                note(f"kernel:{kind}")
                 continue
             except RuntimeError as e:
                 fused_ok, reason = False, f"fused kernel failed on {dev} ({str(e).splitlines()[0][:160]})"
@@ -623,22 +764,27 @@ def sheafscope_attention(
         raise SheafscopeError(f"attention statistics need one full forward pass (queries {q_len} != keys {kv_len}); "
                               "pass use_cache=False")
     b, h, n, _ = query.shape
-    small = b * h * n * kv_len <= _exact_limit(capture, query.device)
-    out, lse, points, step = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap,
-                                                 position_bias, capture, point_bias=not small)
-    if small:
+    causal_module = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    if b * h * n * kv_len <= _exact_limit(capture, query.device):
         # Small problems (short prompts): exact statistics for every row from one float64
-        # product, fewer operations than the lse route and nothing to recompute.
-        rows = dense_rows(query, key, _dense_bias(capture, attention_mask, causal, n, kv_len, query.device),
-                          scale, softcap, position_bias)
-        capture._record(module, rows)
-        return out.transpose(1, 2).contiguous(), None
-    causal_module = is_causal if is_causal is not None else getattr(module, "is_causal", False)
-    rows, flags = lse_rows(query, key, lse, points, scale, softcap, position_bias, capture.chunk_rows,
-                           first_row_alone=bool(causal_module))
-    capture._record(module, rows, dict(flags=flags, q=query, k=key, mask=attention_mask, causal=causal, scale=scale,
-                                       softcap=softcap, pbias=position_bias, step=step,
-                                       first_row_alone=bool(causal_module)))
+        # product, later, for all held layers at once. The output is the plain sdpa call.
+        if softcap is None and position_bias is None:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            mask = attention_mask.materialize() if isinstance(attention_mask, LazyMask) else attention_mask
+            out = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scale,
+                                         is_causal=causal, **kwargs)[0]
+            capture.kernels["sdpa"] += 1
+        else:
+            out = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap, position_bias,
+                                      capture, point_bias=False)[0].transpose(1, 2).contiguous()
+        capture._hold(module, query, key, None, None, attention_mask, causal, scale, softcap, position_bias,
+                      n, causal_module)
+        return out, None
+    out, lse, points, step = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap,
+                                                 position_bias, capture)
+    capture._hold(module, query, key, lse, points, attention_mask, causal, scale, softcap, position_bias, step,
+                  causal_module)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -651,7 +797,7 @@ def _dense_bias(capture: DiagonalCapture, mask: Any, causal: bool, n: int, kv_le
     key = ("bias", id(mask), causal, n, kv_len)
     if key not in capture._cache:
         if mask is None:
-            allowed = torch.ones(n, kv_len, dtype=torch.bool, device=device).tril_()
+            allowed = torch.ones(1, 1, n, kv_len, dtype=torch.bool, device=device).tril_()
         else:
             block = _mask_block(mask, 0, n)
             if block.dtype != torch.bool:
@@ -688,25 +834,45 @@ class HiddenMax:
     Streams 0..L-1 (the input of block 0, the outputs of blocks 0..L-2) come from forward hooks
     on the blocks; stream L is the trunk's last_hidden_state (after the final norm, as
     transformers reports it), which the caller passes to `final` after running the trunk
-    (`model.base_model`).
+    (`model.base_model`). Streams of up to `hold_bytes` are held and reduced together (on a GPU
+    two operations per stream would cost more than the reduction); larger ones as they come.
     """
 
-    def __init__(self, blocks: list[nn.Module], valid: torch.Tensor | None = None):
-        self.blocks, self.valid = blocks, valid
+    def __init__(self, blocks: list[nn.Module], valid: torch.Tensor | None = None, hold_bytes: int | None = None):
+        self.blocks, self.valid, self.hold_bytes = blocks, valid, hold_bytes
         self.values: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
+        self._held: list[tuple[int, torch.Tensor]] = []
+        self._held_bytes = 0
         self._handles: list[Any] = []
 
-    def _reduce(self, h: torch.Tensor) -> torch.Tensor:
-        # Per token only, (b, n): the masking and the max over tokens happen once, in result().
-        return h.detach().abs().amax(dim=-1)  # amax propagates NaN
+    def _keep(self, index: int, h: torch.Tensor) -> None:
+        h = h.detach()
+        self._held.append((index, h))
+        self._held_bytes += h.numel() * h.element_size()
+        budget = self.hold_bytes if self.hold_bytes is not None else (HOLD_BYTES_CUDA if h.is_cuda else HOLD_BYTES)
+        if self._held_bytes > budget:
+            self._reduce_held()
+
+    def _reduce_held(self) -> None:
+        """Per token only, (b, n): the masking and the max over tokens happen once, in result()."""
+        held, self._held, self._held_bytes = self._held, [], 0
+        if not held:
+            return
+        tensors = [h for _, h in held]
+        if len({(t.shape, t.dtype) for t in tensors}) == 1 and len(tensors) > 1:
+            maxima = torch.stack(tensors).abs_().amax(dim=-1)  # amax propagates NaN
+        else:
+            maxima = [t.abs().amax(dim=-1) for t in tensors]
+        for (index, _), m in zip(held, maxima):
+            self.values[index] = m
 
     def __enter__(self) -> "HiddenMax":
         def first_input(module, args, kwargs):
-            self.values[0] = self._reduce(args[0] if args else kwargs["hidden_states"])
+            self._keep(0, args[0] if args else kwargs["hidden_states"])
 
         def output_of(index):
             def hook(module, args, output):
-                self.values[index] = self._reduce(output[0] if isinstance(output, (tuple, list)) else output)
+                self._keep(index, output[0] if isinstance(output, (tuple, list)) else output)
             return hook
 
         self._handles.append(self.blocks[0].register_forward_pre_hook(first_input, with_kwargs=True))
@@ -721,10 +887,12 @@ class HiddenMax:
 
     def final(self, last_hidden_state: torch.Tensor) -> None:
         """Record the last stream from the trunk's output."""
-        self.values[-1] = self._reduce(last_hidden_state)
+        self._keep(len(self.blocks), last_hidden_state)
+        self._reduce_held()
 
     def result(self) -> torch.Tensor:
         """(b, layers + 1) float64 on the CPU."""
+        self._reduce_held()
         missing = [i for i, v in enumerate(self.values) if v is None]
         if missing:
             raise SheafscopeError(f"no max |h| for hidden-state streams {missing} (hooks did not fire, or final() not called)")
@@ -795,8 +963,8 @@ def capture_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch
     # No mask when nothing is padded: exactly the call a single prompt gets (and sdpa's is_causal).
     attention_mask = None if min(lengths) == n else valid.long()
     trunk = getattr(model, "base_model", model)
-    with DiagonalCapture(model, valid=valid_host, keep_positions=False, **capture_options) as cap, \
-            HiddenMax(blocks, valid) as hm:
+    with DiagonalCapture(model, valid=valid, keep_positions=False, **capture_options) as cap, \
+            HiddenMax(blocks, valid, capture_options.get("hold_bytes")) as hm:
         out = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hm.final(out[0])
     if stats is not None:
@@ -804,11 +972,13 @@ def capture_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch
     off, sink = cap.masses(lengths)
     hidden = hm.result()
     dtype = next(model.parameters()).dtype
-    for layer in range(off.shape[1]):
-        check_finite(f"the attention of layer {layer}", off[:, layer], dtype)
-        check_finite(f"the attention of layer {layer}", sink[:, layer], dtype)
-    for layer in range(hidden.shape[1]):
-        check_finite(f"the hidden state after layer {layer - 1}" if layer else "the embeddings", hidden[:, layer], dtype)
+    if not all(bool(torch.isfinite(t).all()) for t in (off, sink, hidden)):  # find the first culprit
+        for layer in range(off.shape[1]):
+            check_finite(f"the attention of layer {layer}", off[:, layer], dtype)
+            check_finite(f"the attention of layer {layer}", sink[:, layer], dtype)
+        for layer in range(hidden.shape[1]):
+            check_finite(f"the hidden state after layer {layer - 1}" if layer else "the embeddings",
+                         hidden[:, layer], dtype)
     return [
         PromptCapture(n_tokens=lengths[j], offdiag_mass=off[j].numpy(), first_token_mass=sink[j].numpy(),
                       max_abs_hidden=hidden[j].numpy())

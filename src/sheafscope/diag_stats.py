@@ -141,6 +141,7 @@ def lse_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, point_bias: to
     rows.masked_fill_(flag[..., None], 0.0)
     if first_row_alone:
         rows[:, :, 0] = alone
+        flag[:, :, 0] = False
     return rows, flag
 
 
@@ -218,10 +219,10 @@ def exact_rows(q: torch.Tensor, k: torch.Tensor, hits: np.ndarray, q0: int, k0: 
         sc = torch.bmm(qs, k[kb, kh, k0:k1].double().transpose(1, 2))[gid, slot].mul_(scale)  # (F, keys)
         sc = _softcapped(sc, softcap)
         if pbias is not None:
-            sc = sc + pbias[bb if pbias.shape[0] > 1 else 0, hh if pbias.shape[1] > 1 else 0, ii, k0:k1].double()
+            sc = sc + pbias[bb % pbias.shape[0], hh if pbias.shape[1] > 1 else 0, ii, k0:k1].double()
         cols = torch.arange(k0, k1, device=q.device)
         if block is not None:
-            rows = block[bb if block.shape[0] > 1 else 0, 0, ii - q0]
+            rows = block[bb % block.shape[0], 0, ii - q0]  # bb may index layers stacked along the batch
             if rows.dtype == torch.bool:
                 sc = sc.masked_fill_(~rows, -math.inf)
             else:
