@@ -25,7 +25,7 @@ def offline_model():
 
     def get(alias: str):
         if alias not in _LOADED:
-            _LOADED[alias] = load_model(alias, device="cpu", dtype="float32")
+            _LOADED[alias] = load_model(alias, device="cpu", dtype="float32", attention="eager")
         return _LOADED[alias]
 
     return get

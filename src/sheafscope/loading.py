@@ -278,7 +278,7 @@ def load_model(
     device: str | None = None,
     revision: str | None = None,
     quantize: str | None = None,
-    attention: str = "eager",
+    attention: str = "fast",
     config_overrides: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a model by spec (see the module docstring) and prepare it for analysis.
