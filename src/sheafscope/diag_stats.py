@@ -164,23 +164,27 @@ def plan_pieces(hits: np.ndarray, n_kv: int, groups: int, keys: int, d: int, bud
     starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
     ends = np.r_[starts[1:], len(pair)]
     segments = [(s0, min(e, s0 + rows_cap)) for s, e in zip(starts, ends) for s0 in range(s, e, rows_cap)]
-    pieces, cur, cur_rows = [], [], 0
+    # Longest first, so that a piece pads its groups to similar widths: the product costs
+    # groups x width x keys however few rows the narrow groups hold.
+    segments.sort(key=lambda seg: seg[0] - seg[1])
+    pieces, cur, width = [], [], 0
     for seg in segments:
-        if cur and (cur_rows + seg[1] - seg[0] > rows_cap or len(cur) >= groups_cap):
+        rows = seg[1] - seg[0]
+        if cur and ((len(cur) + 1) * max(width, rows) * keys > budget or len(cur) >= groups_cap):
             pieces.append(cur)
-            cur, cur_rows = [], 0
+            cur, width = [], 0
         cur.append(seg)
-        cur_rows += seg[1] - seg[0]
+        width = max(width, rows)
     if cur:
         pieces.append(cur)
     out = []
     for piece in pieces:
         lens = np.array([e - s for s, e in piece])
-        r0, r1 = piece[0][0], piece[-1][1]
         gid = np.repeat(np.arange(len(piece)), lens)
-        slot = np.arange(r1 - r0) - np.repeat(np.cumsum(lens) - lens, lens)
+        slot = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
         group_pair = pair[[s for s, _ in piece]]
-        out.append({"hits": hits[r0:r1], "gid": gid, "slot": slot, "width": int(lens.max()),
+        piece_hits = np.concatenate([hits[s:e] for s, e in piece])
+        out.append({"hits": piece_hits, "gid": gid, "slot": slot, "width": int(lens.max()),
                     "kv_batch": group_pair // n_kv, "kv_head": group_pair % n_kv})
     return out
 
