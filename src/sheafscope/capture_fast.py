@@ -25,9 +25,11 @@ Small problems (short prompts, a batch of them) skip the lse route and get exact
 statistics for every row from one dense product (`DENSE_EXACT_ELEMENTS`). The arithmetic of
 all three is in diag_stats.py.
 
-Nothing here makes the host wait for the device: which rows need recomputing is copied to the
-host asynchronously and acted on when the next layer has been launched, so that on a GPU the
-statistics cost their kernels' time and little else.
+Each attention call only holds its queries, keys and lse; the statistics of the held layers
+are computed together (stacked along the batch) at the end of the forward pass, or whenever
+the held tensors exceed a byte budget, so that a short forward pass on a GPU pays a few dozen
+kernel launches for them rather than a few dozen per layer. Nothing makes the host wait for the
+device mid-forward: the flags of a group processed mid-forward reach the host asynchronously.
 
 Masks are registered as a `LazyMask`: the recipe of the boolean mask transformers would build
 for sdpa, materialised one block of query rows at a time (with the key range that block can
@@ -43,6 +45,7 @@ same attention outputs as with sdpa; statistics are recorded only inside a `Diag
 from __future__ import annotations
 
 import math
+import dataclasses
 from collections import Counter
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -213,30 +216,40 @@ def _point_bias(block: torch.Tensor, q0: int, key: int | None) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Capture
 # ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class _Softmax:
+    """What besides queries and keys shapes one attention call's softmax rows, as the
+    statistics need it."""
+
+    mask: Any
+    causal: bool
+    scale: float
+    softcap: float | None
+    pbias: torch.Tensor | None
+    step: int  # rows per block of the masked steps (the blocks whose key ranges a LazyMask caches)
+    first_row_alone: bool  # row 0 sees only key 0 (causal attention)
+
+    def key(self) -> tuple:
+        """Equal for the layers of one forward pass that share a mask object and a recipe."""
+        return (id(self.mask), self.causal, self.scale, self.softcap, id(self.pbias), self.step, self.first_row_alone)
+
+
 @dataclass(eq=False)
 class _LayerInputs:
     """What one attention call leaves for the statistics: its queries, keys and (lse route)
-    the kernel's lse, with everything else that shapes its softmax. Held until a group of
-    layers is processed together (`DiagonalCapture._process_held`)."""
+    the kernel's lse and the mask's values at each row's diagonal and first key. Held until a
+    group of layers is processed together (`DiagonalCapture._process_held`)."""
 
     layer: int
     q: torch.Tensor
     k: torch.Tensor
     lse: torch.Tensor | None  # None: the dense exact route
     points: torch.Tensor | None
-    mask: Any
-    causal: bool
-    scale: float
-    softcap: float | None
-    pbias: torch.Tensor | None
-    step: int
-    first_row_alone: bool
+    softmax: _Softmax
 
     def group_key(self) -> tuple:
-        """Layers with equal keys share one computation: same shapes, the same mask object
-        (all layers of one attention type in one forward pass) and the same softmax recipe."""
-        return (self.lse is None, tuple(self.q.shape), tuple(self.k.shape), self.q.dtype, id(self.mask),
-                self.causal, self.scale, self.softcap, id(self.pbias), self.step, self.first_row_alone)
+        """Layers with equal keys share one computation: same route, shapes and softmax."""
+        return (self.lse is None, tuple(self.q.shape), tuple(self.k.shape), self.q.dtype, *self.softmax.key())
 
     @property
     def nbytes(self) -> int:
@@ -245,25 +258,19 @@ class _LayerInputs:
 
 @dataclass(eq=False)
 class _Refinement:
-    """A group's flagged rows, waiting for their exact 1 - A_ii: the flags travel to the host
-    (pinned memory, asynchronously on a GPU) while the device runs on; the rows are planned and
-    recomputed once later work has been queued. `target` is the group's record, (L * b, h, n, 2)
-    rows or (L * b, h, 2) sums, whose entries the exact rows replace or add to."""
+    """A group's flagged rows, waiting for their exact 1 - A_ii: found on the device at the end
+    of the forward pass (`hits`), or, for a group processed mid-forward on a GPU, as flags that
+    travel to the host asynchronously (pinned memory) and are read once later work is queued.
+    `target` is the group's record, (L * b, h, n, 2) rows or (L * b, h, 2) sums, whose entries
+    the exact rows replace or add to."""
 
     q: torch.Tensor  # (L * b, h, n, d): the group's layers stacked along the batch
     k: torch.Tensor
-    batch: int  # b
-    mask: Any
-    causal: bool
-    scale: float
-    softcap: float | None
-    pbias: torch.Tensor | None
-    step: int
-    first_row_alone: bool
+    softmax: _Softmax  # its pbias tiled to L * b like q
     target: torch.Tensor
-    flags: torch.Tensor | None  # (L * b, h, n) bool on the host, copied asynchronously
-    ready: Any  # torch.cuda.Event once the copy is done, or None
-    hits: np.ndarray | None = None  # (F, 3) flagged valid rows, where already known
+    hits: np.ndarray | None  # (F, 3) flagged valid rows, where already known
+    flags: torch.Tensor | None = None  # else (L * b, h, n) bool on the host, copied asynchronously
+    ready: Any = None  # torch.cuda.Event once that copy is done
 
 
 @dataclass(eq=False)
@@ -402,15 +409,14 @@ class DiagonalCapture:
         return w.to(device)
 
     def _hold(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None,
-              points: torch.Tensor | None, mask: Any, causal: bool, scale: float, softcap: float | None,
-              pbias: torch.Tensor | None, step: int, first_row_alone: bool) -> None:
+              points: torch.Tensor | None, softmax: _Softmax) -> None:
         """Keep one attention call's inputs to the statistics; process the held layers once
         they exceed the byte budget. On a GPU this is what keeps a short forward pass as cheap
         as a plain one: the per-layer cost is a list append, not kernel launches."""
         layer = self._layer(module)
         if layer in self.records or any(h.layer == layer for h in self._held):
             raise SheafscopeError(f"layer {layer} ran twice inside one DiagonalCapture; use one capture per forward pass")
-        item = _LayerInputs(layer, q, k, lse, points, mask, causal, scale, softcap, pbias, step, first_row_alone)
+        item = _LayerInputs(layer, q, k, lse, points, softmax)
         self._held.append(item)
         self._held_bytes += item.nbytes
         budget = self.hold_bytes if self.hold_bytes is not None else (HOLD_BYTES_CUDA if q.is_cuda else HOLD_BYTES)
@@ -444,31 +450,28 @@ class DiagonalCapture:
         b, n, kv_len = first.q.shape[0], first.q.shape[2], first.k.shape[2]
         q = first.q if count == 1 else torch.cat([i.q for i in items])
         k = first.k if count == 1 else torch.cat([i.k for i in items])
-        pbias = _tile(first.pbias, count)
+        sm = dataclasses.replace(first.softmax, pbias=_tile(first.softmax.pbias, count))
         if first.lse is None:
-            bias = _tile(_dense_bias(self, first.mask, first.causal, n, kv_len, q.device), count)
-            rows, flags = dense_rows(q, k, bias, first.scale, first.softcap, pbias), None
+            bias = _tile(_dense_bias(self, sm.mask, sm.causal, n, kv_len, q.device), count)
+            rows, flags = dense_rows(q, k, bias, sm.scale, sm.softcap, sm.pbias), None
         else:
             lse = first.lse if count == 1 else torch.cat([i.lse for i in items])
-            rows, flags = lse_rows(q, k, lse, _tile(first.points, count), first.scale, first.softcap, pbias,
-                                   self.chunk_rows, first_row_alone=first.first_row_alone)
+            rows, flags = lse_rows(q, k, lse, _tile(first.points, count), sm.scale, sm.softcap, sm.pbias,
+                                   self.chunk_rows, first_row_alone=sm.first_row_alone)
         target = self._record_group([i.layer for i in items], b, rows)
         if flags is not None:
             valid = self._valid_on(flags.device)
             if valid is not None:
                 flags = (flags.view(count, b, *flags.shape[1:]) & valid[None, :, None, :]).view(flags.shape)
-            host, ready, hits = None, None, None
+            job = _Refinement(q=q, k=k, softmax=sm, target=target, hits=None)
             if final or not flags.is_cuda:
-                hits = flags.nonzero().cpu().numpy()
+                job.hits = flags.nonzero().cpu().numpy()
             else:
-                host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
-                host.copy_(flags, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record()
-            self._pending.append(_Refinement(q=q, k=k, batch=b, mask=first.mask, causal=first.causal,
-                                             scale=first.scale, softcap=first.softcap, pbias=pbias, step=first.step,
-                                             first_row_alone=first.first_row_alone, target=target, flags=host,
-                                             ready=ready, hits=hits))
+                job.flags = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+                job.flags.copy_(flags, non_blocking=True)
+                job.ready = torch.cuda.Event()
+                job.ready.record()
+            self._pending.append(job)
         self._flush(keep=1 if (rows.is_cuda if self.defer is None else self.defer) else 0)
 
     def _record_group(self, layers: list[int], b: int, rows: torch.Tensor) -> torch.Tensor:
@@ -503,14 +506,15 @@ class DiagonalCapture:
         if not len(hits):
             return
         self.refined_rows += len(hits)
+        sm = job.softmax
         n, kv_len = job.q.shape[2], job.k.shape[2]
-        block_of = hits[:, 2] // job.step
+        block_of = hits[:, 2] // sm.step
         for blk in np.unique(block_of):
-            q0, q1 = int(blk) * job.step, min(n, int(blk) * job.step + job.step)
-            block, k0, k1 = _block_keys(job.mask, q0, q1, n, kv_len, job.causal, job.step)
+            q0, q1 = int(blk) * sm.step, min(n, int(blk) * sm.step + sm.step)
+            block, k0, k1 = _block_keys(sm.mask, q0, q1, n, kv_len, sm.causal, sm.step)
             self._note_block(q1 - q0, k1 - k0)
-            (bb, hh, ii), rows = exact_rows(job.q, job.k, hits[block_of == blk], q0, k0, k1, block, job.causal,
-                                            job.scale, job.softcap, job.pbias)
+            (bb, hh, ii), rows = exact_rows(job.q, job.k, hits[block_of == blk], q0, k0, k1, block, sm.causal,
+                                            sm.scale, sm.softcap, sm.pbias)
             if self.keep_positions:
                 job.target[bb, hh, ii] = rows
             else:
@@ -750,11 +754,7 @@ def sheafscope_attention(
         kv_len = q_len
     if capture is None:
         if softcap is None and position_bias is None:
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-            mask = attention_mask.materialize() if isinstance(attention_mask, LazyMask) else attention_mask
-            return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scale,
-                                          is_causal=causal, **kwargs)
+            return _sdpa(module, query, key, value, attention_mask, dropout, scale, causal, kwargs), None
         out = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap, position_bias, None)[0]
         return out.transpose(1, 2).contiguous(), None
 
@@ -769,23 +769,28 @@ def sheafscope_attention(
         # Small problems (short prompts): exact statistics for every row from one float64
         # product, later, for all held layers at once. The output is the plain sdpa call.
         if softcap is None and position_bias is None:
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-            mask = attention_mask.materialize() if isinstance(attention_mask, LazyMask) else attention_mask
-            out = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scale,
-                                         is_causal=causal, **kwargs)[0]
+            out = _sdpa(module, query, key, value, attention_mask, dropout, scale, causal, kwargs)
             capture.kernels["sdpa"] += 1
         else:
             out = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap, position_bias,
                                       capture, point_bias=False)[0].transpose(1, 2).contiguous()
-        capture._hold(module, query, key, None, None, attention_mask, causal, scale, softcap, position_bias,
-                      n, causal_module)
+        softmax = _Softmax(attention_mask, causal, scale, softcap, position_bias, n, causal_module)
+        capture._hold(module, query, key, None, None, softmax)
         return out, None
     out, lse, points, step = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap,
                                                  position_bias, capture)
-    capture._hold(module, query, key, lse, points, attention_mask, causal, scale, softcap, position_bias, step,
-                  causal_module)
+    capture._hold(module, query, key, lse, points,
+                  _Softmax(attention_mask, causal, scale, softcap, position_bias, step, causal_module))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _sdpa(module, query, key, value, mask, dropout, scale, causal, kwargs) -> torch.Tensor:
+    """The attention output (b, n, h, d) exactly as attn_implementation="sdpa" computes it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    mask = mask.materialize() if isinstance(mask, LazyMask) else mask
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scale,
+                                  is_causal=causal, **kwargs)[0]
 
 
 def _dense_bias(capture: DiagonalCapture, mask: Any, causal: bool, n: int, kv_len: int,
