@@ -64,6 +64,8 @@ def profiled(fn, device, top: int) -> dict[str, Any]:
     copies = [e for e in events if e.name.startswith("cudaMemcpy") and "Async" not in e.name]
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    device_table = (prof.key_averages().table(sort_by="self_device_time_total", row_limit=top)
+                    if device.type == "cuda" else "")
     return {
         "gpu_kernel_s": gpu_us / 1e6,
         "gpu_kernels": len(kernels),
@@ -72,6 +74,7 @@ def profiled(fn, device, top: int) -> dict[str, Any]:
         "sync_s": sum(e.cpu_time for e in syncs) / 1e6,
         "blocking_copies": len(copies),
         "table": table,
+        "device_table": device_table,
     }
 
 
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{b['aten_ops']} ops, {b['syncs']} syncs, {b['sync_s'] * 1e3:.1f} ms in syncs, "
               f"{b['blocking_copies']} blocking copies)  b/a {row['b/a']:.2f}", flush=True)
         print(b["table"], flush=True)
+        if b["device_table"]:
+            print("a, by device time:\n" + a["device_table"] + "\nb, by device time:\n" + b["device_table"], flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "environment": bt.environment(loaded), "rows": rows}, indent=1))
     return 0

@@ -72,6 +72,7 @@ def test_fast_is_registered_with_transformers():
 ROUTES = {"dense": dict(kernel="auto"), "lse": dict(kernel="auto", exact_below=0),
           "lse-per-layer": dict(kernel="auto", exact_below=0, hold_bytes=0),
           "lse-deferred": dict(kernel="auto", exact_below=0, hold_bytes=0, defer=True),
+          "lse-slots": dict(kernel="auto", exact_below=0, refine_slots=2),
           "chunked": dict(kernel="chunked", exact_below=0)}
 
 
@@ -91,6 +92,55 @@ def test_tiny_fast_equals_eager(name, route):
         for f in FIELDS:
             assert getattr(cap, f).shape == getattr(ref, f).shape
             assert rel_err(getattr(cap, f), getattr(ref, f)) <= RTOL, (f, n)
+
+
+@pytest.mark.parametrize("route", ["dense", "lse", "lse-slots"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "bert"])
+def test_positions_equal_eager_attention(name, route):
+    """Per position (keep_positions=True, a padded batch): 1 - A_ii and A_i0 of every layer,
+    head and valid row equal the diagonal and first column of eager's attention matrices."""
+    eager, fast = _pair(name)
+    lengths = [19, 11]
+    prompts = [_ids(n, 40 + n) for n in lengths]
+    ids = torch.nn.utils.rnn.pad_sequence([p[0] for p in prompts], batch_first=True)
+    valid = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        with DiagonalCapture(fast, valid=valid, chunk_rows=5, **ROUTES[route]) as cap:
+            fast.base_model(input_ids=ids, attention_mask=valid.long(), use_cache=False)
+        refs = [eager.base_model(input_ids=p, output_attentions=True, use_cache=False).attentions for p in prompts]
+    for j, n in enumerate(lengths):
+        for layer, att in enumerate(refs[j]):
+            a = att[0].double()  # (heads, n, n)
+            want_off = 1 - a.diagonal(dim1=-2, dim2=-1)
+            assert rel_err(cap.off[layer][j, :, :n].numpy(), want_off.numpy()) <= RTOL, (j, layer)
+            assert rel_err(cap.sink[layer][j, :, :n].numpy(), a[..., 0].numpy()) <= RTOL, (j, layer)
+
+
+def test_slot_refinement_in_layer_chunks(monkeypatch):
+    """Every row flagged (REFINE_BELOW > 1) and a budget that fits one layer's float64 keys
+    and scores: the fixed-shape recomputation runs one layer at a time, takes the first
+    `refine_slots` rows of every head, leaves the rest to the planned route, and the
+    numbers are the eager reference's."""
+    import sheafscope.diag_stats as ds
+    from sheafscope.capture_fast import BatchStats
+
+    eager, fast = _pair("mistral")
+    cfg = fast.config
+    layers, heads, kv_heads = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.hidden_size // heads
+    lengths, slots = [19, 13], 3
+    prompts = [_ids(n, 60 + n) for n in lengths]
+    b, n = len(prompts), max(lengths)
+    per_layer = b * (kv_heads * n * d + heads * slots * n)  # float64 elements, see _refine_slots
+    monkeypatch.setattr(ds, "REFINE_BELOW", 1.01)
+    monkeypatch.setattr(ds, "CPU_BLOCK_ELEMENTS", 4 * per_layer + 4)
+    stats = BatchStats()
+    got = capture_batch(fast, adapter_for(fast).blocks, prompts, stats, exact_below=0, refine_slots=slots)
+    assert stats.refined_rows == heads * layers * sum(m - 1 for m in lengths)
+    for p, cap in zip(prompts, got):
+        ref = capture_eager(eager, p, layers)
+        for f in FIELDS:
+            assert rel_err(getattr(cap, f), getattr(ref, f)) <= RTOL, f
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -406,3 +456,43 @@ def test_cuda_long_sequence_fused_equals_chunked(name):
     b, _ = _cuda_captures(name, torch.float32, ids, kernel="chunked", chunk_rows=256)
     for f in FIELDS:
         assert rel_err(getattr(a[0], f), getattr(b[0], f)) <= RTOL, f
+
+
+def _exact_row_scores(q, k):
+    """float64 s_ii and s_i0, and the float32-accumulation bound d * eps32 * sum |q_j k_j|."""
+    qd, kd = q.double(), k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    terms = torch.stack((qd * kd, qd * kd[:, :, :1]), dim=-2)  # (b, h, n, 2, d)
+    return terms.sum(-1), q.shape[-1] * 2.0**-24 * terms.abs().sum(-1)
+
+
+def test_half_row_scores_layout():
+    """The GPU route of s_ii and s_i0 (batched products per KV head and per row, three row
+    blocks, grouped heads), with its float32-output product emulated on the CPU: exact
+    products of bfloat16 values summed in float32 (bfloat16 -> float32 is exact)."""
+    from sheafscope.diag_stats import _row_scores_half
+
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(3, 8, 300, 64, generator=g) * 3).to(torch.bfloat16)
+    k = (torch.randn(3, 2, 300, 64, generator=g) * 3).to(torch.bfloat16)
+    got = _row_scores_half(q, k, 128, lambda a, b: torch.bmm(a.float(), b.float()))
+    want, bound = _exact_row_scores(q, k)
+    assert got.dtype == torch.float32 and got.shape == (3, 8, 300, 2)
+    assert ((got.double() - want).abs() <= bound).all()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_row_scores_are_float32_sums_of_exact_products(dtype):
+    """s_ii and s_i0 of half-precision q and k (grouped heads, three row blocks), from the
+    float32-accumulating batched products, equal the float64 dot products up to float32
+    accumulation (d * eps32 * sum |q_j k_j|), as the float32 elementwise path does."""
+    from sheafscope.diag_stats import _row_scores, _row_scores_half_cuda
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = (torch.randn(3, 8, 300, 64, device="cuda", generator=g) * 3).to(dtype)
+    k = (torch.randn(3, 2, 300, 64, device="cuda", generator=g) * 3).to(dtype)
+    got = _row_scores_half_cuda(q, k, step=128)
+    assert got is not None and got.dtype == torch.float32 and got.shape == (3, 8, 300, 2)
+    want, bound = _exact_row_scores(q, k)
+    for scores in (got, _row_scores(q, k, 128)):
+        assert ((scores.double() - want).abs() <= bound).all()

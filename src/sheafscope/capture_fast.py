@@ -29,7 +29,9 @@ Each attention call only holds its queries, keys and lse; the statistics of the 
 are computed together (stacked along the batch) at the end of the forward pass, or whenever
 the held tensors exceed a byte budget, so that a short forward pass on a GPU pays a few dozen
 kernel launches for them rather than a few dozen per layer. Nothing makes the host wait for the
-device mid-forward: the flags of a group processed mid-forward reach the host asynchronously.
+device mid-forward: on a GPU the first REFINE_SLOTS_CUDA flagged rows of each head are
+recomputed in fixed shapes right behind the statistics, and the flags of any further rows of a
+group processed mid-forward reach the host asynchronously.
 
 Masks are registered as a `LazyMask`: the recipe of the boolean mask transformers would build
 for sdpa, materialised one block of query rows at a time (with the key range that block can
@@ -55,7 +57,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from sheafscope.diag_stats import dense_rows, exact_rows, grouped, lse_rows, rows_per_block, stat_dtype
+from sheafscope.diag_stats import (
+    block_elements,
+    dense_rows,
+    exact_rows,
+    grouped,
+    lse_rows,
+    rows_per_block,
+    slot_rows,
+    stat_dtype,
+)
 from sheafscope.errors import SheafscopeError
 
 FAST_ATTENTION = "sheafscope"
@@ -77,6 +88,11 @@ DENSE_EXACT_ELEMENTS_CUDA = 1 << 21
 # kernel launches, and a few dozen per layer would cost more than the statistics' arithmetic.
 HOLD_BYTES = 1 << 28
 HOLD_BYTES_CUDA = 1 << 30
+# On a GPU the first this many flagged rows of every head are recomputed in fixed shapes
+# (diag_stats.slot_rows), queued behind the forward pass with no host planning and no wait;
+# only the rows beyond them go through the planned recomputation. On the CPU every flagged
+# row is planned (computing unflagged slots would cost more than planning).
+REFINE_SLOTS_CUDA = 8
 
 _ACTIVE: ContextVar["DiagonalCapture | None"] = ContextVar("sheafscope_diagonal_capture", default=None)
 
@@ -293,7 +309,9 @@ class DiagonalCapture:
     and keys of up to this many bytes are held and the statistics of all held layers computed
     together, in a few operations instead of a few dozen per layer (None: HOLD_BYTES or
     HOLD_BYTES_CUDA; 0: every layer on its own). `defer`: recompute a group's flagged rows only
-    once later work is queued (None: on a GPU). Rows of a padded batch that see no key at all
+    once later work is queued (None: on a GPU). `refine_slots`: the first this many flagged
+    rows of each head are recomputed in fixed shapes on the device, without waiting for it
+    (None: REFINE_SLOTS_CUDA on a GPU, 0 on the CPU). Rows of a padded batch that see no key at all
     hold NaN in `off` and `sink`; sums never include them.
     """
 
@@ -305,17 +323,19 @@ class DiagonalCapture:
     exact_below: int | None = None
     defer: bool | None = None
     hold_bytes: int | None = None
+    refine_slots: int | None = None
     layer_of: dict[int, int] = field(default_factory=dict)
     records: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> rows (b, h, n, 2) or sums (b, h, 2)
     kernels: Counter = field(default_factory=Counter)  # which computation ran, per attention call
     fallbacks: list[str] = field(default_factory=list)  # why a fused kernel was not used
     max_block: tuple[int, int] = (0, 0)  # largest (rows, key columns) block any chunked step built
-    refined_rows: int = 0  # rows whose 1 - A_ii was recomputed exactly
+    _refined: list[Any] = field(default_factory=list)  # counts (ints, or device scalars not yet read)
     _pending: list[_Refinement] = field(default_factory=list)
     _held: list[_LayerInputs] = field(default_factory=list)
     _held_bytes: int = 0
     _valid_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
     _cache: dict[Any, Any] = field(default_factory=dict)  # per forward: weights, dense mask biases
+    _groups: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)  # (layers, record) per group
     _token: Any = None
 
     def __post_init__(self) -> None:
@@ -335,6 +355,8 @@ class DiagonalCapture:
         self._held.clear()
         self._held_bytes = 0
         self._cache.clear()
+        self._groups = []
+        self._refined = []
         self._valid_device = {}
         self._token = _ACTIVE.set(self)
         return self
@@ -352,6 +374,12 @@ class DiagonalCapture:
     @property
     def n_layers(self) -> int:
         return len(self.records)
+
+    @property
+    def refined_rows(self) -> int:
+        """Rows whose 1 - A_ii was recomputed exactly (reading it waits for the device)."""
+        self._refined = [sum(int(c) for c in self._refined)]
+        return self._refined[0]
 
     def _finish(self) -> None:
         """Statistics of every layer still held, and every pending exact recomputation."""
@@ -377,13 +405,20 @@ class DiagonalCapture:
         layers = sorted(self.records)
         if layers != list(range(len(layers))):
             raise SheafscopeError(f"attention statistics were recorded for layers {layers}, not 0..{len(layers) - 1}")
-        sums = torch.stack([self.records[k] for k in layers], dim=1)
+        if len(self._groups) == 1 and self._groups[0][0] == layers:  # one group, all layers in order
+            target = self._groups[0][1]
+            sums = target.view(len(layers), -1, *target.shape[1:]).transpose(0, 1)
+        else:
+            sums = torch.stack([self.records[k] for k in layers], dim=1)
         if self.keep_positions:
             n = sums.shape[-2]
             valid = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
             sums = torch.where(self._weights(valid, sums.device)[:, None], sums, 0.0).sum(-2)
-        denom = (torch.tensor(lengths, dtype=torch.float64, device=sums.device) - 1).clamp(min=1)
-        return sums[..., 0].cpu(), (sums[..., 1] / denom[:, None, None]).cpu()
+        # One copy to the host, and the division there (the same float64 arithmetic): a host
+        # tensor sent to the device would wait for the device first.
+        sums = sums.cpu()
+        denom = (torch.tensor(lengths, dtype=torch.float64) - 1).clamp(min=1)
+        return sums[..., 0], sums[..., 1] / denom[:, None, None]
 
     # -- called by the attention function -----------------------------------------------------------
     def _layer(self, module: nn.Module) -> int:
@@ -463,6 +498,7 @@ class DiagonalCapture:
             valid = self._valid_on(flags.device)
             if valid is not None:
                 flags = (flags.view(count, b, *flags.shape[1:]) & valid[None, :, None, :]).view(flags.shape)
+            flags = self._refine_slots(q, k, flags, sm, target, b)
             job = _Refinement(q=q, k=k, softmax=sm, target=target, hits=None)
             if final or not flags.is_cuda:
                 job.hits = flags.nonzero().cpu().numpy()
@@ -490,7 +526,51 @@ class DiagonalCapture:
             target = torch.where(self._cache[key], per_layer, 0.0).sum(-2).view(count * b, *rows.shape[1:2], 2)
         for i, layer in enumerate(layers):
             self.records[layer] = target[i * b:(i + 1) * b]
+        self._groups.append((list(layers), target))
         return target
+
+    def _refine_slots(self, q: torch.Tensor, k: torch.Tensor, flags: torch.Tensor, sm: _Softmax,
+                      target: torch.Tensor, b: int) -> torch.Tensor:
+        """Exact rows for the first `refine_slots` flagged rows of every head, computed and
+        written into `target` in fixed shapes (diag_stats.slot_rows): nothing here makes the
+        host wait. Returns the flags of the rows left for the planned route: all of them where
+        this route does not apply (a position bias, a mask too large to index whole, a
+        product over the memory budget)."""
+        slots = self.refine_slots if self.refine_slots is not None else (REFINE_SLOTS_CUDA if flags.is_cuda else 0)
+        if slots <= 0 or sm.pbias is not None:
+            return flags
+        B, h, n = flags.shape
+        n_kv, kv, d = k.shape[1], k.shape[2], k.shape[3]
+        if sm.mask is None:
+            mask = None
+        elif isinstance(sm.mask, LazyMask) and sm.mask.batch_size * n * kv > SMALL_MASK_ELEMENTS:
+            return flags
+        else:
+            mask = _mask_block(sm.mask, 0, n)
+        budget = block_elements(q.device) // 4
+        width = min(slots, n, budget // max(1, b * h * kv))
+        # Layers per chunk: float64 keys and scores within the budget. Whole layers, so that a
+        # chunk's batch index modulo b is the prompt's.
+        layers = budget // max(1, b * (n_kv * kv * d + h * width * kv))
+        if width < 1 or layers < 1 or B // b > 8 * layers:
+            return flags
+        rest = []
+        for c0 in range(0, B, layers * b):
+            c1 = min(B, c0 + layers * b)
+            rows, used, exact, left = slot_rows(q[c0:c1], k[c0:c1], flags[c0:c1], width, mask, sm.causal,
+                                                sm.scale, sm.softcap)
+            rest.append(left)
+            self._refined.append(used.sum())
+            if self.keep_positions:
+                idx = rows[..., None].expand(*rows.shape, 2)
+                part = target[c0:c1]
+                part.scatter_(2, idx, torch.where(used[..., None], exact, part.gather(2, idx)))
+            else:
+                exact = torch.where(used[..., None], exact, 0.0)
+                exact[..., 1].masked_fill_(rows == 0, 0.0)  # row 0 never counts in the first-token sum
+                target[c0:c1] += exact.sum(2)
+        self._note_block(width, kv)
+        return rest[0] if len(rest) == 1 else torch.cat(rest)
 
     def _flush(self, keep: int) -> None:
         while len(self._pending) > keep:
@@ -505,7 +585,7 @@ class DiagonalCapture:
             hits = np.argwhere(job.flags.numpy())
         if not len(hits):
             return
-        self.refined_rows += len(hits)
+        self._refined.append(len(hits))
         sm = job.softmax
         n, kv_len = job.q.shape[2], job.k.shape[2]
         block_of = hits[:, 2] // sm.step
@@ -562,15 +642,27 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
 
 
+_CUDNN_CHOICE: dict[tuple, bool] = {}
+
+
 def _sdpa_would_use_cudnn(q, k, v, bias, causal, scale) -> bool:
     """Whether scaled_dot_product_attention would pick cuDNN attention for these inputs (on
     Hopper GPUs its choice for half precision, about twice as fast as flash at long n): the
-    fast path then runs the same kernel as a plain forward pass."""
-    try:
-        choice = torch._fused_sdp_choice(q, k, v, bias, 0.0, causal, scale=scale, enable_gqa=True)
-        return int(choice) == int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
-    except (AttributeError, RuntimeError, TypeError):
-        return False
+    fast path then runs the same kernel as a plain forward pass. The choice depends only on
+    the inputs' layout, so it is asked once per layout (every layer of a forward shares one)."""
+    key = tuple((t.shape, t.stride(), t.dtype) if t is not None else None for t in (q, k, v, bias))
+    cuda = torch.backends.cuda
+    key += (q.device, causal, scale, cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(),
+            cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled())  # what sdpa_kernel() allows
+    if key not in _CUDNN_CHOICE:
+        try:
+            choice = torch._fused_sdp_choice(q, k, v, bias, 0.0, causal, scale=scale, enable_gqa=True)
+            _CUDNN_CHOICE[key] = int(choice) == int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
+        except (AttributeError, RuntimeError, TypeError):
+            _CUDNN_CHOICE[key] = False
+        if len(_CUDNN_CHOICE) > 4096:  # many distinct shapes (a corpus of lengths): start over
+            _CUDNN_CHOICE.clear()
+    return _CUDNN_CHOICE[key]
 
 
 def _padded_bias(bias: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -669,7 +761,8 @@ def _attention_with_lse(q, k, v, mask, causal, scale, softcap, pbias, capture, p
             out, lse, kind = _fused(q, k, v, None, causal, scale)
             note(f"fused-{dev}")
             note(f"kernel:{kind}")
-            return out, lse.to(stat_dtype(q)), None, _rows_per_block(capture, b * kv_len, n, q.device)
+            dt = stat_dtype(q)
+            return out, (lse if lse.dtype == dt else lse.to(dt)), None, _rows_per_block(capture, b * kv_len, n, q.device)
         except RuntimeError as e:
             fused_ok, reason = False, f"fused kernel failed on {dev} ({str(e).splitlines()[0][:160]})"
 
@@ -851,7 +944,8 @@ class HiddenMax:
         self._handles: list[Any] = []
 
     def _keep(self, index: int, h: torch.Tensor) -> None:
-        h = h.detach()
+        if h.requires_grad:
+            h = h.detach()
         self._held.append((index, h))
         self._held_bytes += h.numel() * h.element_size()
         budget = self.hold_bytes if self.hold_bytes is not None else (HOLD_BYTES_CUDA if h.is_cuda else HOLD_BYTES)
@@ -901,7 +995,8 @@ class HiddenMax:
         missing = [i for i, v in enumerate(self.values) if v is None]
         if missing:
             raise SheafscopeError(f"no max |h| for hidden-state streams {missing} (hooks did not fire, or final() not called)")
-        per_token = torch.stack([v.to(self.values[-1].dtype) for v in self.values], dim=1)  # (b, streams, n)
+        dt = self.values[-1].dtype
+        per_token = torch.stack([v if v.dtype == dt else v.to(dt) for v in self.values], dim=1)  # (b, streams, n)
         if self.valid is not None:
             per_token = torch.where(self.valid.to(per_token.device)[:, None], per_token, 0)
         return per_token.amax(dim=-1).double().cpu()
@@ -972,10 +1067,10 @@ def capture_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch
             HiddenMax(blocks, valid, capture_options.get("hold_bytes")) as hm:
         out = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hm.final(out[0])
-    if stats is not None:
-        stats.add(cap)
     off, sink = cap.masses(lengths)
     hidden = hm.result()
+    if stats is not None:  # after the results: its counts are read from the device
+        stats.add(cap)
     dtype = next(model.parameters()).dtype
     if not all(bool(torch.isfinite(t).all()) for t in (off, sink, hidden)):  # find the first culprit
         for layer in range(off.shape[1]):

@@ -7,17 +7,20 @@ tensor holds, float64, (batch, heads, n, 2):
     rows[..., i, 0] = 1 - A_ii = sum_{j != i} exp(s_ij - lse_i)
     rows[..., i, 1] = A_i0     = exp(s_i0 - lse_i)
 
-Three ways to get them, each a handful of tensor operations and none waiting for the device
+The ways to get them, each a handful of tensor operations and none waiting for the device
 (the callers in capture_fast.py choose):
 
   - `dense_rows`: exact, from one float64 score product and two log-sum-exps (with and
     without the diagonal). For small problems, where the product is cheaper than anything.
-  - `lse_rows`: from the fused kernel's lse and two row-wise dot products, O(n d). lse_i
-    carries an absolute rounding of ~eps * |lse_i|, which is a large relative error of
-    1 - A_ii once A_ii is near 1; rows with 1 - A_ii < REFINE_BELOW are returned flagged.
-  - `exact_rows`: the flagged rows, recomputed from float64 scores against their keys.
-    Which rows those are is planned on the host (numpy) from a copy of the flags, so the
-    caller can let the device run on and refine a layer later.
+  - `lse_rows`: from the fused kernel's lse and two row-wise dot products, O(n d) (on a GPU
+    with half-precision inputs, batched products that accumulate float32). lse_i carries an
+    absolute rounding of ~eps * |lse_i|, which is a large relative error of 1 - A_ii once
+    A_ii is near 1; rows with 1 - A_ii < REFINE_BELOW are returned flagged.
+  - `slot_rows`: the first few flagged rows of every head, recomputed from float64 scores
+    in fixed shapes (no host planning; the GPU route).
+  - `exact_rows`: the (remaining) flagged rows, recomputed from float64 scores against their
+    keys. Which rows those are is planned on the host (numpy) from a copy of the flags, so
+    the caller can let the device run on and refine a layer later.
 """
 
 from __future__ import annotations
@@ -83,28 +86,108 @@ def dense_rows(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scal
     """Exact rows (b, h, n, 2) from float64 scores of every query against every key.
 
     `bias`: the mask as an additive float64 tensor (0 / -inf), broadcastable to (b, h, n, kv),
-    or None for no mask. 1 - A_ii is exp(logsumexp_{j != i} s_ij - lse_i), relative-accurate
-    even where it is tiny. A row with no allowed key (padding) comes out NaN; callers never
-    read it.
+    or None for no mask. 1 - A_ii is the sum of the row's off-diagonal probabilities (not
+    1 minus the diagonal), relative-accurate even where it is tiny. A row with no allowed key
+    (padding) comes out NaN; callers never read it. One (b, h, n, kv) float64 tensor is
+    written by the product and updated in place, and one by the softmax: on a GPU this
+    product runs for 32 prompts x 32 layers at once, so passes over it are what it costs.
     """
     n_kv = k.shape[1]
     b, h, n, _ = q.shape
-    s = torch.matmul(grouped(q, n_kv).double(), k.double()[:, :, None].transpose(-1, -2))
-    s = _softcapped(s.view(b, h, n, -1).mul_(scale), softcap)
+    qg = grouped(q, n_kv).to(torch.float64, copy=True)  # a copy even of float64 queries: scaled in place
+    if softcap is None:  # the scale on the queries: no pass over the scores for it
+        qg.mul_(scale)
+    s = torch.matmul(qg, k.double()[:, :, None].transpose(-1, -2)).view(b, h, n, -1)
+    if softcap is not None:
+        s = _softcapped(s.mul_(scale), softcap)
     if pbias is not None:
-        s = s + pbias.double()
+        s.add_(pbias.double())
     if bias is not None:
-        s = s + bias
-    lse = torch.logsumexp(s, dim=-1)
-    first = s[..., 0] - lse
-    s.diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
-    off = torch.logsumexp(s, dim=-1).sub_(lse)
-    return torch.stack((off, first), dim=-1).exp_()
+        s.add_(bias)
+    p = torch.softmax(s, dim=-1)
+    del s
+    first = p[..., 0].clone()
+    p.diagonal(dim1=-2, dim2=-1).zero_()
+    return torch.stack((p.sum(-1), first), dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------
 # From the kernel's lse
 # ------------------------------------------------------------------------------------------------
+def _row_scores(q: torch.Tensor, k: torch.Tensor, step: int) -> torch.Tensor:
+    """(b, h, n, 2) unscaled s_ii and s_i0 in stat_dtype, by blocks of `step` rows."""
+    b, h, n, d = q.shape
+    n_kv = k.shape[1]
+    dt = stat_dtype(q)
+    scores = torch.empty(b, n_kv, h // n_kv, n, 2, dtype=dt, device=q.device)
+    k_first = k[:, :, None, :1].to(dt).transpose(-1, -2)  # (b, h_kv, 1, d, 1)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        qg = grouped(q[:, :, r0:r1], n_kv).to(dt)
+        scores[..., r0:r1, 0] = (qg * k[:, :, None, r0:r1].to(dt)).sum(-1)
+        scores[..., r0:r1, 1] = torch.matmul(qg, k_first)[..., 0]
+    return scores.view(b, h, n, 2)
+
+
+def _row_scores_half(q: torch.Tensor, k: torch.Tensor, step: int, bmm) -> torch.Tensor:
+    """`_row_scores` as batched products `bmm(a, b)` that return float32: one per (batch, KV
+    head) for s_i0 (every query row against key 0), one (g x d) @ (d x 1) product per
+    (batch, KV head, row) for s_ii, by blocks of `step` rows."""
+    b, h, n, d = q.shape
+    n_kv = k.shape[1]
+    g = h // n_kv
+    qg = grouped(q, n_kv)  # (b, h_kv, g, n, d)
+    out = torch.empty(b, n_kv, n, g, 2, dtype=torch.float32, device=q.device)
+    first = bmm(qg.reshape(b * n_kv, g * n, d), k[:, :, :1].reshape(b * n_kv, 1, d).transpose(1, 2))
+    out[..., 1] = first.view(b, n_kv, g, n).transpose(2, 3)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        rows = qg[:, :, :, r0:r1].permute(0, 1, 3, 2, 4).reshape(b * n_kv * (r1 - r0), g, d)
+        keys = k[:, :, r0:r1].reshape(b * n_kv * (r1 - r0), d, 1)
+        out[:, :, r0:r1, :, 0] = bmm(rows, keys).view(b, n_kv, r1 - r0, g)
+    return out.permute(0, 1, 3, 2, 4).reshape(b, h, n, 2)
+
+
+def _bmm_float32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(a, b, out_dtype=torch.float32)
+
+
+_HALF_BMM_OK: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def _half_bmm_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `bmm(..., out_dtype=float32)` exists here for `dtype` and gives the float32
+    path's numbers (to float32 accumulation) on a probe: checked once per device and dtype,
+    so that a kernel that rounded its output to half precision could never reach the results."""
+    key = (device, dtype)
+    if key not in _HALF_BMM_OK:
+        try:
+            gen = torch.Generator(device=device).manual_seed(0)
+            q = (torch.randn(2, 4, 96, 64, device=device, generator=gen) * 3).to(dtype)
+            k = (torch.randn(2, 2, 96, 64, device=device, generator=gen) * 3).to(dtype)
+            got = _row_scores_half(q, k, 40, _bmm_float32_out).double()
+            qd, kd = q.double(), k.double().repeat_interleave(2, dim=1)
+            terms = torch.stack((qd * kd, qd * kd[:, :, :1]), dim=-2)
+            bound = 64 * 2.0**-24 * terms.abs().sum(-1)
+            _HALF_BMM_OK[key] = bool(((got - terms.sum(-1)).abs() <= bound).all())
+        except (RuntimeError, TypeError):
+            _HALF_BMM_OK[key] = False
+    return _HALF_BMM_OK[key]
+
+
+def _row_scores_half_cuda(q: torch.Tensor, k: torch.Tensor, step: int) -> torch.Tensor | None:
+    """`_row_scores` for half-precision queries on a GPU, from products that read the
+    half-precision inputs once and accumulate and return float32: the same float32 numbers,
+    without `_row_scores`' float32 copies of q and k and its elementwise product (which made
+    the statistics cost a fifth of a 7B forward pass at 2k tokens). None where that product
+    is not available or fails its probe (`_half_bmm_ok`)."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or k.shape[2] != q.shape[2]:
+        return None
+    if not _half_bmm_ok(q.device, q.dtype):
+        return None
+    return _row_scores_half(q, k, step, _bmm_float32_out)
+
+
 def lse_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, point_bias: torch.Tensor | None,
              scale: float, softcap: float | None, pbias: torch.Tensor | None, chunk_rows: int | None,
              first_row_alone: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,17 +201,11 @@ def lse_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, point_bias: to
     key 0 (causal attention), so its row is exactly (0, 1).
     """
     b, h, n, d = q.shape
-    n_kv = k.shape[1]
-    dt = stat_dtype(q)
-    scores = torch.empty(b, n_kv, h // n_kv, n, 2, dtype=dt, device=q.device)
-    k_first = k[:, :, None, :1].to(dt).transpose(-1, -2)  # (b, h_kv, 1, d, 1)
     step = rows_per_block(chunk_rows, b * h * d, n, q.device)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        qg = grouped(q[:, :, r0:r1], n_kv).to(dt)
-        scores[..., r0:r1, 0] = (qg * k[:, :, None, r0:r1].to(dt)).sum(-1)
-        scores[..., r0:r1, 1] = torch.matmul(qg, k_first)[..., 0]
-    x = _softcapped(scores.view(b, h, n, 2).mul_(scale), softcap).double()
+    scores = _row_scores_half_cuda(q, k, step)
+    if scores is None:
+        scores = _row_scores(q, k, step)
+    x = _softcapped(scores.mul_(scale), softcap).double()
     if pbias is not None:
         x[..., 0] += pbias.diagonal(dim1=-2, dim2=-1).double()
         x[..., 1] += pbias[..., :, 0].double()
@@ -148,6 +225,48 @@ def lse_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, point_bias: to
 # ------------------------------------------------------------------------------------------------
 # Exact, for flagged rows
 # ------------------------------------------------------------------------------------------------
+def slot_rows(q: torch.Tensor, k: torch.Tensor, flags: torch.Tensor, width: int, mask: torch.Tensor | None,
+              causal: bool, scale: float, softcap: float | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact rows for the first `width` flagged rows of every head, in fixed shapes: no host
+    planning, nothing that waits for the device (the GPU route of the refinement).
+
+    q (B, h, n, d), k (B, h_kv, kv, d), flags (B, h, n) bool. `mask`: bool (True = attend) or
+    additive, (m, 1, n, kv) with B a multiple of m (layers stacked along the batch repeat the
+    mask), or None with `causal` for a causal mask, or neither. Returns rows (B, h, width): the
+    row index of each slot; used (B, h, width): whether the slot holds a flagged row; exact
+    (B, h, width, 2): (1 - A_ii, A_i0) of each slot's row (meaningless where not used); and
+    rest (B, h, n): the flagged rows beyond the first `width` of their head, left for
+    `exact_rows`. The products cost B x h x width x kv float64 scores and float64 keys.
+    """
+    b, h, n, d = q.shape
+    n_kv, kv = k.shape[1], k.shape[2]
+    width = min(width, n)
+    # The earliest flagged rows rank highest; unflagged rows rank 0 (topk returns distinct rows).
+    rank = torch.where(flags, torch.arange(n, 0, -1, device=q.device), 0)
+    top, rows = rank.topk(width, dim=-1, sorted=False)
+    used = top > 0
+    rest = flags & (flags.cumsum(-1, dtype=torch.int32) > width)
+    qs = q.gather(2, rows[..., None].expand(b, h, width, d)).double()
+    s = torch.matmul(grouped(qs, n_kv), k.double()[:, :, None].transpose(-1, -2)).view(b, h, width, kv)
+    s = _softcapped(s.mul_(scale), softcap)
+    cols = torch.arange(kv, device=q.device)
+    if mask is not None:
+        per_batch = (torch.arange(b, device=q.device) % mask.shape[0])[:, None, None]
+        m = mask[per_batch, 0, rows]  # (B, h, width, kv)
+        if m.dtype == torch.bool:
+            s.masked_fill_(~m, -math.inf)
+        else:
+            s.add_(m.double()).masked_fill_(m <= torch.finfo(m.dtype).min / 2, -math.inf)
+    elif causal:
+        s.masked_fill_(cols > rows[..., None], -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    first = s[..., 0] - lse
+    s.scatter_(-1, rows[..., None], -math.inf)
+    off = torch.logsumexp(s, dim=-1).sub_(lse)
+    return rows, used, torch.stack((off, first), dim=-1).exp_(), rest
+
+
 def plan_pieces(hits: np.ndarray, n_kv: int, groups: int, keys: int, d: int, budget: int) -> list[dict[str, np.ndarray]]:
     """Group flagged rows for batched products, on the host.
 
