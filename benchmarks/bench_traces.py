@@ -315,8 +315,12 @@ def interleaved(loaded, groups: list[list], repeats: int, max_seconds: float) ->
 def load(args):
     from sheafscope import load_model
 
-    overrides = {"max_position_embeddings": args.context} if args.context else None
-    return load_model(args.model, device=args.device, dtype=args.dtype, attention="fast", config_overrides=overrides)
+    overrides = {"max_position_embeddings": args.context} if args.context else {}
+    for item in filter(None, (getattr(args, "config", None) or "").split(",")):
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = int(value)
+    return load_model(args.model, device=args.device, dtype=args.dtype, attention="fast",
+                      config_overrides=overrides or None)
 
 
 def inputs_for(config: dict[str, Any], loaded, args) -> list[list]:
@@ -463,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="corpus batch for a and b (default: analyze's automatic 8 CPU / 32 GPU)")
     p.add_argument("--max-seconds", type=float, default=300.0, help="time budget per configuration")
     p.add_argument("--context", type=int, default=None, help="max_position_embeddings override for random twins (e.g. 65536)")
+    p.add_argument("--config", default=None, help="integer config overrides for random twins, e.g. hidden_size=256,head_dim=8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
                    help="a fresh subprocess per configuration (auto: on the CPU, where RSS is the memory measure)")

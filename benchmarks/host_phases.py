@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device")
     ap.add_argument("--dtype")
     ap.add_argument("--context", type=int)
+    ap.add_argument("--config", help="integer config overrides for random twins, e.g. hidden_size=256,head_dim=8")
     ap.add_argument("--configs", default="16,512,batch32")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)

@@ -325,7 +325,7 @@ class DiagonalCapture:
     hold_bytes: int | None = None
     refine_slots: int | None = None
     layer_of: dict[int, int] = field(default_factory=dict)
-    records: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> rows (b, h, n, 2) or sums (b, h, 2)
+    _recorded: dict[int, tuple[torch.Tensor, int, int]] = field(default_factory=dict)  # layer -> (record, i, b)
     kernels: Counter = field(default_factory=Counter)  # which computation ran, per attention call
     fallbacks: list[str] = field(default_factory=list)  # why a fused kernel was not used
     max_block: tuple[int, int] = (0, 0)  # largest (rows, key columns) block any chunked step built
@@ -350,7 +350,7 @@ class DiagonalCapture:
             raise SheafscopeError(
                 f"DiagonalCapture needs a model loaded with attn_implementation={FAST_ATTENTION!r} (got {impl!r})"
             )
-        self.records.clear()
+        self._recorded.clear()
         self._pending.clear()
         self._held.clear()
         self._held_bytes = 0
@@ -373,7 +373,14 @@ class DiagonalCapture:
     # -- results ------------------------------------------------------------------------------
     @property
     def n_layers(self) -> int:
-        return len(self.records)
+        return len(self._recorded)
+
+    @property
+    def records(self) -> dict[int, torch.Tensor]:
+        """layer -> its rows (b, h, n, 2), or its sums over valid rows (b, h, 2): views of the
+        records of the groups its layers were computed in (made on demand: a slice per layer
+        per forward pass is host time a short forward pass on a GPU notices)."""
+        return {layer: t[i * b:(i + 1) * b] for layer, (t, i, b) in sorted(self._recorded.items())}
 
     @property
     def refined_rows(self) -> int:
@@ -388,7 +395,7 @@ class DiagonalCapture:
 
     def _column(self, c: int) -> list[torch.Tensor]:
         self._finish()
-        return [self.records[k][..., c] for k in sorted(self.records)]
+        return [r[..., c] for r in self.records.values()]
 
     @property
     def off(self) -> list[torch.Tensor]:
@@ -402,14 +409,14 @@ class DiagonalCapture:
         """Per batch element: offdiag mass (b, layers, heads) = sum over its valid rows of
         1 - A_ii, and first-token mass (b, layers, heads) = mean over its rows 1..n-1 of A_i0."""
         self._finish()
-        layers = sorted(self.records)
+        layers = sorted(self._recorded)
         if layers != list(range(len(layers))):
             raise SheafscopeError(f"attention statistics were recorded for layers {layers}, not 0..{len(layers) - 1}")
         if len(self._groups) == 1 and self._groups[0][0] == layers:  # one group, all layers in order
             target = self._groups[0][1]
             sums = target.view(len(layers), -1, *target.shape[1:]).transpose(0, 1)
         else:
-            sums = torch.stack([self.records[k] for k in layers], dim=1)
+            sums = torch.stack(list(self.records.values()), dim=1)
         if self.keep_positions:
             n = sums.shape[-2]
             valid = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
@@ -426,7 +433,7 @@ class DiagonalCapture:
         if idx is None:
             idx = getattr(module, "layer_idx", None)
         if idx is None:  # a family without layer indices: number the calls in order
-            idx = len(self.records) + len(self._held)
+            idx = len(self._recorded) + len(self._held)
             self.layer_of[id(module)] = idx
         return int(idx)
 
@@ -449,7 +456,7 @@ class DiagonalCapture:
         they exceed the byte budget. On a GPU this is what keeps a short forward pass as cheap
         as a plain one: the per-layer cost is a list append, not kernel launches."""
         layer = self._layer(module)
-        if layer in self.records or any(h.layer == layer for h in self._held):
+        if layer in self._recorded or any(h.layer == layer for h in self._held):
             raise SheafscopeError(f"layer {layer} ran twice inside one DiagonalCapture; use one capture per forward pass")
         item = _LayerInputs(layer, q, k, lse, points, softmax)
         self._held.append(item)
@@ -525,7 +532,7 @@ class DiagonalCapture:
             per_layer = rows.view(count, b, *rows.shape[1:])
             target = torch.where(self._cache[key], per_layer, 0.0).sum(-2).view(count * b, *rows.shape[1:2], 2)
         for i, layer in enumerate(layers):
-            self.records[layer] = target[i * b:(i + 1) * b]
+            self._recorded[layer] = (target, i, b)
         self._groups.append((list(layers), target))
         return target
 

@@ -62,7 +62,7 @@ def grouped(q: torch.Tensor, n_kv: int) -> torch.Tensor:
 
 def stat_dtype(q: torch.Tensor) -> torch.dtype:
     """Scores and lse: float32 for float32 and half-precision models, float64 for float64."""
-    return torch.promote_types(q.dtype, torch.float32)
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
