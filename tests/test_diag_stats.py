@@ -115,3 +115,20 @@ def test_slots_take_the_first_flagged_rows_and_leave_the_rest():
             flagged = flags[b, h].nonzero()[:, 0].tolist()
             assert sorted(rows[b, h][used[b, h]].tolist()) == flagged[:3]
             assert rest[b, h].nonzero()[:, 0].tolist() == flagged[3:]
+
+
+def test_dense_rows_in_blocks_of_one_batch_element(monkeypatch):
+    """A budget of one batch element's float64 tensors: dense_rows runs element by element
+    (with a per-element bias) and still equals the reference."""
+    import sheafscope.diag_stats as ds
+
+    q, k = _inputs(4)
+    mask = _mask("padded")
+    bias = torch.zeros(mask.shape, dtype=torch.float64).masked_fill_(~mask, -math.inf)
+    want = _reference(q, k, mask, None)
+    monkeypatch.setattr(ds, "CPU_BLOCK_ELEMENTS", H * N * D + H_KV * N * D + 2 * H * N * N)
+    calls = []
+    block = ds._dense_rows_block
+    monkeypatch.setattr(ds, "_dense_rows_block", lambda q, *a: calls.append(q.shape[0]) or block(q, *a))
+    _assert_close(dense_rows(q, k, bias, SCALE, None, None), want)
+    assert calls == [1] * B

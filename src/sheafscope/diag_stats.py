@@ -86,12 +86,33 @@ def dense_rows(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scal
     """Exact rows (b, h, n, 2) from float64 scores of every query against every key.
 
     `bias`: the mask as an additive float64 tensor (0 / -inf), broadcastable to (b, h, n, kv),
-    or None for no mask. 1 - A_ii is the sum of the row's off-diagonal probabilities (not
-    1 minus the diagonal), relative-accurate even where it is tiny. A row with no allowed key
-    (padding) comes out NaN; callers never read it. One (b, h, n, kv) float64 tensor is
-    written by the product and updated in place, and one by the softmax: on a GPU this
-    product runs for 32 prompts x 32 layers at once, so passes over it are what it costs.
+    or None for no mask; `pbias` a position bias likewise. 1 - A_ii is the sum of the row's
+    off-diagonal probabilities (not 1 minus the diagonal), relative-accurate even where it is
+    tiny. A row with no allowed key (padding) comes out NaN; callers never read it.
+
+    Batch elements are taken a block at a time so that the float64 copies of queries and keys
+    and the two (rows, h, n, kv) float64 tensors stay within `block_elements` (on a GPU the
+    batch is 32 prompts times every layer, and queries alone, in float64, would be 4x the
+    half-precision inputs held for it).
     """
+    b, h, n, d = q.shape
+    n_kv, kv = k.shape[1], k.shape[2]
+    per_item = h * n * d + n_kv * kv * d + 2 * h * n * kv
+    step = max(1, block_elements(q.device) // per_item)
+    if step >= b:
+        return _dense_rows_block(q, k, bias, scale, softcap, pbias)
+    out = torch.empty(b, h, n, 2, dtype=torch.float64, device=q.device)
+    part = lambda t, c0, c1: t if t is None or t.shape[0] == 1 else t[c0:c1]  # noqa: E731
+    for c0 in range(0, b, step):
+        c1 = min(b, c0 + step)
+        out[c0:c1] = _dense_rows_block(q[c0:c1], k[c0:c1], part(bias, c0, c1), scale, softcap, part(pbias, c0, c1))
+    return out
+
+
+def _dense_rows_block(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                      softcap: float | None, pbias: torch.Tensor | None) -> torch.Tensor:
+    """`dense_rows` of one block. One (b, h, n, kv) float64 tensor is written by the product
+    and updated in place, and one by the softmax: passes over them are what this costs."""
     n_kv = k.shape[1]
     b, h, n, _ = q.shape
     qg = grouped(q, n_kv).to(torch.float64, copy=True)  # a copy even of float64 queries: scaled in place
