@@ -659,8 +659,11 @@ def _sdpa_would_use_cudnn(q, k, v, bias, causal, scale) -> bool:
     the inputs' layout, so it is asked once per layout (every layer of a forward shares one)."""
     key = tuple((t.shape, t.stride(), t.dtype) if t is not None else None for t in (q, k, v, bias))
     cuda = torch.backends.cuda
-    key += (q.device, causal, scale, cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(),
-            cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled())  # what sdpa_kernel() allows
+    try:  # what sdpa_kernel() allows changes the choice
+        key += (q.device, causal, scale, cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(),
+                cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled())
+    except AttributeError:  # a torch without cuDNN attention
+        return False
     if key not in _CUDNN_CHOICE:
         try:
             choice = torch._fused_sdp_choice(q, k, v, bias, 0.0, causal, scale=scale, enable_gqa=True)
