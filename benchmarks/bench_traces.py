@@ -513,7 +513,12 @@ def main(argv: list[str] | None = None) -> int:
             a_row = next((r for r in rows if r["n"] == config["n"] and r["method"] == "a"), None)
             if config["method"] == "b" and "median_s" in row and a_row and "median_s" in a_row and not isolate:
                 repeats = max(5, args.corpus_repeats) if config["n"] == "corpus" else max(args.repeats, 9)
-                row["interleaved"] = interleaved(loaded, inputs_for(config, loaded, args), repeats, args.max_seconds)
+                try:
+                    row["interleaved"] = interleaved(loaded, inputs_for(config, loaded, args), repeats, args.max_seconds)
+                except torch.OutOfMemoryError:
+                    row.setdefault("notes", []).append("interleaved timing skipped: out of GPU memory")
+                    gc.collect()
+                    torch.cuda.empty_cache()
             if "median_s" in row and config["n"] != "corpus":
                 last[config["method"]] = (config["n"], row["median_s"])
         rows.append(row)

@@ -134,8 +134,13 @@ def test_slot_refinement_in_layer_chunks(monkeypatch):
     per_layer = b * (kv_heads * n * d + heads * slots * n)  # float64 elements, see _refine_slots
     monkeypatch.setattr(ds, "REFINE_BELOW", 1.01)
     monkeypatch.setattr(ds, "CPU_BLOCK_ELEMENTS", 4 * per_layer + 4)
+    import sheafscope.capture_fast as cf
+
+    chunks, slot_rows = [], cf.slot_rows
+    monkeypatch.setattr(cf, "slot_rows", lambda q, *a: chunks.append(q.shape[0]) or slot_rows(q, *a))
     stats = BatchStats()
     got = capture_batch(fast, adapter_for(fast).blocks, prompts, stats, exact_below=0, refine_slots=slots)
+    assert chunks == [b] * layers  # one layer (b batch elements) per chunk
     assert stats.refined_rows == heads * layers * sum(m - 1 for m in lengths)
     for p, cap in zip(prompts, got):
         ref = capture_eager(eager, p, layers)
