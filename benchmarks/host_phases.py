@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_traces as bt  # noqa: E402
+import profile_fast_path as pf  # noqa: E402
 
 TOTALS: dict[str, float] = defaultdict(float)
 
@@ -68,21 +69,10 @@ def instrument() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device")
-    ap.add_argument("--dtype")
-    ap.add_argument("--context", type=int)
-    ap.add_argument("--config", help="integer config overrides for random twins, e.g. hidden_size=256,head_dim=8")
-    ap.add_argument("--configs", default="16,512,batch32")
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out")
+    pf.add_arguments(ap, repeats=15)
     args = ap.parse_args(argv)
 
-    import torch
-
     from sheafscope.restriction import norms_sq
-    import profile_fast_path as pf
 
     loaded = bt.load(args)
     instrument()

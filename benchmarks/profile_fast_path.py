@@ -78,18 +78,23 @@ def profiled(fn, device, top: int) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser, repeats: int) -> None:
+    """The model, configurations and output options this script shares with host_phases.py."""
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device")
     ap.add_argument("--dtype")
     ap.add_argument("--context", type=int)
     ap.add_argument("--config", help="integer config overrides for random twins, e.g. hidden_size=256,head_dim=8")
-    ap.add_argument("--configs", default="16,512,batch32")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--configs", default="16,512,batch32", help="prompt lengths, or batchN: one batch of N short prompts")
+    ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap, repeats=5)
+    ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
 
     from sheafscope.restriction import norms_sq
