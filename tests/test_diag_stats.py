@@ -102,6 +102,15 @@ def test_routes_equal_the_row_by_row_reference(mask_kind, softcap):
     planned[bb, hh, ii] = vals
     _assert_close(planned, want)
 
+    if mask is not None:  # the same mask as an additive float32 tensor, as some models pass it
+        additive = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+        rows, _, exact, _ = slot_rows(q, k, flags, N, additive, False, SCALE, softcap)
+        placed.scatter_(2, rows[..., None].expand(B, H, N, 2), exact)
+        _assert_close(placed, want)
+        (bb, hh, ii), vals = exact_rows(q, k, hits, 0, 0, N, additive, False, SCALE, softcap, None)
+        planned[bb, hh, ii] = vals
+        _assert_close(planned, want)
+
 
 def test_slots_take_the_first_flagged_rows_and_leave_the_rest():
     """With fewer slots than flagged rows, the slots hold each head's earliest flagged rows
