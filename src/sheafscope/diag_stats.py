@@ -217,7 +217,8 @@ def lse_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, point_bias: to
     A_i0 too, which from lse carries the same absolute error).
 
     s_ii and s_i0 are row-wise dot products in float32 (float64 for float64 models), by blocks
-    of rows so that temporaries stay O(block x d). `point_bias` (b | 1, 1, n, 2) float64: the
+    of rows so that temporaries stay O(block x d); on a GPU, half-precision inputs go through
+    float32-accumulating batched products instead (`_row_scores_half_cuda`). `point_bias` (b | 1, 1, n, 2) float64: the
     mask's additive value at (i, i) and (i, 0), or None. `first_row_alone`: row 0 sees only
     key 0 (causal attention), so its row is exactly (0, 1).
     """
