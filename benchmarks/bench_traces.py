@@ -99,18 +99,13 @@ def _sync(device) -> None:
 def run_plain(loaded, groups: list[list], norm_sq) -> None:
     import torch
 
-    from sheafscope.capture_fast import FAST_ATTENTION  # noqa: F401  (registration)
+    from sheafscope.capture_fast import padded_batch
 
     model = loaded.model
     with torch.no_grad():
         for group in groups:
             # padded as capture_batch pads, so that a and b differ only in what b adds
-            lengths = [p.shape[1] for p in group]
-            n = max(lengths)
-            ids = group[0] if len(group) == 1 else torch.nn.utils.rnn.pad_sequence([p[0] for p in group], batch_first=True)
-            mask = None
-            if min(lengths) != n:
-                mask = (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).to(loaded.device).long()
+            ids, _, mask = padded_batch(group)
             model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
 
 

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from sheafscope.diag_stats import (
+    allowed,
     block_elements,
     dense_rows,
     exact_rows,
@@ -198,14 +199,10 @@ def _mask_block(mask: Any, q0: int, q1: int) -> torch.Tensor:
     return mask[:, :, q0:q1]
 
 
-def _allowed(block: torch.Tensor) -> torch.Tensor:
-    return block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min / 2
-
-
 def _key_range(mask: Any, q0: int, q1: int, block: torch.Tensor) -> tuple[int, int]:
     if isinstance(mask, LazyMask):
         return mask.key_range(q0, q1, block)
-    idx = _allowed(block).any(dim=2).any(dim=1).any(dim=0).nonzero()
+    idx = allowed(block).any(dim=2).any(dim=1).any(dim=0).nonzero()
     return (int(idx[0]), int(idx[-1]) + 1) if idx.numel() else (0, block.shape[-1])
 
 
@@ -325,7 +322,6 @@ class DiagonalCapture:
     hold_bytes: int | None = None
     refine_slots: int | None = None
     layer_of: dict[int, int] = field(default_factory=dict)
-    _recorded: dict[int, tuple[torch.Tensor, int, int]] = field(default_factory=dict)  # layer -> (record, i, b)
     kernels: Counter = field(default_factory=Counter)  # which computation ran, per attention call
     fallbacks: list[str] = field(default_factory=list)  # why a fused kernel was not used
     max_block: tuple[int, int] = (0, 0)  # largest (rows, key columns) block any chunked step built
@@ -335,7 +331,9 @@ class DiagonalCapture:
     _held_bytes: int = 0
     _valid_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
     _cache: dict[Any, Any] = field(default_factory=dict)  # per forward: weights, dense mask biases
-    _groups: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)  # (layers, record) per group
+    # (layers, record, b) per group of layers computed together: layer layers[i]'s record is
+    # record[i * b:(i + 1) * b]
+    _groups: list[tuple[list[int], torch.Tensor, int]] = field(default_factory=list)
     _token: Any = None
 
     def __post_init__(self) -> None:
@@ -350,7 +348,6 @@ class DiagonalCapture:
             raise SheafscopeError(
                 f"DiagonalCapture needs a model loaded with attn_implementation={FAST_ATTENTION!r} (got {impl!r})"
             )
-        self._recorded.clear()
         self._pending.clear()
         self._held.clear()
         self._held_bytes = 0
@@ -373,14 +370,15 @@ class DiagonalCapture:
     # -- results ------------------------------------------------------------------------------
     @property
     def n_layers(self) -> int:
-        return len(self._recorded)
+        return sum(len(layers) for layers, _, _ in self._groups)
 
     @property
     def records(self) -> dict[int, torch.Tensor]:
         """layer -> its rows (b, h, n, 2), or its sums over valid rows (b, h, 2): views of the
         records of the groups its layers were computed in (made on demand: a slice per layer
         per forward pass is host time a short forward pass on a GPU notices)."""
-        return {layer: t[i * b:(i + 1) * b] for layer, (t, i, b) in sorted(self._recorded.items())}
+        views = {layer: t[i * b:(i + 1) * b] for layers, t, b in self._groups for i, layer in enumerate(layers)}
+        return dict(sorted(views.items()))
 
     @property
     def refined_rows(self) -> int:
@@ -409,7 +407,7 @@ class DiagonalCapture:
         """Per batch element: offdiag mass (b, layers, heads) = sum over its valid rows of
         1 - A_ii, and first-token mass (b, layers, heads) = mean over its rows 1..n-1 of A_i0."""
         self._finish()
-        layers = sorted(self._recorded)
+        layers = sorted(layer for group, _, _ in self._groups for layer in group)
         if layers != list(range(len(layers))):
             raise SheafscopeError(f"attention statistics were recorded for layers {layers}, not 0..{len(layers) - 1}")
         if len(self._groups) == 1 and self._groups[0][0] == layers:  # one group, all layers in order
@@ -433,7 +431,7 @@ class DiagonalCapture:
         if idx is None:
             idx = getattr(module, "layer_idx", None)
         if idx is None:  # a family without layer indices: number the calls in order
-            idx = len(self._recorded) + len(self._held)
+            idx = self.n_layers + len(self._held)
             self.layer_of[id(module)] = idx
         return int(idx)
 
@@ -456,7 +454,7 @@ class DiagonalCapture:
         they exceed the byte budget. On a GPU this is what keeps a short forward pass as cheap
         as a plain one: the per-layer cost is a list append, not kernel launches."""
         layer = self._layer(module)
-        if layer in self._recorded or any(h.layer == layer for h in self._held):
+        if any(layer in group for group, _, _ in self._groups) or any(h.layer == layer for h in self._held):
             raise SheafscopeError(f"layer {layer} ran twice inside one DiagonalCapture; use one capture per forward pass")
         item = _LayerInputs(layer, q, k, lse, points, softmax)
         self._held.append(item)
@@ -531,9 +529,7 @@ class DiagonalCapture:
             # then reports only what valid rows produced).
             per_layer = rows.view(count, b, *rows.shape[1:])
             target = torch.where(self._cache[key], per_layer, 0.0).sum(-2).view(count * b, *rows.shape[1:2], 2)
-        for i, layer in enumerate(layers):
-            self._recorded[layer] = (target, i, b)
-        self._groups.append((list(layers), target))
+        self._groups.append((list(layers), target, b))
         return target
 
     def _refine_slots(self, q: torch.Tensor, k: torch.Tensor, flags: torch.Tensor, sm: _Softmax,
@@ -1051,6 +1047,20 @@ class BatchStats:
         self.fallbacks.extend(f for f in cap.fallbacks if f not in self.fallbacks)
 
 
+def padded_batch(prompts: list[torch.Tensor], pad_id: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Prompts (each (1, n_i) token ids on one device) as a right-padded batch: input ids
+    (b, n), which positions are valid (b, n) bool, and the attention mask to pass (None when
+    nothing is padded: exactly the call a single prompt gets, and sdpa's is_causal)."""
+    lengths = [int(p.shape[1]) for p in prompts]
+    n = max(lengths)
+    input_ids = prompts[0] if len(prompts) == 1 else torch.nn.utils.rnn.pad_sequence(
+        [p[0] for p in prompts], batch_first=True, padding_value=pad_id)
+    # built on the host, sent once: a device-side comparison per batch would be launches
+    valid = (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).to(prompts[0].device)
+    return input_ids, valid, None if min(lengths) == n else valid.long()
+
+
 @torch.no_grad()
 def capture_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.Tensor],
                   stats: BatchStats | None = None, pad_id: int = 0, **capture_options: Any):
@@ -1064,14 +1074,8 @@ def capture_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch
     from sheafscope.capture_eager import PromptCapture, check_finite
 
     lengths = [int(p.shape[1]) for p in prompts]
-    n, b = max(lengths), len(prompts)
-    device = prompts[0].device
-    input_ids = prompts[0] if b == 1 else torch.nn.utils.rnn.pad_sequence(
-        [p[0] for p in prompts], batch_first=True, padding_value=pad_id)
-    valid_host = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
-    valid = valid_host.to(device)
-    # No mask when nothing is padded: exactly the call a single prompt gets (and sdpa's is_causal).
-    attention_mask = None if min(lengths) == n else valid.long()
+    b = len(prompts)
+    input_ids, valid, attention_mask = padded_batch(prompts, pad_id)
     trunk = getattr(model, "base_model", model)
     with DiagonalCapture(model, valid=valid, keep_positions=False, **capture_options) as cap, \
             HiddenMax(blocks, valid, capture_options.get("hold_bytes")) as hm:

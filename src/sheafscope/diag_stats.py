@@ -10,8 +10,9 @@ tensor holds, float64, (batch, heads, n, 2):
 The ways to get them, each a handful of tensor operations and none waiting for the device
 (the callers in capture_fast.py choose):
 
-  - `dense_rows`: exact, from one float64 score product and two log-sum-exps (with and
-    without the diagonal). For small problems, where the product is cheaper than anything.
+  - `dense_rows`: exact, from one float64 score product and a softmax (1 - A_ii as the sum
+    of the off-diagonal probabilities). For small problems, where the product is cheaper
+    than anything.
   - `lse_rows`: from the fused kernel's lse and two row-wise dot products, O(n d) (on a GPU
     with half-precision inputs, batched products that accumulate float32). lse_i carries an
     absolute rounding of ~eps * |lse_i|, which is a large relative error of 1 - A_ii once
@@ -76,6 +77,19 @@ def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def _softcapped(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return s if softcap is None else torch.tanh(s / softcap) * softcap
+
+
+def allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Which entries a mask lets through: a bool mask (True = attend) as it is, an additive
+    one where it is above half its dtype's minimum (masked entries hold the minimum or -inf)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def _masked(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """float64 scores s with a bool or additive mask applied in place: -inf where masked."""
+    if mask.dtype != torch.bool:
+        s.add_(mask.double())
+    return s.masked_fill_(~allowed(mask), -math.inf)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,8 +232,8 @@ def lse_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, point_bias: to
 
     s_ii and s_i0 are row-wise dot products in float32 (float64 for float64 models), by blocks
     of rows so that temporaries stay O(block x d); on a GPU, half-precision inputs go through
-    float32-accumulating batched products instead (`_row_scores_half_cuda`). `point_bias` (b | 1, 1, n, 2) float64: the
-    mask's additive value at (i, i) and (i, 0), or None. `first_row_alone`: row 0 sees only
+    float32-accumulating batched products instead (`_row_scores_half_cuda`). `point_bias`
+    (b | 1, 1, n, 2) float64: the mask's additive value at (i, i) and (i, 0), or None. `first_row_alone`: row 0 sees only
     key 0 (causal attention), so its row is exactly (0, 1).
     """
     b, h, n, d = q.shape
@@ -275,11 +289,7 @@ def slot_rows(q: torch.Tensor, k: torch.Tensor, flags: torch.Tensor, width: int,
     cols = torch.arange(kv, device=q.device)
     if mask is not None:
         per_batch = (torch.arange(b, device=q.device) % mask.shape[0])[:, None, None]
-        m = mask[per_batch, 0, rows]  # (B, h, width, kv)
-        if m.dtype == torch.bool:
-            s.masked_fill_(~m, -math.inf)
-        else:
-            s.add_(m.double()).masked_fill_(m <= torch.finfo(m.dtype).min / 2, -math.inf)
+        _masked(s, mask[per_batch, 0, rows])  # the mask rows: (B, h, width, kv)
     elif causal:
         s.masked_fill_(cols > rows[..., None], -math.inf)
     lse = torch.logsumexp(s, dim=-1)
@@ -367,11 +377,7 @@ def exact_rows(q: torch.Tensor, k: torch.Tensor, hits: np.ndarray, q0: int, k0: 
             sc = sc + pbias[bb % pbias.shape[0], hh if pbias.shape[1] > 1 else 0, ii, k0:k1].double()
         cols = torch.arange(k0, k1, device=q.device)
         if block is not None:
-            rows = block[bb % block.shape[0], 0, ii - q0]  # bb may index layers stacked along the batch
-            if rows.dtype == torch.bool:
-                sc = sc.masked_fill_(~rows, -math.inf)
-            else:
-                sc = sc.add_(rows.double()).masked_fill_(rows <= torch.finfo(rows.dtype).min / 2, -math.inf)
+            sc = _masked(sc, block[bb % block.shape[0], 0, ii - q0])  # bb may index layers stacked along the batch
         elif causal:
             sc = sc.masked_fill_(cols > ii[:, None], -math.inf)
         lse = torch.logsumexp(sc, dim=-1)
