@@ -141,3 +141,62 @@ def test_dense_rows_in_blocks_of_one_batch_element(monkeypatch):
     monkeypatch.setattr(ds, "_dense_rows_block", lambda q, *a: calls.append(q.shape[0]) or block(q, *a))
     _assert_close(dense_rows(q, k, bias, SCALE, None, None), want)
     assert calls == [1] * B
+
+
+def _float32_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """What `half_products` computes on a GPU, on the CPU: bfloat16 -> float32 is exact, and so
+    are the products of two bfloat16 values; the sums are float32."""
+    return torch.bmm(a.float(), b.float())
+
+
+def _check_half_routes(q: torch.Tensor, k: torch.Tensor, mask_kind: str) -> None:
+    """Slot and dense rows of bfloat16 q, k (on their device) against the float64 reference of
+    the same values, to the scores' float32 rounding."""
+    mask = _mask(mask_kind)
+    want = _reference(q.cpu(), k.cpu(), mask, None)
+    tiny = want[..., 0][~np.isnan(want[..., 0])]
+    assert tiny.min() < 1e-12
+    # a score's rounding: d * eps32 * scale * sum_j |q_j k_j|; a ratio of sums of exponentials
+    # of scores carries at most twice that, relative, on each side
+    qd, kd = q.cpu().double(), k.cpu().double().repeat_interleave(H // H_KV, dim=1)
+    tol = 4 * float(D * 2.0**-24 * SCALE * (qd.abs() @ kd.abs().transpose(-1, -2)).max())
+    dev = q.device
+    flags = torch.from_numpy(~np.isnan(want[..., 0])).to(dev)
+    rows, used, exact, _ = slot_rows(q, k, flags, N, mask.to(dev), False, SCALE, None)
+    placed = torch.full((B, H, N, 2), math.nan, dtype=torch.float64, device=dev)
+    placed.scatter_(2, rows[..., None].expand(B, H, N, 2), exact)
+    bias = torch.zeros(mask.shape, dtype=torch.float64).masked_fill_(~mask, -math.inf).to(dev)
+    for got in (placed, dense_rows(q, k, bias, SCALE, None, None)):
+        got = got.cpu().numpy()
+        keep = ~np.isnan(want)
+        rel = np.abs(got[keep] - want[keep]) / np.abs(want[keep]).clip(1e-300)
+        assert rel.max() <= tol, (rel.max(), tol)
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "padded"])
+def test_half_precision_routes_are_float32_sums_of_exact_products(monkeypatch, mask_kind):
+    """The slot and dense routes as a GPU runs them for half-precision models (score products
+    from `half_products`, emulated): every row equals the float64 reference of the same
+    bfloat16 inputs up to the scores' float32 rounding, 1 - A_ii down to 1e-20 included."""
+    import sheafscope.diag_stats as ds
+
+    calls = []
+
+    def products(a, b):
+        calls.append(a.shape)
+        return torch.bmm(a.float(), b.float())  # bfloat16 -> float32 and their products are exact
+
+    monkeypatch.setattr(ds, "half_products", lambda q: products if q.dtype == torch.bfloat16 else None)
+    _check_half_routes(*(t.to(torch.bfloat16) for t in _inputs(4)), mask_kind)
+    assert len(calls) == 2  # one product per route: the emulated GPU products ran
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mask_kind", ["causal", "padded"])
+def test_cuda_half_precision_routes(mask_kind):
+    """The same on a GPU, with the real float32-output products."""
+    from sheafscope.diag_stats import half_products
+
+    q, k = (t.to("cuda", torch.bfloat16) for t in _inputs(4))
+    assert half_products(q) is not None
+    _check_half_routes(q, k, mask_kind)

@@ -470,16 +470,22 @@ def _exact_row_scores(q, k):
     return terms.sum(-1), q.shape[-1] * 2.0**-24 * terms.abs().sum(-1)
 
 
-def test_half_row_scores_layout():
-    """The GPU route of s_ii and s_i0 (batched products per KV head and per row, three row
-    blocks, grouped heads), with its float32-output product emulated on the CPU: exact
-    products of bfloat16 values summed in float32 (bfloat16 -> float32 is exact)."""
-    from sheafscope.diag_stats import _row_scores_half
+@pytest.mark.parametrize("model_layout", [True, False])
+def test_half_row_scores_layout(monkeypatch, model_layout):
+    """The GPU route of s_ii and s_i0 (batched products per (batch, row, KV head) and per
+    batch element, grouped heads, one batch element per call), with its float32-output
+    product emulated on the CPU: exact products of bfloat16 values summed in float32
+    (bfloat16 -> float32 is exact). Both memory layouts: (b, n, h, d), as models make q and
+    k and capture_fast stacks them, and (b, h, n, d)."""
+    import sheafscope.diag_stats as ds
 
+    monkeypatch.setattr(ds, "ROW_PRODUCTS", 300 * 2)  # n * h_kv: one batch element per call
     g = torch.Generator().manual_seed(0)
     q = (torch.randn(3, 8, 300, 64, generator=g) * 3).to(torch.bfloat16)
     k = (torch.randn(3, 2, 300, 64, generator=g) * 3).to(torch.bfloat16)
-    got = _row_scores_half(q, k, 128, lambda a, b: torch.bmm(a.float(), b.float()))
+    if model_layout:
+        q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
+    got = ds._row_scores_half(q, k, lambda a, b: torch.bmm(a.float(), b.float()))
     want, bound = _exact_row_scores(q, k)
     assert got.dtype == torch.float32 and got.shape == (3, 8, 300, 2)
     assert ((got.double() - want).abs() <= bound).all()
@@ -488,7 +494,7 @@ def test_half_row_scores_layout():
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_half_row_scores_are_float32_sums_of_exact_products(dtype):
-    """s_ii and s_i0 of half-precision q and k (grouped heads, three row blocks), from the
+    """s_ii and s_i0 of half-precision q and k (grouped heads, the model's memory layout), from the
     float32-accumulating batched products, equal the float64 dot products up to float32
     accumulation (d * eps32 * sum |q_j k_j|), as the float32 elementwise path does."""
     from sheafscope.diag_stats import _row_scores, _row_scores_half_cuda
@@ -496,8 +502,26 @@ def test_cuda_half_row_scores_are_float32_sums_of_exact_products(dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
     q = (torch.randn(3, 8, 300, 64, device="cuda", generator=g) * 3).to(dtype)
     k = (torch.randn(3, 2, 300, 64, device="cuda", generator=g) * 3).to(dtype)
-    got = _row_scores_half_cuda(q, k, step=128)
+    q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
+    got = _row_scores_half_cuda(q, k)
     assert got is not None and got.dtype == torch.float32 and got.shape == (3, 8, 300, 2)
     want, bound = _exact_row_scores(q, k)
     for scores in (got, _row_scores(q, k, 128)):
         assert ((scores.double() - want).abs() <= bound).all()
+
+
+def test_a_second_forward_inside_one_capture_is_refused():
+    """Two forward passes inside one DiagonalCapture would record each layer twice: the
+    second raises, naming the fix. A new capture then works (the layer index cache is copied,
+    not shared)."""
+    from sheafscope.errors import SheafscopeError
+
+    model = build_tiny("llama", attn_implementation=FAST_ATTENTION)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad(), pytest.raises(SheafscopeError, match="one capture per forward pass"):
+        with DiagonalCapture(model) as cap:
+            model(ids)
+            model(ids)
+    with torch.no_grad(), DiagonalCapture(model) as cap:
+        model(ids)
+    assert sorted(cap.records) == list(range(model.config.num_hidden_layers))

@@ -46,8 +46,9 @@ same attention outputs as with sdpa; statistics are recorded only inside a `Diag
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
+import weakref
 from collections import Counter
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -334,6 +335,7 @@ class DiagonalCapture:
     # (layers, record, b) per group of layers computed together: layer layers[i]'s record is
     # record[i * b:(i + 1) * b]
     _groups: list[tuple[list[int], torch.Tensor, int]] = field(default_factory=list)
+    _seen: set[int] = field(default_factory=set)  # layers held or computed in this forward pass
     _token: Any = None
 
     def __post_init__(self) -> None:
@@ -353,6 +355,7 @@ class DiagonalCapture:
         self._held_bytes = 0
         self._cache.clear()
         self._groups = []
+        self._seen = set()
         self._refined = []
         self._valid_device = {}
         self._token = _ACTIVE.set(self)
@@ -454,8 +457,9 @@ class DiagonalCapture:
         they exceed the byte budget. On a GPU this is what keeps a short forward pass as cheap
         as a plain one: the per-layer cost is a list append, not kernel launches."""
         layer = self._layer(module)
-        if any(layer in group for group, _, _ in self._groups) or any(h.layer == layer for h in self._held):
+        if layer in self._seen:
             raise SheafscopeError(f"layer {layer} ran twice inside one DiagonalCapture; use one capture per forward pass")
+        self._seen.add(layer)
         item = _LayerInputs(layer, q, k, lse, points, softmax)
         self._held.append(item)
         self._held_bytes += item.nbytes
@@ -488,8 +492,8 @@ class DiagonalCapture:
         the flags travel to the host asynchronously and are read a group later."""
         first, count = items[0], len(items)
         b, n, kv_len = first.q.shape[0], first.q.shape[2], first.k.shape[2]
-        q = first.q if count == 1 else torch.cat([i.q for i in items])
-        k = first.k if count == 1 else torch.cat([i.k for i in items])
+        q = first.q if count == 1 else _stacked([i.q for i in items])
+        k = first.k if count == 1 else _stacked([i.k for i in items])
         sm = dataclasses.replace(first.softmax, pbias=_tile(first.softmax.pbias, count))
         if first.lse is None:
             bias = _tile(_dense_bias(self, sm.mask, sm.causal, n, kv_len, q.device), count)
@@ -605,6 +609,16 @@ class DiagonalCapture:
                 job.target.index_put_((bb, hh), rows, accumulate=True)
 
 
+def _stacked(layers: list[torch.Tensor]) -> torch.Tensor:
+    """Held (b, h, n, d) tensors of several layers along the batch, in the memory layout they
+    came in: models make q and k as (b, n, h, d) memory seen as (b, h, n, d), which a plain
+    cat would transpose on the way (twice the time), and in which the half-precision row
+    scores read them without copies (diag_stats._row_scores_half)."""
+    if layers[0].transpose(1, 2).is_contiguous():
+        return torch.cat([t.transpose(1, 2) for t in layers]).transpose(1, 2)
+    return torch.cat(layers)
+
+
 def _tile(t: torch.Tensor | None, count: int) -> torch.Tensor | None:
     """A per-batch tensor (b | 1, ...) for `count` layers stacked along the batch."""
     if t is None or count == 1 or t.shape[0] == 1:
@@ -612,16 +626,23 @@ def _tile(t: torch.Tensor | None, count: int) -> torch.Tensor | None:
     return t.repeat(count, *([1] * (t.ndim - 1)))
 
 
+_LAYER_INDICES: "weakref.WeakKeyDictionary[nn.Module, dict[int, int]]" = weakref.WeakKeyDictionary()
+
+
 def attention_layer_indices(model: nn.Module) -> dict[int, int]:
     """id(attention module) -> layer index, from the model's adapter (the layer numbering the
-    rest of sheafscope uses); empty if no adapter knows the model."""
-    try:
-        from sheafscope.adapters import adapter_for
+    rest of sheafscope uses); empty if no adapter knows the model. Found once per model (an
+    adapter per capture is host time a short forward pass on a GPU notices); a copy is
+    returned, so that callers may add to it."""
+    if model not in _LAYER_INDICES:
+        try:
+            from sheafscope.adapters import adapter_for
 
-        adapter = adapter_for(model)
-    except Exception:
-        return {}
-    return {id(adapter.attention(layer)): layer for layer in range(adapter.geometry.n_layers)}
+            adapter = adapter_for(model)
+            _LAYER_INDICES[model] = {id(adapter.attention(layer)): layer for layer in range(adapter.geometry.n_layers)}
+        except Exception:
+            _LAYER_INDICES[model] = {}
+    return dict(_LAYER_INDICES[model])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -689,18 +710,18 @@ def _fused_cuda(q, k, v, bias, causal, scale):
         bias = _padded_bias(bias, q)
     if _sdpa_would_use_cudnn(q, k, v, bias, causal, scale):
         try:
-            res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, causal, False,
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention.default(q, k, v, bias, True, 0.0, causal, False,
                                                                      scale=scale)
             return res[0], res[1].reshape(q.shape[:3]), "cudnn"
         except RuntimeError:
             pass  # not for these shapes after all: the next kernel
     if bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
         try:
-            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+            res = torch.ops.aten._scaled_dot_product_flash_attention.default(q, k, v, 0.0, causal, False, scale=scale)
             return res[0], res[1], "flash"
         except RuntimeError:
             pass  # flash unavailable for this shape/GPU: memory-efficient attention below
-    res = torch.ops.aten._scaled_dot_product_efficient_attention(
+    res = torch.ops.aten._scaled_dot_product_efficient_attention.default(
         q, _repeat_kv(k, groups), _repeat_kv(v, groups), bias, True, 0.0, causal, scale=scale)
     return res[0], res[1][..., : q.shape[2]], "efficient"
 

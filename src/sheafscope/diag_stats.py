@@ -10,23 +10,30 @@ tensor holds, float64, (batch, heads, n, 2):
 The ways to get them, each a handful of tensor operations and none waiting for the device
 (the callers in capture_fast.py choose):
 
-  - `dense_rows`: exact, from one float64 score product and a softmax (1 - A_ii as the sum
+  - `dense_rows`: exact, from one score product and a float64 softmax (1 - A_ii as the sum
     of the off-diagonal probabilities). For small problems, where the product is cheaper
     than anything.
   - `lse_rows`: from the fused kernel's lse and two row-wise dot products, O(n d) (on a GPU
     with half-precision inputs, batched products that accumulate float32). lse_i carries an
     absolute rounding of ~eps * |lse_i|, which is a large relative error of 1 - A_ii once
     A_ii is near 1; rows with 1 - A_ii < REFINE_BELOW are returned flagged.
-  - `slot_rows`: the first few flagged rows of every head, recomputed from float64 scores
-    in fixed shapes (no host planning; the GPU route).
+  - `slot_rows`: the first few flagged rows of every head, recomputed from their scores
+    against every key in fixed shapes (no host planning; the GPU route).
   - `exact_rows`: the (remaining) flagged rows, recomputed from float64 scores against their
     keys. Which rows those are is planned on the host (numpy) from a copy of the flags, so
     the caller can let the device run on and refine a layer later.
+
+The score products of `dense_rows` and `slot_rows` are float64 (float64 copies of q and k),
+except for half-precision models on a GPU (`half_products`): there they are the exact
+products of the half-precision inputs summed in float32, as the lse route's s_ii. A score's
+rounding, at most d * eps32 * scale * sum_j |q_j k_j| (typically ~1e-6), is then the
+relative error of 1 - A_ii however small it is; everything after the product is float64.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +47,10 @@ REFINE_BELOW = 0.5
 # keeps each mask block near 256 MiB).
 CPU_BLOCK_ELEMENTS = 1 << 24
 CUDA_BLOCK_ELEMENTS = 1 << 27
+# (batch, row, KV head) products per batched call of the half-precision row scores: whole
+# batch elements (stacked layers) up to this many, so that one call serves a short forward
+# pass and the products' batch count stays moderate on long ones.
+ROW_PRODUCTS = 1 << 22
 
 _CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -127,14 +138,20 @@ def _dense_rows_block(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | Non
                       softcap: float | None, pbias: torch.Tensor | None) -> torch.Tensor:
     """`dense_rows` of one block. One (b, h, n, kv) float64 tensor is written by the product
     and updated in place, and one by the softmax: passes over them are what this costs."""
-    n_kv = k.shape[1]
-    b, h, n, _ = q.shape
-    qg = grouped(q, n_kv).to(torch.float64, copy=True)  # a copy even of float64 queries: scaled in place
-    if softcap is None:  # the scale on the queries: no pass over the scores for it
-        qg.mul_(scale)
-    s = torch.matmul(qg, k.double()[:, :, None].transpose(-1, -2)).view(b, h, n, -1)
-    if softcap is not None:
+    n_kv, kv = k.shape[1], k.shape[2]
+    b, h, n, d = q.shape
+    bmm = half_products(q)
+    if bmm is not None:  # float32 sums of exact products, as the slot route's scores
+        qg = grouped(q, n_kv).reshape(b * n_kv, h // n_kv * n, d)
+        s = bmm(qg, k.reshape(b * n_kv, kv, d).transpose(1, 2)).view(b, h, n, kv).double()
         s = _softcapped(s.mul_(scale), softcap)
+    else:
+        qg = grouped(q, n_kv).to(torch.float64, copy=True)  # a copy even of float64 queries: scaled in place
+        if softcap is None:  # the scale on the queries: no pass over the scores for it
+            qg.mul_(scale)
+        s = torch.matmul(qg, k.double()[:, :, None].transpose(-1, -2)).view(b, h, n, -1)
+        if softcap is not None:
+            s = _softcapped(s.mul_(scale), softcap)
     if pbias is not None:
         s.add_(pbias.double())
     if bias is not None:
@@ -164,23 +181,30 @@ def _row_scores(q: torch.Tensor, k: torch.Tensor, step: int) -> torch.Tensor:
     return scores.view(b, h, n, 2)
 
 
-def _row_scores_half(q: torch.Tensor, k: torch.Tensor, step: int, bmm) -> torch.Tensor:
-    """`_row_scores` as batched products `bmm(a, b)` that return float32: one per (batch, KV
-    head) for s_i0 (every query row against key 0), one (g x d) @ (d x 1) product per
-    (batch, KV head, row) for s_ii, by blocks of `step` rows."""
+def _row_scores_half(q: torch.Tensor, k: torch.Tensor, bmm) -> torch.Tensor:
+    """`_row_scores` as batched products `bmm(a, b)` that return float32, (b, h, n, 2).
+
+    The products read q and k in the layout the model makes them, (b, n, h, d) memory (as
+    `capture_fast` stacks held layers; other layouts are copied to it first): there, for
+    each (batch, row, KV head), the g query heads sharing the KV head are one contiguous
+    (g, d) matrix, so s_ii is one batched (g x d) @ (d x 1) product with no permuted copy
+    of q; s_i0 is one (n h x d) @ (d x h_kv) product per batch element (every query against
+    key 0 of every KV head, which costs what one does: the product reads q once), of which
+    each head keeps its own KV head's column. Batch elements go ROW_PRODUCTS rows at a time.
+    """
     b, h, n, d = q.shape
     n_kv = k.shape[1]
     g = h // n_kv
-    qg = grouped(q, n_kv)  # (b, h_kv, g, n, d)
-    out = torch.empty(b, n_kv, n, g, 2, dtype=torch.float32, device=q.device)
-    first = bmm(qg.reshape(b * n_kv, g * n, d), k[:, :, :1].reshape(b * n_kv, 1, d).transpose(1, 2))
-    out[..., 1] = first.view(b, n_kv, g, n).transpose(2, 3)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        rows = qg[:, :, :, r0:r1].permute(0, 1, 3, 2, 4).reshape(b * n_kv * (r1 - r0), g, d)
-        keys = k[:, :, r0:r1].reshape(b * n_kv * (r1 - r0), d, 1)
-        out[:, :, r0:r1, :, 0] = bmm(rows, keys).view(b, n_kv, r1 - r0, g)
-    return out.permute(0, 1, 3, 2, 4).reshape(b, h, n, 2)
+    qn, kn = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()  # no copy in the model's layout
+    out = torch.empty(b, n, h, 2, dtype=torch.float32, device=q.device)
+    per = max(1, ROW_PRODUCTS // (n * n_kv))
+    for c0 in range(0, b, per):
+        c1 = min(b, c0 + per)
+        c, qc, kc = c1 - c0, qn[c0:c1], kn[c0:c1]
+        out[c0:c1, ..., 0] = bmm(qc.reshape(c * n * n_kv, g, d), kc.reshape(c * n * n_kv, d, 1)).view(c, n, h)
+        first = bmm(qc.reshape(c, n * h, d), kc[:, 0].transpose(1, 2)).view(c, n, n_kv, g, n_kv)
+        out[c0:c1, ..., 1] = first.diagonal(dim1=2, dim2=4).transpose(-1, -2).reshape(c, n, h)
+    return out.transpose(1, 2)
 
 
 def _bmm_float32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -200,7 +224,7 @@ def _half_bmm_ok(device: torch.device, dtype: torch.dtype) -> bool:
             gen = torch.Generator(device=device).manual_seed(0)
             q = (torch.randn(2, 4, 96, 64, device=device, generator=gen) * 3).to(dtype)
             k = (torch.randn(2, 2, 96, 64, device=device, generator=gen) * 3).to(dtype)
-            got = _row_scores_half(q, k, 40, _bmm_float32_out).double()
+            got = _row_scores_half(q, k, _bmm_float32_out).double()
             qd, kd = q.double(), k.double().repeat_interleave(2, dim=1)
             terms = torch.stack((qd * kd, qd * kd[:, :, :1]), dim=-2)
             bound = 64 * 2.0**-24 * terms.abs().sum(-1)
@@ -210,17 +234,27 @@ def _half_bmm_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return _HALF_BMM_OK[key]
 
 
-def _row_scores_half_cuda(q: torch.Tensor, k: torch.Tensor, step: int) -> torch.Tensor | None:
-    """`_row_scores` for half-precision queries on a GPU, from products that read the
-    half-precision inputs once and accumulate and return float32: the same float32 numbers,
-    without `_row_scores`' float32 copies of q and k and its elementwise product (which made
-    the statistics cost a fifth of a 7B forward pass at 2k tokens). None where that product
-    is not available or fails its probe (`_half_bmm_ok`)."""
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or k.shape[2] != q.shape[2]:
+def half_products(q: torch.Tensor) -> Any:
+    """`bmm(a, b)` returning float32 for half-precision tensors on a GPU (it reads the half
+    precision inputs once, multiplies exactly and sums in float32), where it exists and passes
+    its probe (`_half_bmm_ok`); else None. The score products of the lse and slot routes use it
+    instead of float32 or float64 copies of q and k: the same float32 numbers as the float32
+    path for s_ii and s_i0, and for the slot route scores whose rounding (d * eps32 * sum of
+    |q_j k_j|, relative) is that of the lse route's unflagged rows."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or not _half_bmm_ok(q.device, q.dtype):
         return None
-    if not _half_bmm_ok(q.device, q.dtype):
+    return _bmm_float32_out
+
+
+def _row_scores_half_cuda(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """`_row_scores` for half-precision queries on a GPU, from `half_products`: the same float32
+    numbers, without `_row_scores`' float32 copies of q and k and its elementwise product
+    (which made the statistics cost a fifth of a 7B forward pass at 2k tokens). None where
+    that product is not available."""
+    bmm = half_products(q)
+    if bmm is None or k.shape[2] != q.shape[2]:
         return None
-    return _row_scores_half(q, k, step, _bmm_float32_out)
+    return _row_scores_half(q, k, bmm)
 
 
 def lse_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, point_bias: torch.Tensor | None,
@@ -238,10 +272,10 @@ def lse_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, point_bias: to
     """
     b, h, n, d = q.shape
     step = rows_per_block(chunk_rows, b * h * d, n, q.device)
-    scores = _row_scores_half_cuda(q, k, step)
+    scores = _row_scores_half_cuda(q, k)
     if scores is None:
         scores = _row_scores(q, k, step)
-    x = _softcapped(scores.mul_(scale), softcap).double()
+    x = _softcapped(scores.mul_(scale), softcap).to(torch.float64, memory_format=torch.contiguous_format)
     if pbias is not None:
         x[..., 0] += pbias.diagonal(dim1=-2, dim2=-1).double()
         x[..., 1] += pbias[..., :, 0].double()
@@ -273,7 +307,8 @@ def slot_rows(q: torch.Tensor, k: torch.Tensor, flags: torch.Tensor, width: int,
     row index of each slot; used (B, h, width): whether the slot holds a flagged row; exact
     (B, h, width, 2): (1 - A_ii, A_i0) of each slot's row (meaningless where not used); and
     rest (B, h, n): the flagged rows beyond the first `width` of their head, left for
-    `exact_rows`. The products cost B x h x width x kv float64 scores and float64 keys.
+    `exact_rows`. The products cost B x h x width x kv float64 scores, and float64 keys
+    (half precision on a GPU: float32 scores from `half_products`, no float64 keys).
     """
     b, h, n, d = q.shape
     n_kv, kv = k.shape[1], k.shape[2]
@@ -283,20 +318,36 @@ def slot_rows(q: torch.Tensor, k: torch.Tensor, flags: torch.Tensor, width: int,
     top, rows = rank.topk(width, dim=-1, sorted=False)
     used = top > 0
     rest = flags & (flags.cumsum(-1, dtype=torch.int32) > width)
-    qs = q.gather(2, rows[..., None].expand(b, h, width, d)).double()
-    s = torch.matmul(grouped(qs, n_kv), k.double()[:, :, None].transpose(-1, -2)).view(b, h, width, kv)
-    s = _softcapped(s.mul_(scale), softcap)
+    qs = q.gather(2, rows[..., None].expand(b, h, width, d))
+    s = _slot_scores(qs, k, half_products(q)).mul_(scale)
+    s = _softcapped(s, softcap)
     cols = torch.arange(kv, device=q.device)
     if mask is not None:
         per_batch = (torch.arange(b, device=q.device) % mask.shape[0])[:, None, None]
         _masked(s, mask[per_batch, 0, rows])  # the mask rows: (B, h, width, kv)
     elif causal:
         s.masked_fill_(cols > rows[..., None], -math.inf)
-    lse = torch.logsumexp(s, dim=-1)
-    first = s[..., 0] - lse
-    s.scatter_(-1, rows[..., None], -math.inf)
-    off = torch.logsumexp(s, dim=-1).sub_(lse)
-    return rows, used, torch.stack((off, first), dim=-1).exp_(), rest
+    # Probabilities up to the row's normaliser: 1 - A_ii is the sum of the off-diagonal ones
+    # over the sum of all, both sums of positive terms (no cancellation however small).
+    p = s.sub_(s.amax(-1, keepdim=True)).exp_()
+    first = p[..., 0].clone()
+    diag = p.gather(-1, rows[..., None])[..., 0]
+    off = p.scatter_(-1, rows[..., None], 0.0).sum(-1)
+    total = off + diag
+    return rows, used, torch.stack((off / total, first / total), dim=-1), rest
+
+
+def _slot_scores(qs: torch.Tensor, k: torch.Tensor, bmm) -> torch.Tensor:
+    """Unscaled float64 scores (B, h, width, kv) of the slot rows qs (B, h, width, d) against
+    every key: a float64 product, or with `bmm` (`half_products`) float32 sums of the exact
+    products of half-precision inputs (no float64 copy of the keys, and no float64 product:
+    together most of this route's time on a GPU)."""
+    b, h, width, d = qs.shape
+    n_kv, kv = k.shape[1], k.shape[2]
+    if bmm is None:
+        return torch.matmul(grouped(qs.double(), n_kv), k.double()[:, :, None].transpose(-1, -2)).view(b, h, width, kv)
+    s = bmm(grouped(qs, n_kv).reshape(b * n_kv, h // n_kv * width, d), k.reshape(b * n_kv, kv, d).transpose(1, 2))
+    return s.view(b, h, width, kv).double()
 
 
 def plan_pieces(hits: np.ndarray, n_kv: int, groups: int, keys: int, d: int, budget: int) -> list[dict[str, np.ndarray]]:

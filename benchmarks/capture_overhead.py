@@ -1,0 +1,88 @@
+"""What each part of the fast path adds to a forward pass, variants timed round-robin (one of
+each in turn, so that a drifting machine shifts them alike), wall clock with a device sync:
+
+    a            the plain forward of the trunk with sdpa attention
+    fn           the trunk with sheafscope's attention function, no capture active
+    fn+hidden    ... plus HiddenMax's hooks (max |h| per stream)
+    fn+capture   ... plus a DiagonalCapture holding the layers' inputs (statistics not computed)
+    capture      ... both, and the statistics computed (capture_batch without the results)
+    b            capture_batch and prompt_result, as bench_traces.py's method b
+
+    python benchmarks/capture_overhead.py --model random:mistral-7b --dtype bfloat16 --configs 16,512
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_traces as bt  # noqa: E402
+import profile_fast_path as pf  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pf.add_arguments(ap, repeats=30)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from sheafscope.capture_fast import DiagonalCapture, HiddenMax, padded_batch
+    from sheafscope.restriction import norms_sq
+
+    loaded = bt.load(args)
+    norm_sq = norms_sq(loaded.adapter).numpy()
+    model, blocks, device = loaded.model, loaded.adapter.blocks, loaded.device
+    rows = []
+    for config in [c for c in args.configs.split(",") if c]:
+        groups = pf.groups_for(config, loaded, args.seed)
+        batch = [padded_batch(g) for g in groups]
+
+        def trunk(capture: bool, hidden: bool, finish: bool = False):
+            with torch.no_grad():
+                for (ids, valid, mask) in batch:
+                    with (DiagonalCapture(model, valid=valid, keep_positions=False) if capture else contextlib.nullcontext()) as cap, \
+                         (HiddenMax(blocks, valid) if hidden else contextlib.nullcontext()):
+                        if cap is not None and not finish:
+                            cap._finish = lambda: None  # the statistics are not computed
+                        model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+        variants = {
+            "a": ("sdpa", lambda: bt.run_plain(loaded, groups, norm_sq)),
+            "fn": ("fast", lambda: trunk(False, False)),
+            "fn+hidden": ("fast", lambda: trunk(False, True)),
+            "fn+capture": ("fast", lambda: trunk(True, False)),
+            "capture": ("fast", lambda: trunk(True, True, finish=True)),
+            "b": ("fast", lambda: bt.run_fast(loaded, groups, norm_sq)),
+        }
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for rep in range(args.repeats + 2):
+            for name, (path, fn) in variants.items():
+                bt.set_path(loaded, path)
+                bt._sync(device)
+                t = time.perf_counter()
+                fn()
+                bt._sync(device)
+                if rep >= 2:  # two rounds of warm-up
+                    times[name].append(time.perf_counter() - t)
+        row = {"config": config, "median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()}}
+        rows.append(row)
+        base = row["median_ms"]["a"]
+        print(f"\n=== {config} (median ms over {args.repeats} rounds)")
+        for k, ms in row["median_ms"].items():
+            print(f"  {k:12s} {ms:8.2f}  {ms - base:+7.2f}  x{ms / base:.3f}")
+        sys.stdout.flush()
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "environment": bt.environment(loaded), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
