@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_round.sh lengths   # a, b, c, d at 16..65536 tokens (~4 min)
 #   bash benchmarks/gpu_round.sh corpus    # a, b, d on the 1,000-prompt corpus (~5 min)
 #   bash benchmarks/gpu_round.sh profile   # host phases and torch.profiler tables (~2 min)
+#   bash benchmarks/gpu_round.sh parts     # device time per statistics step, host cost per capture part (~2 min)
 #
 # The random twin needs a tokenizer, not a download: SHEAFSCOPE_TWIN_TOKENIZER names a folder
 # with tokenizer files (here .gpu/tok, MiniLM's, copied from the offline package; the
@@ -42,7 +43,11 @@ for part in "$@"; do
       python benchmarks/profile_fast_path.py "${TWIN[@]}" --configs 16,512,2048,batch32 --top 25 \
         --out "$OUT/profile.json" > "$OUT/profile.txt" 2>&1
       grep "===" "$OUT/profile.txt" ;;
+    parts)
+      python benchmarks/stats_kernels.py --lengths 512,2048,8192 --out "$OUT/stats_kernels.json"
+      python benchmarks/capture_overhead.py "${TWIN[@]}" --configs 16,512,2048,batch32 --repeats 20 \
+        --out "$OUT/overhead.json" | grep -v Loading ;;
     *)
-      echo "unknown part '$part' (tok, tests, ab, lengths, corpus, profile)" >&2; exit 2 ;;
+      echo "unknown part '$part' (tok, tests, ab, lengths, corpus, profile, parts)" >&2; exit 2 ;;
   esac
 done
