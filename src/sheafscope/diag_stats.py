@@ -311,7 +311,7 @@ def slot_rows(q: torch.Tensor, k: torch.Tensor, flags: torch.Tensor, width: int,
     (half precision on a GPU: float32 scores from `half_products`, no float64 keys).
     """
     b, h, n, d = q.shape
-    n_kv, kv = k.shape[1], k.shape[2]
+    kv = k.shape[2]
     width = min(width, n)
     # The earliest flagged rows rank highest; unflagged rows rank 0 (topk returns distinct rows).
     rank = torch.where(flags, torch.arange(n, 0, -1, device=q.device), 0)
