@@ -20,10 +20,12 @@ ever built:
 Precision. lse_i carries an absolute rounding of about eps * |lse_i|, so 1 - A_ii from it has
 a relative error of eps * |lse_i| / (1 - A_ii): fine where A_ii <= 1/2 (eager's own float error
 is eps * |s|), noise where a head attends to itself and 1 - A_ii is tiny. Rows with A_ii > 1/2
-(a few percent on pretrained models) are therefore recomputed exactly from float64 scores.
-Small problems (short prompts, a batch of them) skip the lse route and get exact float64
-statistics for every row from one dense product (`DENSE_EXACT_ELEMENTS`). The arithmetic of
-all three is in diag_stats.py.
+(a few percent on pretrained models) are therefore recomputed exactly from their scores.
+Small problems (short prompts, a batch of them) skip the lse route and get exact statistics
+for every row from one dense product (`DENSE_EXACT_ELEMENTS`). Those scores are float64,
+except for half-precision models on a GPU, where they are float32 sums of the exact products
+of the half-precision inputs (a relative error of ~d * eps32 on 1 - A_ii, however small).
+The arithmetic of all three is in diag_stats.py.
 
 Each attention call only holds its queries, keys and lse; the statistics of the held layers
 are computed together (stacked along the batch) at the end of the forward pass, or whenever
@@ -78,7 +80,7 @@ FAST_ATTENTION = "sheafscope"
 SMALL_MASK_ELEMENTS = 1 << 22
 # Rows per fused call when a mask is given (see _attention_with_lse).
 FUSED_MASK_ROWS = 2048
-# A block of query rows this small (batch x heads x rows x keys) gets exact float64 statistics
+# A block of query rows this small (batch x heads x rows x keys) gets exact statistics
 # for all its rows in one dense product: short prompts never take the lse route at all.
 DENSE_EXACT_ELEMENTS = 1 << 18
 # On a GPU: a batch of 32 prompts of up to 45 tokens of a 7B model (32 x 32 heads x 45 x 45)
@@ -301,8 +303,8 @@ class DiagonalCapture:
     valid rows (`masses` then gives per-prompt numbers), so memory stays O(layers x heads).
     `kernel`: "auto" (fused kernels where they apply), or "chunked" (the torch fallback
     everywhere, for tests). `chunk_rows` fixes the rows per block of chunked steps.
-    `exact_below`: problems (batch x heads x rows x keys) up to this size get exact float64
-    statistics from one dense product instead of the lse route (0: always the lse route;
+    `exact_below`: problems (batch x heads x rows x keys) up to this size get exact
+    statistics from one dense product (diag_stats.dense_rows) instead of the lse route (0: always the lse route;
     None: DENSE_EXACT_ELEMENTS, or DENSE_EXACT_ELEMENTS_CUDA on a GPU). `hold_bytes`: queries
     and keys of up to this many bytes are held and the statistics of all held layers computed
     together, in a few operations instead of a few dozen per layer (None: HOLD_BYTES or
