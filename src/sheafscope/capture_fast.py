@@ -612,11 +612,12 @@ class DiagonalCapture:
 
 
 def _stacked(layers: list[torch.Tensor]) -> torch.Tensor:
-    """Held (b, h, n, d) tensors of several layers along the batch, in the memory layout they
-    came in: models make q and k as (b, n, h, d) memory seen as (b, h, n, d), which a plain
-    cat would transpose on the way (twice the time), and in which the half-precision row
-    scores read them without copies (diag_stats._row_scores_half)."""
-    if layers[0].transpose(1, 2).is_contiguous():
+    """Held (b, h, n, d) tensors of several layers along the batch. On a GPU in the memory
+    layout they came in: models make q and k as (b, n, h, d) memory seen as (b, h, n, d),
+    which a plain cat would transpose on the way (twice the time there), and in which the
+    half-precision row scores read them without copies (diag_stats._row_scores_half). On the
+    CPU as a plain cat: the float32 row scores there were measured on that layout."""
+    if layers[0].is_cuda and layers[0].transpose(1, 2).is_contiguous():
         return torch.cat([t.transpose(1, 2) for t in layers]).transpose(1, 2)
     return torch.cat(layers)
 
