@@ -69,40 +69,6 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(out)
 
 
-def attention_calls(n, h, n_kv, d, dev, dt, calls=32):
-    """Host and device ms of `calls` attention calls: F.sdpa (a plain forward) vs the fast
-    path's fused call that returns lse (capture_fast._fused_cuda)."""
-    import time
-
-    from sheafscope.capture_fast import _fused_cuda
-
-    q = torch.randn(1, n, h, d, device=dev, dtype=dt).transpose(1, 2)
-    k = torch.randn(1, n, n_kv, d, device=dev, dtype=dt).transpose(1, 2)
-    v = torch.randn(1, n, n_kv, d, device=dev, dtype=dt).transpose(1, 2)
-    fns = {
-        "F.sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-        "fused_cuda": lambda: _fused_cuda(q, k, v, None, True, d**-0.5),
-    }
-    out = {}
-    for name, fn in fns.items():
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        hosts, devs = [], []
-        for _ in range(10):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            t = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            hosts.append((time.perf_counter() - t) * 1e3)
-            b.record()
-            b.synchronize()
-            devs.append(a.elapsed_time(b))
-        out[name] = {"host_ms": statistics.median(hosts), "device_ms": statistics.median(devs)}
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="512,2048,8192")
@@ -157,13 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             except (RuntimeError, TypeError) as e:
                 row["ms"][name] = None
                 print(f"  {name}: {str(e).splitlines()[0][:120]}", file=sys.stderr)
-        row["attention_calls"] = attention_calls(n, h, n_kv, d, dev, dt) if dev.type == "cuda" else {}
         rows_out.append(row)
         print(f"\n=== n={n}, {layers} layers stacked (device ms, median of {args.repeats})")
         for name, ms in row["ms"].items():
             print(f"  {name:20s} {'-' if ms is None else f'{ms:8.3f}'}")
-        for name, t in row["attention_calls"].items():
-            print(f"  32 x {name:12s} host {t['host_ms']:7.3f} ms  device {t['device_ms']:7.3f} ms")
         del qs, ks, q, k
         torch.cuda.empty_cache()
     if args.dense_n:
