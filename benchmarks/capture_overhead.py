@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -79,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, ms in row["median_ms"].items():
             print(f"  {k:12s} {ms:8.2f}  {ms - base:+7.2f}  x{ms / base:.3f}")
         sys.stdout.flush()
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "environment": bt.environment(loaded), "rows": rows}, indent=1))
+    pf.write_rows(args.out, args, loaded, rows)
     return 0
 
 

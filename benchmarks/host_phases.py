@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import sys
 import time
@@ -114,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in sorted(set(row["a"]) | set(row["b"])):
             print(f"  {k:28s} a {row['a'].get(k, 0) * 1e3:8.2f}   b {row['b'].get(k, 0) * 1e3:8.2f}")
         sys.stdout.flush()
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "environment": bt.environment(loaded), "rows": rows}, indent=1))
+    pf.write_rows(args.out, args, loaded, rows)
     return 0
 
 

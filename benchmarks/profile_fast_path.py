@@ -91,6 +91,13 @@ def add_arguments(ap: argparse.ArgumentParser, repeats: int) -> None:
     ap.add_argument("--out")
 
 
+def write_rows(out: str | None, args: argparse.Namespace, loaded, rows: list) -> None:
+    """The JSON file this script, host_phases.py and capture_overhead.py write: their
+    arguments, the machine and model (bench_traces.environment) and their rows."""
+    if out:
+        Path(out).write_text(json.dumps({"args": vars(args), "environment": bt.environment(loaded), "rows": rows}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap, repeats=5)
@@ -121,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(b["table"], flush=True)
         if b["device_table"]:
             print("a, by device time:\n" + a["device_table"] + "\nb, by device time:\n" + b["device_table"], flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "environment": bt.environment(loaded), "rows": rows}, indent=1))
+    write_rows(args.out, args, loaded, rows)
     return 0
 
 
