@@ -5,8 +5,9 @@ On one model and the same token ids, four methods:
 
   a  plain forward: the transformer trunk (model.base_model, no LM head) with sdpa attention;
   b  sheafscope fast path, analysis level: what `analyze` does per batch of prompts
-     (capture_batch: forward with the diagonal capture and residual maxima, NaN checks; then
-     prompt_result per prompt; ||W_V||^2, once per model, is computed before timing);
+     (launch_batch: forward with the diagonal capture and residual maxima; the next batch is
+     launched before this one's result() (NaN checks) and prompt_result per prompt, as analyze
+     pipelines them; ||W_V||^2, once per model, is computed before timing);
   c  sheafscope eager reference path (capture_eager, one prompt at a time, then prompt_result);
   d  the notebooks' method (notebook 000, re-implemented): eager attention with
      output_attentions and output_hidden_states, one prompt at a time, and for every prompt and
@@ -114,12 +115,17 @@ FAST_STATS: dict[str, Any] = {}  # what the fast path ran in the last run_fast
 
 def run_fast(loaded, groups: list[list], norm_sq) -> None:
     from sheafscope.analysis import prompt_result
-    from sheafscope.capture_fast import BatchStats, capture_batch
+    from sheafscope.capture_fast import BatchStats, launch_batch
 
     stats = BatchStats()
-    for group in groups:
-        for cap in capture_batch(loaded.model, loaded.adapter.blocks, group, stats):
-            prompt_result("", cap, False, norm_sq)
+    pending = None
+    # as analysis._capture_fast_all: batch i + 1 is launched before batch i is collected
+    for group in [*groups, None]:
+        launched = None if group is None else launch_batch(loaded.model, loaded.adapter.blocks, group)
+        if pending is not None:
+            for cap in pending.result(stats):
+                prompt_result("", cap, False, norm_sq)
+        pending = launched
     FAST_STATS.update(kernels=dict(stats.kernels), fallbacks=stats.fallbacks)
 
 

@@ -1,9 +1,14 @@
 """What each part of the fast path adds to a forward pass, variants timed round-robin (one of
-each in turn, so that a drifting machine shifts them alike), wall clock with a device sync:
+each in turn, so that a drifting machine shifts them alike), wall clock with a device sync
+(and the host time before that sync: a forward whose host time is its wall time is host-bound):
 
     a            the plain forward of the trunk with sdpa attention
     fn           the trunk with sheafscope's attention function, no capture active
     fn+hidden    ... plus HiddenMax's hooks (max |h| per stream)
+    fn+route     ... plus a DiagonalCapture whose attention calls run (the lse route's fused
+                 kernel, or sdpa for short prompts) but hold nothing
+    fn+route/fa  ... the same with flash attention where cuDNN would run (the lse route's kernel
+                 choice: what a host-bound forward pays for cuDNN's launch)
     fn+capture   ... plus a DiagonalCapture holding the layers' inputs (statistics not computed)
     capture      ... both, and the statistics computed (capture_batch without the results)
     b            capture_batch and prompt_result, as bench_traces.py's method b
@@ -18,6 +23,7 @@ import contextlib
 import statistics
 import sys
 import time
+from unittest import mock
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from sheafscope import capture_fast as cf
     from sheafscope.capture_fast import DiagonalCapture, HiddenMax, padded_batch
     from sheafscope.restriction import norms_sq
 
@@ -44,39 +51,48 @@ def main(argv: list[str] | None = None) -> int:
         groups = pf.groups_for(config, loaded, args.seed)
         batch = [padded_batch(g) for g in groups]
 
-        def trunk(capture: bool, hidden: bool, finish: bool = False):
-            with torch.no_grad():
+        def trunk(capture: bool, hidden: bool, finish: bool = False, hold: bool = True, flash: bool = False):
+            with torch.no_grad(), (mock.patch.object(cf, "_sdpa_would_use_cudnn", lambda *a: False) if flash
+                                   else contextlib.nullcontext()):
                 for (ids, valid, mask) in batch:
                     with (DiagonalCapture(model, valid=valid, keep_positions=False) if capture else contextlib.nullcontext()) as cap, \
                          (HiddenMax(blocks, valid) if hidden else contextlib.nullcontext()):
                         if cap is not None and not finish:
                             cap._finish = lambda: None  # the statistics are not computed
+                        if cap is not None and not hold:
+                            cap._hold = lambda *a: None
                         model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
 
         variants = {
             "a": ("sdpa", lambda: bt.run_plain(loaded, groups, norm_sq)),
             "fn": ("fast", lambda: trunk(False, False)),
             "fn+hidden": ("fast", lambda: trunk(False, True)),
+            "fn+route": ("fast", lambda: trunk(True, False, hold=False)),
+            "fn+route/fa": ("fast", lambda: trunk(True, False, hold=False, flash=True)),
             "fn+capture": ("fast", lambda: trunk(True, False)),
             "capture": ("fast", lambda: trunk(True, True, finish=True)),
             "b": ("fast", lambda: bt.run_fast(loaded, groups, norm_sq)),
         }
         times: dict[str, list[float]] = {k: [] for k in variants}
+        host: dict[str, list[float]] = {k: [] for k in variants}
         for rep in range(args.repeats + 2):
             for name, (path, fn) in variants.items():
                 bt.set_path(loaded, path)
                 bt._sync(device)
                 t = time.perf_counter()
                 fn()
+                t_host = time.perf_counter()
                 bt._sync(device)
                 if rep >= 2:  # two rounds of warm-up
                     times[name].append(time.perf_counter() - t)
-        row = {"config": config, "median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()}}
+                    host[name].append(t_host - t)
+        row = {"config": config, "median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+               "host_median_ms": {k: statistics.median(v) * 1e3 for k, v in host.items()}}
         rows.append(row)
         base = row["median_ms"]["a"]
-        print(f"\n=== {config} (median ms over {args.repeats} rounds)")
+        print(f"\n=== {config} (median ms over {args.repeats} rounds; wall, over a, ratio, host before the sync)")
         for k, ms in row["median_ms"].items():
-            print(f"  {k:12s} {ms:8.2f}  {ms - base:+7.2f}  x{ms / base:.3f}")
+            print(f"  {k:12s} {ms:8.2f}  {ms - base:+7.2f}  x{ms / base:.3f}  host {row['host_median_ms'][k]:8.2f}")
         sys.stdout.flush()
     pf.write_rows(args.out, args, loaded, rows)
     return 0

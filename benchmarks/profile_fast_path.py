@@ -63,6 +63,13 @@ def profiled(fn, device, top: int) -> dict[str, Any]:
     syncs = [e for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")]
     copies = [e for e in events if e.name.startswith("cudaMemcpy") and "Async" not in e.name]
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    ops: dict[str, list[float]] = {}  # top-level aten op -> [calls, host us including children]
+    for e in aten:
+        entry = ops.setdefault(e.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.cpu_time_total
+    launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
+                                                    "cudaMemcpyAsync", "cudaMemsetAsync", "cudaGraphLaunch"))
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
     device_table = (prof.key_averages().table(sort_by="self_device_time_total", row_limit=top)
                     if device.type == "cuda" else "")
@@ -70,12 +77,27 @@ def profiled(fn, device, top: int) -> dict[str, Any]:
         "gpu_kernel_s": gpu_us / 1e6,
         "gpu_kernels": len(kernels),
         "aten_ops": len(aten),
+        "launches": launches,
+        "ops": ops,
         "syncs": len(syncs),
         "sync_s": sum(e.cpu_time for e in syncs) / 1e6,
         "blocking_copies": len(copies),
         "table": table,
         "device_table": device_table,
     }
+
+
+def op_difference(a_ops: dict[str, list[float]], b_ops: dict[str, list[float]], limit: int = 30) -> str:
+    """The top-level ops b calls more often than a: name, extra calls, b's host time in them."""
+    extra = []
+    for name, (calls, us) in b_ops.items():
+        more = calls - a_ops.get(name, [0, 0.0])[0]
+        if more > 0:
+            extra.append((us * more / calls, more, name))
+    extra.sort(reverse=True)
+    lines = [f"ops b calls more often than a ({sum(m for _, m, _ in extra)} calls):"]
+    lines += [f"  {name:48s} +{more:4d}  {us / 1e3:7.2f} ms host" for us, more, name in extra[:limit]]
+    return "\n".join(lines)
 
 
 def add_arguments(ap: argparse.ArgumentParser, repeats: int) -> None:
@@ -122,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         a, b = row["a"], row["b"]
         print(f"\n=== {config}: a {a['median_s'] * 1e3:.1f} ms (gpu {a['gpu_kernel_s'] * 1e3:.1f} ms, {a['aten_ops']} ops, "
-              f"{a['syncs']} syncs)  b {b['median_s'] * 1e3:.1f} ms (gpu {b['gpu_kernel_s'] * 1e3:.1f} ms, "
-              f"{b['aten_ops']} ops, {b['syncs']} syncs, {b['sync_s'] * 1e3:.1f} ms in syncs, "
+              f"{a['launches']} launches, {a['syncs']} syncs)  b {b['median_s'] * 1e3:.1f} ms (gpu {b['gpu_kernel_s'] * 1e3:.1f} ms, "
+              f"{b['aten_ops']} ops, {b['launches']} launches, {b['syncs']} syncs, {b['sync_s'] * 1e3:.1f} ms in syncs, "
               f"{b['blocking_copies']} blocking copies)  b/a {row['b/a']:.2f}", flush=True)
+        print(op_difference(a["ops"], b["ops"]), flush=True)
         print(b["table"], flush=True)
         if b["device_table"]:
             print("a, by device time:\n" + a["device_table"] + "\nb, by device time:\n" + b["device_table"], flush=True)

@@ -366,14 +366,14 @@ def test_analyze_batches_keep_order_and_back_off_on_oom(monkeypatch, offline_mod
     import sheafscope.capture_fast as cf
 
     fast = _fast("smollm2-135m")
-    real = cf.capture_batch
+    real = cf.launch_batch
 
     def flaky(model, blocks, prompts, *a, **k):
         if len(prompts) > 1:
             raise torch.OutOfMemoryError("simulated")
         return real(model, blocks, prompts, *a, **k)
 
-    monkeypatch.setattr(cf, "capture_batch", flaky)
+    monkeypatch.setattr(cf, "launch_batch", flaky)
     done = []
     prompts = [*PROMPTS, "x"]  # "x" is one token: skipped with a warning
     got = analyze(fast, prompts, batch_size=4, progress=done.append)
@@ -381,7 +381,7 @@ def test_analyze_batches_keep_order_and_back_off_on_oom(monkeypatch, offline_mod
     assert got.info["batch_size"] == 1 and got.info["oom_backoffs"] == 2
     assert got.info["batch_size_requested"] == 4
     assert len(got.warnings) >= 1 and "prompt 6" in got.warnings[0]
-    monkeypatch.setattr(cf, "capture_batch", real)
+    monkeypatch.setattr(cf, "launch_batch", real)
     want = analyze(offline_model("smollm2-135m"), PROMPTS)
     _assert_results_equal(got, want, RTOL)
 
@@ -448,6 +448,55 @@ def test_cuda_bfloat16_fused_agrees_with_chunked(name):
     for a, b in zip(fused, chunked):
         for f in ("offdiag_mass", "first_token_mass"):
             assert rel_err(getattr(a, f), getattr(b, f)) <= 3e-2, f
+
+
+@cuda
+def test_cuda_batches_in_flight_equal_eager():
+    """Two batches launched before either is collected (as analyze pipelines them): each
+    prompt's numbers still equal the eager reference's, whatever is queued behind them."""
+    from sheafscope.capture_fast import BatchStats, launch_batch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eager = build_tiny("llama")
+    layers = adapter_for(eager).geometry.n_layers
+    fast = build_tiny("llama", attn_implementation=FAST_ATTENTION).to("cuda")
+    blocks = adapter_for(fast).blocks
+    first, second = [_ids(n, 40 + n) for n in (17, 9, 4)], [_ids(n, 50 + n) for n in (600, 33)]
+    stats = BatchStats()
+    launched = [launch_batch(fast, blocks, [p.cuda() for p in batch]) for batch in (first, second)]
+    for batch, pending in zip((first, second), launched):
+        for p, cap in zip(batch, pending.result(stats)):
+            ref = capture_eager(eager, p, layers)
+            for f in FIELDS:
+                assert rel_err(getattr(cap, f), getattr(ref, f)) <= RTOL, (f, p.shape[1])
+    assert stats.kernels.get("fused-cuda", 0) > 0  # the 600-token batch took the lse route
+
+
+@cuda
+@pytest.mark.parametrize("n", [300, 1024])
+def test_cuda_bfloat16_kernel_choice_by_length(n):
+    """Unmasked bfloat16 calls of up to FLASH_MAX_ROWS rows take their lse from flash; longer
+    ones from the kernel sdpa picks for a plain forward where that is cuDNN. Either way the
+    statistics agree with the chunked torch path to bfloat16 noise."""
+    from sheafscope.capture_fast import FLASH_MAX_ROWS
+
+    ids = [_ids(n, 11)]
+    fused, stats = _cuda_captures("llama", torch.bfloat16, ids, kernel="auto", exact_below=0)
+    chunked, _ = _cuda_captures("llama", torch.bfloat16, ids, kernel="chunked", exact_below=0)
+    model = build_tiny("llama")
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    q = torch.zeros(1, n, cfg.num_attention_heads, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    kv = torch.zeros(1, n, cfg.num_key_value_heads, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    sdpa_pick = torch.nn.attention.SDPBackend(int(torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, scale=d**-0.5,
+                                                                          enable_gqa=True)))
+    layers = cfg.num_hidden_layers
+    if n <= FLASH_MAX_ROWS:
+        assert stats.kernels.get("kernel:flash") == layers, dict(stats.kernels)
+    elif sdpa_pick == torch.nn.attention.SDPBackend.CUDNN_ATTENTION:
+        assert stats.kernels.get("kernel:cudnn") == layers, dict(stats.kernels)
+    for f in ("offdiag_mass", "first_token_mass"):
+        assert rel_err(getattr(fused[0], f), getattr(chunked[0], f)) <= 3e-2, f
 
 
 @cuda

@@ -184,8 +184,11 @@ class _Item:
 def _capture_fast_all(loaded: LoadedModel, items: list[_Item], batch_size: int | None,
                       progress: Callable[[int], None] | None) -> tuple[dict[int, PromptCapture], dict[str, Any]]:
     """Fast-path captures of every item, batched longest first (little padding), halving the
-    batch on CUDA out-of-memory and retrying. Returns captures by item index and what ran."""
-    from sheafscope.capture_fast import BatchStats, capture_batch
+    batch on CUDA out-of-memory and retrying. Returns captures by item index and what ran.
+
+    Batch i + 1 is launched before batch i's numbers are collected (capture_fast.launch_batch),
+    so that a GPU never idles while the host waits for and converts a batch's results."""
+    from sheafscope.capture_fast import BatchStats, launch_batch
 
     dev = loaded.device.type
     size = batch_size or AUTO_BATCH.get(dev, 8)
@@ -195,12 +198,21 @@ def _capture_fast_all(loaded: LoadedModel, items: list[_Item], batch_size: int |
     pad_id = getattr(loaded.tokenizer, "pad_token_id", None) or 0
     out: dict[int, PromptCapture] = {}
     largest, backoffs, i = 0, 0, 0
+    pending = None  # (items, PendingBatch) launched and not yet collected
+
+    def collect() -> None:
+        batch, launched = pending
+        for it, cap in zip(batch, launched.result(stats)):
+            out[it.index] = cap
+        if progress:
+            progress(len(batch))
+
     while i < len(order):
         n_first = order[i].ids.shape[1]  # the longest of this batch
         take = min(size, max(1, budget // n_first)) if budget else size
         batch = order[i : i + take]
         try:
-            caps = capture_batch(loaded.model, loaded.adapter.blocks, [it.ids for it in batch], stats, pad_id)
+            launched = launch_batch(loaded.model, loaded.adapter.blocks, [it.ids for it in batch], pad_id)
         except torch.OutOfMemoryError:
             if len(batch) == 1:
                 raise SheafscopeError(
@@ -212,12 +224,13 @@ def _capture_fast_all(loaded: LoadedModel, items: list[_Item], batch_size: int |
             if dev == "cuda":
                 torch.cuda.empty_cache()
             continue
-        for it, cap in zip(batch, caps):
-            out[it.index] = cap
+        if pending is not None:
+            collect()
+        pending = (batch, launched)
         largest = max(largest, len(batch))
         i += len(batch)
-        if progress:
-            progress(len(batch))
+    if pending is not None:
+        collect()
     info = {
         "batch_size": largest,
         "batch_size_requested": batch_size if batch_size else "auto",

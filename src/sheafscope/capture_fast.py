@@ -80,6 +80,10 @@ FAST_ATTENTION = "sheafscope"
 SMALL_MASK_ELEMENTS = 1 << 22
 # Rows per fused call when a mask is given (see _attention_with_lse).
 FUSED_MASK_ROWS = 2048
+# Unmasked half-precision calls of up to this many query rows take their lse from flash
+# attention rather than cuDNN (H100, Mistral-7B heads: flash is the faster kernel up to 512
+# rows and costs the host less per call; cuDNN from 1,024: benchmarks/attention_kernels.py).
+FLASH_MAX_ROWS = 512
 # A block of query rows this small (batch x heads x rows x keys) gets exact statistics
 # for all its rows in one dense product: short prompts never take the lse route at all.
 DENSE_EXACT_ELEMENTS = 1 << 18
@@ -267,10 +271,6 @@ class _LayerInputs:
         """Layers with equal keys share one computation: same route, shapes and softmax."""
         return (self.lse is None, tuple(self.q.shape), tuple(self.k.shape), self.q.dtype, *self.softmax.key())
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.q, self.k, self.lse) if t is not None)
-
 
 @dataclass(eq=False)
 class _Refinement:
@@ -332,8 +332,10 @@ class DiagonalCapture:
     _pending: list[_Refinement] = field(default_factory=list)
     _held: list[_LayerInputs] = field(default_factory=list)
     _held_bytes: int = 0
+    _hold_budget: int | None = None  # hold_bytes, or the device's default (set by the first layer)
     _valid_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
     _cache: dict[Any, Any] = field(default_factory=dict)  # per forward: weights, dense mask biases
+    _choices: dict[Any, str] = field(default_factory=dict)  # per forward: fused kernel per call shape
     # (layers, record, b) per group of layers computed together: layer layers[i]'s record is
     # record[i * b:(i + 1) * b]
     _groups: list[tuple[list[int], torch.Tensor, int]] = field(default_factory=list)
@@ -355,7 +357,9 @@ class DiagonalCapture:
         self._pending.clear()
         self._held.clear()
         self._held_bytes = 0
+        self._hold_budget = None
         self._cache.clear()
+        self._choices = {}
         self._groups = []
         self._seen = set()
         self._refined = []
@@ -411,6 +415,12 @@ class DiagonalCapture:
     def masses(self, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per batch element: offdiag mass (b, layers, heads) = sum over its valid rows of
         1 - A_ii, and first-token mass (b, layers, heads) = mean over its rows 1..n-1 of A_i0."""
+        return masses_from_sums(self.mass_sums(lengths).cpu(), lengths)
+
+    def mass_sums(self, lengths: list[int]) -> torch.Tensor:
+        """(b, layers, heads, 2) float64 on the device: per batch element and head, the sums
+        over its valid rows of 1 - A_ii and (rows 1..n-1) of A_i0 (`masses_from_sums` turns
+        them, on the host, into masses)."""
         self._finish()
         layers = sorted(layer for group, _, _ in self._groups for layer in group)
         if layers != list(range(len(layers))):
@@ -424,11 +434,14 @@ class DiagonalCapture:
             n = sums.shape[-2]
             valid = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
             sums = torch.where(self._weights(valid, sums.device)[:, None], sums, 0.0).sum(-2)
-        # One copy to the host, and the division there (the same float64 arithmetic): a host
-        # tensor sent to the device would wait for the device first.
-        sums = sums.cpu()
-        denom = (torch.tensor(lengths, dtype=torch.float64) - 1).clamp(min=1)
-        return sums[..., 0], sums[..., 1] / denom[:, None, None]
+        return sums
+
+    def refined_on_device(self) -> tuple[int, torch.Tensor | None]:
+        """Rows recomputed exactly so far: the count known on the host, and a device scalar
+        with the rest (None if none), so that reading it can wait until the device is done."""
+        known = sum(c for c in self._refined if isinstance(c, int))
+        pending = [c for c in self._refined if isinstance(c, torch.Tensor)]
+        return known, (torch.stack(pending).sum() if pending else None)
 
     # -- called by the attention function -----------------------------------------------------------
     def _layer(self, module: nn.Module) -> int:
@@ -462,11 +475,12 @@ class DiagonalCapture:
         if layer in self._seen:
             raise SheafscopeError(f"layer {layer} ran twice inside one DiagonalCapture; use one capture per forward pass")
         self._seen.add(layer)
-        item = _LayerInputs(layer, q, k, lse, points, softmax)
-        self._held.append(item)
-        self._held_bytes += item.nbytes
-        budget = self.hold_bytes if self.hold_bytes is not None else (HOLD_BYTES_CUDA if q.is_cuda else HOLD_BYTES)
-        if self._held_bytes > budget:
+        self._held.append(_LayerInputs(layer, q, k, lse, points, softmax))
+        self._held_bytes += q.nbytes + k.nbytes + (0 if lse is None else lse.nbytes)
+        if self._hold_budget is None:
+            self._hold_budget = self.hold_bytes if self.hold_bytes is not None else (
+                HOLD_BYTES_CUDA if q.is_cuda else HOLD_BYTES)
+        if self._held_bytes > self._hold_budget:
             self._process_held()
 
     def _valid_on(self, device: torch.device) -> torch.Tensor | None:
@@ -704,37 +718,63 @@ def _padded_bias(bias: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return padded[..., :kv].expand(q.shape[0], q.shape[1], rows, kv)
 
 
-def _fused_cuda(q, k, v, bias, causal, scale):
-    """(output, lse, kernel name) from the kernel a plain forward would use where that kernel
-    returns its lse: cuDNN, else flash (half precision, no mask), else memory-efficient
-    attention. cuDNN and flash read grouped KV heads directly."""
-    groups = q.shape[1] // k.shape[1]
+def _cuda_kernel(q, k, v, bias, causal, scale) -> str:
+    """Which fused kernel returns this call's lse at the least cost: flash for unmasked half
+    precision up to FLASH_MAX_ROWS query rows (there it is the faster kernel and costs the host
+    less than cuDNN's graph execution, which a forward of that length is bound by), else the
+    kernel a plain forward would run where that kernel returns its lse (cuDNN), else flash
+    (half precision, no mask), else memory-efficient attention."""
+    flash_ok = bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+    if flash_ok and q.shape[2] <= FLASH_MAX_ROWS:
+        return "flash"
+    if _sdpa_would_use_cudnn(q, k, v, bias, causal, scale):
+        return "cudnn"
+    return "flash" if flash_ok else "efficient"
+
+
+def _fused_cuda(q, k, v, bias, causal, scale, choices: dict | None = None):
+    """(output, lse, kernel name) from the kernel _cuda_kernel picks; a kernel that refuses
+    the shapes hands over to the next one (cuDNN -> flash -> memory-efficient). cuDNN and flash
+    read grouped KV heads directly. `choices` memoises the pick per shape (one forward pass
+    asks it once, not once per layer: on a host-bound forward the asking is what costs)."""
     if bias is not None:
         bias = _padded_bias(bias, q)
-    if _sdpa_would_use_cudnn(q, k, v, bias, causal, scale):
+    key = (q.shape, k.shape, bias is None, causal)
+    kind = choices.get(key) if choices is not None else None
+    if kind is None:
+        kind = _cuda_kernel(q, k, v, bias, causal, scale)
+    if kind == "cudnn":
         try:
             res = torch.ops.aten._scaled_dot_product_cudnn_attention.default(q, k, v, bias, True, 0.0, causal, False,
-                                                                     scale=scale)
-            return res[0], res[1].reshape(q.shape[:3]), "cudnn"
-        except RuntimeError:
-            pass  # not for these shapes after all: the next kernel
-    if bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+                                                                             scale=scale)
+            if choices is not None:
+                choices[key] = kind
+            return res[0], res[1].reshape(q.shape[:3]), kind
+        except RuntimeError:  # not for these shapes after all: the next kernel
+            kind = "flash" if bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 \
+                else "efficient"
+    if kind == "flash":
         try:
             res = torch.ops.aten._scaled_dot_product_flash_attention.default(q, k, v, 0.0, causal, False, scale=scale)
-            return res[0], res[1], "flash"
+            if choices is not None:
+                choices[key] = kind
+            return res[0], res[1], kind
         except RuntimeError:
             pass  # flash unavailable for this shape/GPU: memory-efficient attention below
+    groups = q.shape[1] // k.shape[1]
     res = torch.ops.aten._scaled_dot_product_efficient_attention.default(
         q, _repeat_kv(k, groups), _repeat_kv(v, groups), bias, True, 0.0, causal, scale=scale)
+    if choices is not None:
+        choices[key] = "efficient"
     return res[0], res[1][..., : q.shape[2]], "efficient"
 
 
-def _fused(q, k, v, bias, causal, scale):
+def _fused(q, k, v, bias, causal, scale, choices: dict | None = None):
     """(output, lse, kernel name) of one fused attention call."""
     if q.device.type == "cpu":
         return (*_fused_cpu(q, k, v, bias, causal, scale), "flash-cpu")
     if q.device.type == "cuda":
-        return _fused_cuda(q, k, v, bias, causal, scale)
+        return _fused_cuda(q, k, v, bias, causal, scale, choices)
     raise RuntimeError(f"no fused attention kernel with log-sum-exp for device {q.device.type}")
 
 
@@ -788,7 +828,7 @@ def _attention_with_lse(q, k, v, mask, causal, scale, softcap, pbias, capture, p
     if mask is None and fused_ok:
         # One fused call for the whole sequence: the kernel applies is_causal itself.
         try:
-            out, lse, kind = _fused(q, k, v, None, causal, scale)
+            out, lse, kind = _fused(q, k, v, None, causal, scale, capture._choices if capture is not None else None)
             note(f"fused-{dev}")
             note(f"kernel:{kind}")
             dt = stat_dtype(q)
@@ -827,7 +867,8 @@ def _attention_with_lse(q, k, v, mask, causal, scale, softcap, pbias, capture, p
         qb, kb, vb = q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1]
         if fused_ok:  # here always with a mask block: fused calls never see a shifted causal block
             try:
-                o, l, kind = _fused(qb, kb, vb, _as_bias(block, q.dtype), False, scale)
+                o, l, kind = _fused(qb, kb, vb, _as_bias(block, q.dtype), False, scale,
+                                    capture._choices if capture is not None else None)
                 out[:, :, q0:q1] = o
                 lse[:, :, q0:q1] = l
                 note(f"fused-{dev}")
@@ -971,15 +1012,17 @@ class HiddenMax:
         self.values: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
         self._held: list[tuple[int, torch.Tensor]] = []
         self._held_bytes = 0
+        self._budget: int | None = None  # hold_bytes, or the device's default (set by the first stream)
         self._handles: list[Any] = []
 
     def _keep(self, index: int, h: torch.Tensor) -> None:
         if h.requires_grad:
             h = h.detach()
         self._held.append((index, h))
-        self._held_bytes += h.numel() * h.element_size()
-        budget = self.hold_bytes if self.hold_bytes is not None else (HOLD_BYTES_CUDA if h.is_cuda else HOLD_BYTES)
-        if self._held_bytes > budget:
+        self._held_bytes += h.nbytes
+        if self._budget is None:
+            self._budget = self.hold_bytes if self.hold_bytes is not None else (HOLD_BYTES_CUDA if h.is_cuda else HOLD_BYTES)
+        if self._held_bytes > self._budget:
             self._reduce_held()
 
     def _reduce_held(self) -> None:
@@ -1021,6 +1064,10 @@ class HiddenMax:
 
     def result(self) -> torch.Tensor:
         """(b, layers + 1) float64 on the CPU."""
+        return self.maxima().cpu()
+
+    def maxima(self) -> torch.Tensor:
+        """(b, layers + 1) float64 on the device."""
         self._reduce_held()
         missing = [i for i, v in enumerate(self.values) if v is None]
         if missing:
@@ -1029,7 +1076,7 @@ class HiddenMax:
         per_token = torch.stack([v if v.dtype == dt else v.to(dt) for v in self.values], dim=1)  # (b, streams, n)
         if self.valid is not None:
             per_token = torch.where(self.valid.to(per_token.device)[:, None], per_token, 0)
-        return per_token.amax(dim=-1).double().cpu()
+        return per_token.amax(dim=-1).double()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1065,10 +1112,10 @@ class BatchStats:
     fallbacks: list[str] = field(default_factory=list)
     refined_rows: int = 0
 
-    def add(self, cap: DiagonalCapture) -> None:
-        self.kernels.update(cap.kernels)
-        self.refined_rows += cap.refined_rows
-        self.fallbacks.extend(f for f in cap.fallbacks if f not in self.fallbacks)
+    def add(self, kernels: Counter, fallbacks: list[str], refined_rows: int) -> None:
+        self.kernels.update(kernels)
+        self.refined_rows += refined_rows
+        self.fallbacks.extend(f for f in fallbacks if f not in self.fallbacks)
 
 
 def padded_batch(prompts: list[torch.Tensor], pad_id: int = 0
@@ -1085,40 +1132,97 @@ def padded_batch(prompts: list[torch.Tensor], pad_id: int = 0
     return input_ids, valid, None if min(lengths) == n else valid.long()
 
 
-@torch.no_grad()
-def capture_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.Tensor],
-                  stats: BatchStats | None = None, pad_id: int = 0, **capture_options: Any):
-    """Run prompts (each (1, n_i) token ids on the model's device) as one right-padded batch
-    through the trunk (`model.base_model`: no LM head, which nothing here needs) and return
-    one PromptCapture per prompt, equal to running it alone: sums run over its own rows only,
-    and right padding never changes what a valid row attends to (padding keys are masked;
-    positions still count from 0). Raises NonFiniteError on NaN/Inf in a prompt's numbers.
-    capture_options go to DiagonalCapture (kernel, chunk_rows).
-    """
-    from sheafscope.capture_eager import PromptCapture, check_finite
+def masses_from_sums(sums: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offdiag and first-token masses (b, layers, heads) from DiagonalCapture.mass_sums on
+    the host: the first-token sum over rows 1..n-1 divided by their number."""
+    denom = (torch.tensor(lengths, dtype=torch.float64) - 1).clamp(min=1)
+    return sums[..., 0], sums[..., 1] / denom[:, None, None]
 
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of t that does not make the host wait: on a GPU into pinned memory, queued
+    behind the work that produces t (read it only after the batch's event)."""
+    if t.device.type != "cuda":
+        return t.cpu()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+@dataclass(eq=False)
+class PendingBatch:
+    """A batch whose statistics are queued on the device and on their way to the host
+    (`launch_batch`); `result()` waits for them and makes the per-prompt captures. Launching
+    the next batch before collecting this one keeps a GPU busy while the host waits for, checks
+    and converts this one's numbers (on a GPU-bound corpus the wait would otherwise leave the
+    device idle once per batch)."""
+
+    lengths: list[int]
+    sums: torch.Tensor  # (b, layers, heads, 2) float64 on the host (pinned on a GPU)
+    hidden: torch.Tensor  # (b, layers + 1) float64 on the host
+    refined_known: int
+    refined_pending: torch.Tensor | None  # a host copy of the device's count
+    kernels: Counter
+    fallbacks: list[str]
+    dtype: torch.dtype
+    ready: Any = None  # torch.cuda.Event recorded after the copies, or None on the CPU
+
+    def result(self, stats: BatchStats | None = None) -> list:
+        """One PromptCapture per prompt (waits for the device). Raises NonFiniteError on
+        NaN/Inf in a prompt's numbers, naming the first layer where it appears."""
+        from sheafscope.capture_eager import PromptCapture, check_finite
+
+        if self.ready is not None:
+            self.ready.synchronize()
+        off, sink = masses_from_sums(self.sums, self.lengths)
+        hidden = self.hidden
+        if stats is not None:
+            refined = self.refined_known + (0 if self.refined_pending is None else int(self.refined_pending))
+            stats.add(self.kernels, self.fallbacks, refined)
+        if not all(bool(torch.isfinite(t).all()) for t in (off, sink, hidden)):  # find the first culprit
+            for layer in range(off.shape[1]):
+                check_finite(f"the attention of layer {layer}", off[:, layer], self.dtype)
+                check_finite(f"the attention of layer {layer}", sink[:, layer], self.dtype)
+            for layer in range(hidden.shape[1]):
+                check_finite(f"the hidden state after layer {layer - 1}" if layer else "the embeddings",
+                             hidden[:, layer], self.dtype)
+        return [
+            PromptCapture(n_tokens=n, offdiag_mass=off[j].numpy(), first_token_mass=sink[j].numpy(),
+                          max_abs_hidden=hidden[j].numpy())
+            for j, n in enumerate(self.lengths)
+        ]
+
+
+@torch.no_grad()
+def launch_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.Tensor],
+                 pad_id: int = 0, **capture_options: Any) -> PendingBatch:
+    """Run prompts (each (1, n_i) token ids on the model's device) as one right-padded batch
+    through the trunk (`model.base_model`: no LM head, which nothing here needs) and queue
+    their statistics' copy to the host; `PendingBatch.result()` gives one PromptCapture per
+    prompt, equal to running it alone: sums run over its own rows only, and right padding
+    never changes what a valid row attends to (padding keys are masked; positions still count
+    from 0). capture_options go to DiagonalCapture (kernel, chunk_rows, ...)."""
     lengths = [int(p.shape[1]) for p in prompts]
-    b = len(prompts)
     input_ids, valid, attention_mask = padded_batch(prompts, pad_id)
     trunk = getattr(model, "base_model", model)
     with DiagonalCapture(model, valid=valid, keep_positions=False, **capture_options) as cap, \
             HiddenMax(blocks, valid, capture_options.get("hold_bytes")) as hm:
         out = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hm.final(out[0])
-    off, sink = cap.masses(lengths)
-    hidden = hm.result()
-    if stats is not None:  # after the results: its counts are read from the device
-        stats.add(cap)
-    dtype = next(model.parameters()).dtype
-    if not all(bool(torch.isfinite(t).all()) for t in (off, sink, hidden)):  # find the first culprit
-        for layer in range(off.shape[1]):
-            check_finite(f"the attention of layer {layer}", off[:, layer], dtype)
-            check_finite(f"the attention of layer {layer}", sink[:, layer], dtype)
-        for layer in range(hidden.shape[1]):
-            check_finite(f"the hidden state after layer {layer - 1}" if layer else "the embeddings",
-                         hidden[:, layer], dtype)
-    return [
-        PromptCapture(n_tokens=lengths[j], offdiag_mass=off[j].numpy(), first_token_mass=sink[j].numpy(),
-                      max_abs_hidden=hidden[j].numpy())
-        for j in range(b)
-    ]
+    sums = _to_host(cap.mass_sums(lengths))
+    hidden = _to_host(hm.maxima())
+    known, pending = cap.refined_on_device()
+    pending = None if pending is None else _to_host(pending)
+    ready = None
+    if sums.is_pinned():  # after the last copy: result() waits for this event, not for later batches
+        ready = torch.cuda.Event()
+        ready.record()
+    return PendingBatch(lengths, sums, hidden, known, pending, Counter(cap.kernels), list(cap.fallbacks),
+                        next(model.parameters()).dtype, ready)
+
+
+def capture_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.Tensor],
+                  stats: BatchStats | None = None, pad_id: int = 0, **capture_options: Any):
+    """`launch_batch` and its result at once: one PromptCapture per prompt (see launch_batch).
+    Raises NonFiniteError on NaN/Inf in a prompt's numbers."""
+    return launch_batch(model, blocks, prompts, pad_id, **capture_options).result(stats)
