@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_round.sh ab        # a and b, interleaved, 16..8192 tokens and the corpus (~4 min)
 #   bash benchmarks/gpu_round.sh lengths   # a, b, c, d at 16..65536 tokens (~4 min)
 #   bash benchmarks/gpu_round.sh corpus    # a, b, d on the 1,000-prompt corpus (~5 min)
-#   bash benchmarks/gpu_round.sh profile   # host phases and torch.profiler tables (~2 min)
+#   bash benchmarks/gpu_round.sh profile   # host phases, torch.profiler and cProfile tables (~3 min)
 #   bash benchmarks/gpu_round.sh parts     # device time per statistics step, host cost per capture part (~2 min)
 #
 # The random twin needs a tokenizer, not a download: SHEAFSCOPE_TWIN_TOKENIZER names a folder
@@ -30,11 +30,11 @@ for part in "$@"; do
     tests)
       python -m pytest -q tests/test_fast_path.py tests/test_diag_stats.py -k cuda 2>&1 | tail -5 | tee "$OUT/pytest_cuda.txt" ;;
     ab)
-      python benchmarks/bench_traces.py "${TWIN[@]}" --lengths 16,512,2048,8192 --methods ab --repeats 9 \
-        --corpus-size 1000 --corpus-repeats 5 --max-seconds 60 --out "$OUT/ab.json" | tail -12 ;;
+      python benchmarks/bench_traces.py "${TWIN[@]}" --lengths 16,512,2048,8192 --methods ab --repeats 25 \
+        --corpus-size 1000 --corpus-repeats 9 --max-seconds 60 --out "$OUT/ab.json" | tail -12 ;;
     lengths)
       python benchmarks/bench_traces.py "${TWIN[@]}" --max-seconds 40 --corpus-size 0 \
-        --out "$OUT/lengths.json" | tail -22 ;;
+        --out "$OUT/lengths.json" --repeats 15 | tail -22 ;;
     corpus)
       python benchmarks/bench_traces.py "${TWIN[@]}" --lengths "" --corpus-size 1000 --methods abd \
         --max-seconds 400 --out "$OUT/corpus.json" | tail -10 ;;
@@ -42,6 +42,7 @@ for part in "$@"; do
       python benchmarks/host_phases.py "${TWIN[@]}" --configs 16,512,2048,batch32 --out "$OUT/phases.json" | grep -v Loading
       python benchmarks/profile_fast_path.py "${TWIN[@]}" --configs 16,512,2048,batch32 --top 25 \
         --out "$OUT/profile.json" > "$OUT/profile.txt" 2>&1
+      python benchmarks/python_profile.py "${TWIN[@]}" --configs 16,512 --repeats 20 > "$OUT/python_profile.txt" 2>&1
       grep "===" "$OUT/profile.txt" ;;
     parts)
       python benchmarks/stats_kernels.py --lengths 512,2048,8192 --out "$OUT/stats_kernels.json"

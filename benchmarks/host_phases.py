@@ -9,8 +9,9 @@ each configuration --repeats times after a warm-up, and prints per-forward media
 
 `trunk` is the model's forward (its attention calls included), `attention` the fast path's
 attention function inside it, `finish` the statistics of the held layers after the forward
-(`lse_rows`/`dense_rows`, `refine`), `masses`/`hidden` the per-prompt sums and their copy to
-the host, `wait` the final device sync. A plain forward's `trunk` against b's `trunk` is what
+(`lse_rows`/`dense_rows`, `refine`), `masses`/`hidden.maxima` the per-prompt sums,
+`to_host` their queued copies, `result` the wait for them and the checks, `wait` the final
+device sync. A plain forward's `trunk` against b's `trunk` is what
 the capture costs inside the forward pass.
 """
 
@@ -61,8 +62,12 @@ def instrument() -> None:
     counted(cf.DiagonalCapture, "_refine", "finish.refine")
     counted(cf, "exact_rows", "finish.refine.exact_rows")
     counted(ds, "plan_pieces", "finish.refine.plan")
-    counted(cf.DiagonalCapture, "masses", "masses")
-    counted(cf.HiddenMax, "result", "hidden.result")
+    counted(cf.DiagonalCapture, "mass_sums", "masses")
+    counted(cf.HiddenMax, "maxima", "hidden.maxima")
+    counted(cf.HiddenMax, "__enter__", "hidden.hooks_on")
+    counted(cf.HiddenMax, "__exit__", "hidden.hooks_off")
+    counted(cf, "_to_host", "to_host")
+    counted(cf.PendingBatch, "result", "result")
     counted(an, "prompt_result", "prompt_result")
 
 
