@@ -11,9 +11,11 @@ ever built:
 
   - CPU: torch's flash kernel for CPU (`_scaled_dot_product_flash_attention_for_cpu`, the one
     `scaled_dot_product_attention` runs) returns (output, lse) in one pass;
-  - CUDA: flash (`_scaled_dot_product_flash_attention`, half precision, no mask) or
-    memory-efficient attention (`_scaled_dot_product_efficient_attention`, any mask as an
-    additive bias) with compute_log_sumexp;
+  - CUDA: flash (`_scaled_dot_product_flash_attention`) for unmasked half-precision calls of
+    up to FLASH_MAX_ROWS rows; else cuDNN (`_scaled_dot_product_cudnn_attention`) where sdpa
+    would pick it for a plain forward, else flash (half precision, no mask) or memory-efficient
+    attention (`_scaled_dot_product_efficient_attention`, any mask as an additive bias), each
+    with its log-sum-exp (`_cuda_kernel`);
   - anywhere else, and for what no kernel does (logit soft-capping, a position bias): a chunked
     torch computation over blocks of query rows, memory O(rows x n).
 
