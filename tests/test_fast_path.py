@@ -574,3 +574,36 @@ def test_a_second_forward_inside_one_capture_is_refused():
     with torch.no_grad(), DiagonalCapture(model) as cap:
         model(ids)
     assert sorted(cap.records) == list(range(model.config.num_hidden_layers))
+
+
+def test_hidden_max_leaves_the_blocks_as_it_found_them():
+    """HiddenMax wraps the blocks' forward while entered: on exit, also after an error inside,
+    each block's forward is what it was (the class's, or an instance-level wrapper such as
+    accelerate installs), and the maxima equal max |h| of the model's own hidden_states."""
+    from sheafscope.capture_fast import HiddenMax
+
+    model = build_tiny("llama")
+    blocks = adapter_for(model).blocks
+    calls = []
+    original = blocks[1].forward
+
+    def outer(*args, **kwargs):  # stands in for an accelerate hook on block 1
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    blocks[1].forward = outer
+    ids = torch.randint(0, model.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        ref = model.model(ids, output_hidden_states=True)
+        calls.clear()
+        with HiddenMax(blocks) as hm:
+            out = model.model(ids)
+            hm.final(out[0])
+        got = hm.result()
+    want = torch.stack([h.abs().amax(dim=(-1, -2)) for h in ref.hidden_states], dim=1).double()
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+    assert len(calls) == 1  # the instance wrapper still ran, inside HiddenMax's
+    assert blocks[1].forward is outer and "forward" not in blocks[0].__dict__
+    with pytest.raises(RuntimeError, match="inside"), torch.no_grad(), HiddenMax(blocks):
+        raise RuntimeError("inside")
+    assert blocks[1].forward is outer and all("forward" not in b.__dict__ for b in blocks if b is not blocks[1])

@@ -998,12 +998,15 @@ def _exact_limit(capture: "DiagonalCapture | None", device: torch.device) -> int
 # ------------------------------------------------------------------------------------------------
 # Residual-stream maxima without keeping hidden states
 # ------------------------------------------------------------------------------------------------
+_NO_FORWARD = object()  # a block without an instance-level forward (HiddenMax restores it so)
+
+
 class HiddenMax:
     """max |h| over the valid tokens of each batch element, for every residual stream a model
     returns as hidden_states, without keeping a (layers x batch x n x d) stack.
 
-    Streams 0..L-1 (the input of block 0, the outputs of blocks 0..L-2) come from forward hooks
-    on the blocks; stream L is the trunk's last_hidden_state (after the final norm, as
+    Streams 0..L-1 (the input of block 0, the outputs of blocks 0..L-2) come from the blocks'
+    forward methods, wrapped while the HiddenMax is entered; stream L is the trunk's last_hidden_state (after the final norm, as
     transformers reports it), which the caller passes to `final` after running the trunk
     (`model.base_model`). Streams of up to `hold_bytes` are held and reduced together (on a GPU
     two operations per stream would cost more than the reduction); larger ones as they come.
@@ -1015,7 +1018,7 @@ class HiddenMax:
         self._held: list[tuple[int, torch.Tensor]] = []
         self._held_bytes = 0
         self._budget: int | None = None  # hold_bytes, or the device's default (set by the first stream)
-        self._handles: list[Any] = []
+        self._saved: list[tuple[nn.Module, Any]] = []  # (block, its instance forward or _NO_FORWARD)
 
     def _keep(self, index: int, h: torch.Tensor) -> None:
         if h.requires_grad:
@@ -1041,23 +1044,37 @@ class HiddenMax:
             self.values[index] = m
 
     def __enter__(self) -> "HiddenMax":
-        def first_input(module, args, kwargs):
-            self._keep(0, args[0] if args else kwargs["hidden_states"])
-
-        def output_of(index):
-            def hook(module, args, output):
-                self._keep(index, output[0] if isinstance(output, (tuple, list)) else output)
-            return hook
-
-        self._handles.append(self.blocks[0].register_forward_pre_hook(first_input, with_kwargs=True))
-        for i, block in enumerate(self.blocks[:-1]):
-            self._handles.append(block.register_forward_hook(output_of(i + 1)))
+        # The blocks' forward methods are wrapped for the capture (as accelerate's hooks wrap
+        # them), not given nn.Module hooks: a module with hooks takes nn.Module's slow call
+        # path, and registering and removing 32 hooks per forward pass cost a host-bound 7B
+        # forward on a GPU about a millisecond (benchmarks/capture_overhead.py, fn+hidden).
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            self._saved.append((block, block.__dict__.get("forward", _NO_FORWARD)))
+            block.forward = self._wrapped(block.forward, i == 0, i + 1 if i < last else None)
         return self
 
+    def _wrapped(self, inner: Any, first: bool, index: int | None) -> Any:
+        """`inner` (a block's forward), keeping its input as stream 0 if `first` and its output
+        as stream `index` (None: the last block, whose stream is the trunk's output)."""
+        keep = self._keep
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if first:
+                keep(0, args[0] if args else kwargs["hidden_states"])
+            out = inner(*args, **kwargs)
+            if index is not None:
+                keep(index, out[0] if isinstance(out, (tuple, list)) else out)
+            return out
+        return forward
+
     def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        for block, saved in reversed(self._saved):
+            if saved is _NO_FORWARD:
+                del block.forward  # the class's forward again
+            else:
+                block.forward = saved  # what was there before (e.g. accelerate's wrapper)
+        self._saved.clear()
 
     def final(self, last_hidden_state: torch.Tensor) -> None:
         """Record the last stream from the trunk's output."""
@@ -1073,7 +1090,7 @@ class HiddenMax:
         self._reduce_held()
         missing = [i for i, v in enumerate(self.values) if v is None]
         if missing:
-            raise SheafscopeError(f"no max |h| for hidden-state streams {missing} (hooks did not fire, or final() not called)")
+            raise SheafscopeError(f"no max |h| for hidden-state streams {missing} (the blocks did not run, or final() was not called)")
         dt = self.values[-1].dtype
         per_token = torch.stack([v if v.dtype == dt else v.to(dt) for v in self.values], dim=1)  # (b, streams, n)
         if self.valid is not None:
