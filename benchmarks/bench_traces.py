@@ -27,8 +27,9 @@ misses peaks below the load-time peak). Configurations that would obviously exce
 model's context, or --max-seconds (extrapolated from the previous length) are skipped and
 recorded with the reason. b/a: where a and b run in this process (a GPU; --isolate no), a
 and b are then also timed alternately on the same inputs and b/a is the median of those
-pairs' ratios (host speed drifts by tens of percent over a run; alternation cancels it); the
-ratio of the separate medians is kept as "b/a separate runs".
+pairs' ratios (host speed drifts by tens of percent over a run; alternation cancels it), with
+their quartiles (how much one pair varies on this machine); the ratio of the separate medians
+is kept as "b/a separate runs".
 
     python benchmarks/bench_traces.py                          # smollm2-135m on the CPU
     python benchmarks/bench_traces.py --model random:mistral-7b --dtype bfloat16 --context 65536
@@ -306,8 +307,11 @@ def interleaved(loaded, groups: list[list], repeats: int, max_seconds: float) ->
         if spent * (1 + 1 / len(times["a"])) > max_seconds:
             break
     ratios = [tb / ta for ta, tb in zip(times["a"], times["b"])]
+    # the pairs' quartiles: how far one pair's ratio can be trusted on this machine
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), max(ratios)]
     return {"a_times_s": times["a"], "b_times_s": times["b"], "a_median_s": statistics.median(times["a"]),
-            "b_median_s": statistics.median(times["b"]), "b/a": statistics.median(ratios), "pairs": len(ratios)}
+            "b_median_s": statistics.median(times["b"]), "b/a": statistics.median(ratios), "pairs": len(ratios),
+            "b/a quartiles": [quartiles[0], quartiles[-1]]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -447,11 +451,12 @@ def table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str:
         else:
             note = "; ".join(r.get("notes", []))
             lines.append(f"| {r['n']} | {r['method']} {METHODS[r['method']]} | {r['median_s']:.3f} s | {fmt_mem(r['peak_mem_bytes'])} | {note} |")
-    lines += ["", "| n | b/a (fast / plain) | b/a, separate runs | d/b (notebook / fast) | c/b (eager / fast) |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| n | b/a (fast / plain) | b/a pairs' quartiles | b/a, separate runs | d/b (notebook / fast) | c/b (eager / fast) |",
+              "|---|---|---|---|---|---|"]
     for q in ratios:
         f = lambda k: "-" if q.get(k) is None else f"{q[k]:.2f}"  # noqa: E731
-        lines.append(f"| {q['n']} | {f('b/a')} | {f('b/a separate runs')} | {f('d/b')} | {f('c/b')} |")
+        spread = "-" if not q.get("b/a quartiles") else "{:.2f}–{:.2f}".format(*q["b/a quartiles"])
+        lines.append(f"| {q['n']} | {f('b/a')} | {spread} | {f('b/a separate runs')} | {f('d/b')} | {f('c/b')} |")
     return "\n".join(lines)
 
 
@@ -549,6 +554,7 @@ def write_results(out: str | None, info: dict[str, Any], rows: list[dict[str, An
         il = next((r["interleaved"] for r in rows if r["n"] == n and "interleaved" in r), None)
         if il is not None:  # the better estimate where it exists (see `interleaved`)
             q["b/a separate runs"], q["b/a"] = q["b/a"], il["b/a"]
+            q["b/a quartiles"] = il.get("b/a quartiles")
         ratios.append(q)
     text = table(rows, ratios)
     if out:
