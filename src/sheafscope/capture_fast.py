@@ -104,6 +104,12 @@ HOLD_BYTES_CUDA = 1 << 30
 # row is planned (computing unflagged slots would cost more than planning).
 REFINE_SLOTS_CUDA = 8
 
+# Per-shape constants shared by forward passes: the dense route's causal bias (kept up to
+# CAUSAL_BIAS_CACHE_BYTES in all) and the row weights of an unpadded batch.
+CAUSAL_BIAS_CACHE_BYTES = 1 << 26
+_CAUSAL_BIAS: dict[tuple, torch.Tensor] = {}
+_UNPADDED_WEIGHTS: dict[tuple, torch.Tensor] = {}
+
 _ACTIVE: ContextVar["DiagonalCapture | None"] = ContextVar("sheafscope_diagonal_capture", default=None)
 
 
@@ -462,8 +468,15 @@ class DiagonalCapture:
     def _weights(self, valid: torch.Tensor | None, device: torch.device, n: int | None = None) -> torch.Tensor:
         """(b | 1, 1, n, 2) bool: which rows count in the off-diagonal sum (valid ones) and in
         the first-token sum (valid ones after the first)."""
-        if valid is None:
-            valid = torch.ones(1, n, dtype=torch.bool, device=device)
+        if valid is None:  # the same for every forward pass of this length: made once
+            key = (n, device)
+            if key not in _UNPADDED_WEIGHTS:
+                if len(_UNPADDED_WEIGHTS) > 256:
+                    _UNPADDED_WEIGHTS.clear()
+                w = torch.ones(1, 1, n, 2, dtype=torch.bool, device=device)
+                w[:, :, 0, 1] = False
+                _UNPADDED_WEIGHTS[key] = w
+            return _UNPADDED_WEIGHTS[key]
         w = torch.stack((valid, valid), dim=-1)[:, None]
         w[:, :, 0, 1] = False
         return w.to(device)
@@ -965,16 +978,22 @@ def _dense_bias(capture: DiagonalCapture, mask: Any, causal: bool, n: int, kv_le
     and shared by the layers that use the same mask."""
     if mask is None and not causal:
         return None
+    if mask is None:  # causal: the same for every forward pass of this shape, made once
+        key = (n, kv_len, device)
+        if key not in _CAUSAL_BIAS:
+            allowed = torch.ones(1, 1, n, kv_len, dtype=torch.bool, device=device).tril_()
+            bias = torch.zeros(allowed.shape, dtype=torch.float64, device=device).masked_fill_(~allowed, -math.inf)
+            if sum(t.nbytes for t in _CAUSAL_BIAS.values()) + bias.nbytes > CAUSAL_BIAS_CACHE_BYTES:
+                _CAUSAL_BIAS.clear()
+            _CAUSAL_BIAS[key] = bias
+        return _CAUSAL_BIAS[key]
     key = ("bias", id(mask), causal, n, kv_len)
     if key not in capture._cache:
-        if mask is None:
-            allowed = torch.ones(1, 1, n, kv_len, dtype=torch.bool, device=device).tril_()
-        else:
-            block = _mask_block(mask, 0, n)
-            if block.dtype != torch.bool:
-                capture._cache[key] = (mask, block.double())
-                return capture._cache[key][1]
-            allowed = block
+        block = _mask_block(mask, 0, n)
+        if block.dtype != torch.bool:
+            capture._cache[key] = (mask, block.double())
+            return capture._cache[key][1]
+        allowed = block
         bias = torch.zeros(allowed.shape, dtype=torch.float64, device=device).masked_fill_(~allowed, -math.inf)
         capture._cache[key] = (mask, bias)  # the mask is kept so that its id is not reused
     return capture._cache[key][1]
@@ -1146,8 +1165,15 @@ def padded_batch(prompts: list[torch.Tensor], pad_id: int = 0
     n = max(lengths)
     input_ids = prompts[0] if len(prompts) == 1 else torch.nn.utils.rnn.pad_sequence(
         [p[0] for p in prompts], batch_first=True, padding_value=pad_id)
-    # built on the host, sent once: a device-side comparison per batch would be launches
-    valid = (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).to(prompts[0].device)
+    # Built on the host and sent once (a device-side comparison would be launches), from pinned
+    # memory: a copy from pageable memory waits for the work queued on the device, which with
+    # batches pipelined (launch_batch) is the previous batch's.
+    valid = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    device = prompts[0].device
+    if device.type == "cuda":
+        valid = valid.pin_memory().to(device, non_blocking=True)
+    else:
+        valid = valid.to(device)
     return input_ids, valid, None if min(lengths) == n else valid.long()
 
 
@@ -1224,6 +1250,8 @@ def launch_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.
     lengths = [int(p.shape[1]) for p in prompts]
     input_ids, valid, attention_mask = padded_batch(prompts, pad_id)
     trunk = getattr(model, "base_model", model)
+    if attention_mask is None:  # nothing padded: every row counts, which valid=None says at no cost
+        valid = None
     with DiagonalCapture(model, valid=valid, keep_positions=False, **capture_options) as cap, \
             HiddenMax(blocks, valid, capture_options.get("hold_bytes")) as hm:
         out = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
