@@ -1038,6 +1038,7 @@ class HiddenMax:
         self._held_bytes = 0
         self._budget: int | None = None  # hold_bytes, or the device's default (set by the first stream)
         self._saved: list[tuple[nn.Module, Any]] = []  # (block, its instance forward or _NO_FORWARD)
+        self._all: torch.Tensor | None = None  # every stream's per-token maxima, when reduced together
 
     def _keep(self, index: int, h: torch.Tensor) -> None:
         if h.requires_grad:
@@ -1057,6 +1058,8 @@ class HiddenMax:
         tensors = [h for _, h in held]
         if len({(t.shape, t.dtype) for t in tensors}) == 1 and len(tensors) > 1:
             maxima = torch.stack(tensors).abs_().amax(dim=-1)  # amax propagates NaN
+            if [i for i, _ in held] == list(range(len(self.values))):  # every stream, in order
+                self._all = maxima  # (streams, b, n): maxima() needs no second stack
         else:
             maxima = [t.abs().amax(dim=-1) for t in tensors]
         for (index, _), m in zip(held, maxima):
@@ -1110,8 +1113,11 @@ class HiddenMax:
         missing = [i for i, v in enumerate(self.values) if v is None]
         if missing:
             raise SheafscopeError(f"no max |h| for hidden-state streams {missing} (the blocks did not run, or final() was not called)")
-        dt = self.values[-1].dtype
-        per_token = torch.stack([v if v.dtype == dt else v.to(dt) for v in self.values], dim=1)  # (b, streams, n)
+        if self._all is not None:
+            per_token = self._all.transpose(0, 1)  # (b, streams, n)
+        else:
+            dt = self.values[-1].dtype
+            per_token = torch.stack([v if v.dtype == dt else v.to(dt) for v in self.values], dim=1)
         if self.valid is not None:
             per_token = torch.where(self.valid.to(per_token.device)[:, None], per_token, 0)
         return per_token.amax(dim=-1).double()
