@@ -1225,8 +1225,11 @@ class PendingBatch:
 
         if self.ready is not None:
             self.ready.synchronize()
-        off, sink = masses_from_sums(self.sums, self.lengths)
-        hidden = self.hidden
+        # Copies out of pinned memory: the captures' arrays outlive the batch, and pinned
+        # blocks are a scarce resource that the caching host allocator should get back.
+        sums = self.sums.clone() if self.sums.is_pinned() else self.sums
+        hidden = self.hidden.clone() if self.hidden.is_pinned() else self.hidden
+        off, sink = masses_from_sums(sums, self.lengths)
         if stats is not None:
             refined = self.refined_known + (0 if self.refined_pending is None else int(self.refined_pending))
             stats.add(self.kernels, self.fallbacks, refined)
