@@ -4,14 +4,14 @@ each in turn, so that a drifting machine shifts them alike), wall clock with a d
 
     a            the plain forward of the trunk with sdpa attention
     fn           the trunk with sheafscope's attention function, no capture active
-    fn+hidden    ... plus HiddenMax's hooks (max |h| per stream)
+    fn+hidden    ... plus HiddenMax (max |h| per stream, from the blocks' wrapped forward)
     fn+route     ... plus a DiagonalCapture whose attention calls run (the lse route's fused
                  kernel, or sdpa for short prompts) but hold nothing
     fn+route/fa  ... the same with flash attention where cuDNN would run (the lse route's kernel
                  choice: what a host-bound forward pays for cuDNN's launch)
     fn+capture   ... plus a DiagonalCapture holding the layers' inputs (statistics not computed)
-    capture      ... both, and the statistics computed (capture_batch without the results)
-    b            capture_batch and prompt_result, as bench_traces.py's method b
+    capture      ... both, and the statistics computed (launch_batch without the results)
+    b            launch_batch, its result() and prompt_result, as bench_traces.py's method b
 
     python benchmarks/capture_overhead.py --model random:mistral-7b --dtype bfloat16 --configs 16,512
 """
