@@ -72,6 +72,7 @@ from sheafscope.diag_stats import (
     rows_per_block,
     slot_rows,
     stat_dtype,
+    to_device,
 )
 from sheafscope.errors import SheafscopeError
 
@@ -733,13 +734,18 @@ def _padded_bias(bias: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return padded[..., :kv].expand(q.shape[0], q.shape[1], rows, kv)
 
 
+def _flash_ok(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether flash attention takes this call: half precision, no mask, head size <= 256."""
+    return bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
 def _cuda_kernel(q, k, v, bias, causal, scale) -> str:
     """Which fused kernel returns this call's lse at the least cost: flash for unmasked half
     precision up to FLASH_MAX_ROWS query rows (there it is the faster kernel and costs the host
     less than cuDNN's graph execution, which a forward of that length is bound by), else the
     kernel a plain forward would run where that kernel returns its lse (cuDNN), else flash
     (half precision, no mask), else memory-efficient attention."""
-    flash_ok = bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+    flash_ok = _flash_ok(q, bias)
     if flash_ok and q.shape[2] <= FLASH_MAX_ROWS:
         return "flash"
     if _sdpa_would_use_cudnn(q, k, v, bias, causal, scale):
@@ -750,8 +756,9 @@ def _cuda_kernel(q, k, v, bias, causal, scale) -> str:
 def _fused_cuda(q, k, v, bias, causal, scale, choices: dict | None = None):
     """(output, lse, kernel name) from the kernel _cuda_kernel picks; a kernel that refuses
     the shapes hands over to the next one (cuDNN -> flash -> memory-efficient). cuDNN and flash
-    read grouped KV heads directly. `choices` memoises the pick per shape (one forward pass
-    asks it once, not once per layer: on a host-bound forward the asking is what costs)."""
+    read grouped KV heads directly. `choices` memoises the kernel that ran, per shape (one
+    forward pass asks once, not once per layer: on a host-bound forward the asking is what
+    costs)."""
     if bias is not None:
         bias = _padded_bias(bias, q)
     key = (q.shape, k.shape, bias is None, causal)
@@ -762,26 +769,23 @@ def _fused_cuda(q, k, v, bias, causal, scale, choices: dict | None = None):
         try:
             res = torch.ops.aten._scaled_dot_product_cudnn_attention.default(q, k, v, bias, True, 0.0, causal, False,
                                                                              scale=scale)
-            if choices is not None:
-                choices[key] = kind
-            return res[0], res[1].reshape(q.shape[:3]), kind
+            out, lse = res[0], res[1].reshape(q.shape[:3])
         except RuntimeError:  # not for these shapes after all: the next kernel
-            kind = "flash" if bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 \
-                else "efficient"
+            kind = "flash" if _flash_ok(q, bias) else "efficient"
     if kind == "flash":
         try:
-            res = torch.ops.aten._scaled_dot_product_flash_attention.default(q, k, v, 0.0, causal, False, scale=scale)
-            if choices is not None:
-                choices[key] = kind
-            return res[0], res[1], kind
-        except RuntimeError:
-            pass  # flash unavailable for this shape/GPU: memory-efficient attention below
-    groups = q.shape[1] // k.shape[1]
-    res = torch.ops.aten._scaled_dot_product_efficient_attention.default(
-        q, _repeat_kv(k, groups), _repeat_kv(v, groups), bias, True, 0.0, causal, scale=scale)
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention.default(q, k, v, 0.0, causal, False,
+                                                                                 scale=scale)[:2]
+        except RuntimeError:  # flash unavailable for this shape/GPU: memory-efficient attention
+            kind = "efficient"
+    if kind == "efficient":
+        groups = q.shape[1] // k.shape[1]
+        res = torch.ops.aten._scaled_dot_product_efficient_attention.default(
+            q, _repeat_kv(k, groups), _repeat_kv(v, groups), bias, True, 0.0, causal, scale=scale)
+        out, lse = res[0], res[1][..., : q.shape[2]]
     if choices is not None:
-        choices[key] = "efficient"
-    return res[0], res[1][..., : q.shape[2]], "efficient"
+        choices[key] = kind
+    return out, lse, kind
 
 
 def _fused(q, k, v, bias, causal, scale, choices: dict | None = None):
@@ -1171,15 +1175,9 @@ def padded_batch(prompts: list[torch.Tensor], pad_id: int = 0
     n = max(lengths)
     input_ids = prompts[0] if len(prompts) == 1 else torch.nn.utils.rnn.pad_sequence(
         [p[0] for p in prompts], batch_first=True, padding_value=pad_id)
-    # Built on the host and sent once (a device-side comparison would be launches), from pinned
-    # memory: a copy from pageable memory waits for the work queued on the device, which with
-    # batches pipelined (launch_batch) is the previous batch's.
-    valid = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
-    device = prompts[0].device
-    if device.type == "cuda":
-        valid = valid.pin_memory().to(device, non_blocking=True)
-    else:
-        valid = valid.to(device)
+    # Built on the host and sent once (a device-side comparison would be launches), without
+    # waiting for the work queued on the device (with batches pipelined, the previous batch's).
+    valid = to_device(torch.arange(n)[None, :] < torch.tensor(lengths)[:, None], prompts[0].device)
     return input_ids, valid, None if min(lengths) == n else valid.long()
 
 

@@ -391,12 +391,13 @@ def plan_pieces(hits: np.ndarray, n_kv: int, groups: int, keys: int, d: int, bud
     return out
 
 
-def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """An int64 host array on `device`, without making the host wait for the device."""
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+def to_device(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (or an int64 host array) on `device`, without making the host wait for
+    the device: a copy from pageable memory would wait for the work queued there first."""
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
-    return t
+    return t.to(device)
 
 
 def exact_rows(q: torch.Tensor, k: torch.Tensor, hits: np.ndarray, q0: int, k0: int, k1: int,
