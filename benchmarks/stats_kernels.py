@@ -13,8 +13,12 @@ CUDA events, the median over --repeats of:
     lse_rows               the whole lse route on the stack
     slots                  diag_stats.slot_rows over the stack in chunks, as _refine_slots runs it
     record                 the where/sum that reduces rows to per-head sums
+    fused_rows             fused_rows.fused_rows on the stack (causal): every row exact, the
+                           route that replaces scores, lse_rows and slots up to
+                           capture_fast.FUSED_ROWS_MAX_ROWS (needs Triton and a GPU)
     dense                  diag_stats.dense_rows for a batch of 32 prompts of --dense-n tokens
-                           times every layer (the corpus's route), once per run
+                           times every layer (the corpus's route), once per run; fused_rows
+                           for the same batch next to it
 
     python benchmarks/stats_kernels.py --lengths 512,2048,8192 --out stats_kernels.json
 
@@ -35,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from sheafscope import diag_stats as ds  # noqa: E402
+from sheafscope import fused_rows as fr  # noqa: E402
 from sheafscope.capture_fast import _stacked  # noqa: E402
 
 
@@ -116,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             "slots": slots,
             "record": lambda: torch.where(weights, rows, 0.0).sum(-2),
         }
+        if fr.available(q):
+            steps["fused_rows"] = lambda: fr.fused_rows(q, k, None, True, scale)
         row = {"n": n, "layers": layers, "ms": {}}
         for name, fn in steps.items():
             try:
@@ -136,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         causal = torch.zeros(1, 1, args.dense_n, args.dense_n, dtype=torch.float64, device=dev)
         causal.masked_fill_(torch.ones_like(causal, dtype=torch.bool).triu(1), -math.inf)
         ms = timed(lambda: ds.dense_rows(q, k, causal, scale, None, None), args.repeats)
-        rows_out.append({"dense": {"prompts": 32, "n": args.dense_n, "layers": args.layers, "ms": ms}})
-        print(f"\n=== dense_rows, 32 prompts x {args.dense_n} tokens x {args.layers} layers: {ms:.3f} ms")
+        fused = timed(lambda: fr.fused_rows(q, k, None, True, scale), args.repeats) if fr.available(q) else None
+        rows_out.append({"dense": {"prompts": 32, "n": args.dense_n, "layers": args.layers, "ms": ms, "fused_rows_ms": fused}})
+        print(f"\n=== dense_rows, 32 prompts x {args.dense_n} tokens x {args.layers} layers: {ms:.3f} ms"
+              + ("" if fused is None else f"; fused_rows {fused:.3f} ms"))
     if args.out:
         env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
         Path(args.out).write_text(json.dumps({"args": vars(args), "environment": env, "rows": rows_out}, indent=1))

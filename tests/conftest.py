@@ -13,6 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SHEAFSCOPE_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU, Triton's interpreter runs the fused-rows kernel on CPU tensors (read when
+# Triton is imported, so set before anything imports it).
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 _LOADED: dict[str, object] = {}

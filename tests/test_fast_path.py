@@ -18,7 +18,7 @@ import torch
 import transformers
 from torch.profiler import ProfilerActivity, profile
 
-from sheafscope import analyze, load_model
+from sheafscope import analyze, fused_rows, load_model
 from sheafscope.adapters import adapter_class, adapter_for
 from sheafscope.capture_eager import capture_eager
 from sheafscope.capture_fast import FAST_ATTENTION, DiagonalCapture, capture_batch
@@ -69,11 +69,13 @@ def test_fast_is_registered_with_transformers():
 # By default the statistics of all layers are computed together at the end of the forward
 # pass; "lse-per-layer" computes each layer's on its own (hold_bytes=0) and "lse-deferred"
 # also does each layer's exact recomputation only after the next layer ran, as on a GPU.
-ROUTES = {"dense": dict(kernel="auto"), "lse": dict(kernel="auto", exact_below=0),
-          "lse-per-layer": dict(kernel="auto", exact_below=0, hold_bytes=0),
-          "lse-deferred": dict(kernel="auto", exact_below=0, hold_bytes=0, defer=True),
-          "lse-slots": dict(kernel="auto", exact_below=0, refine_slots=2),
-          "chunked": dict(kernel="chunked", exact_below=0)}
+# fused_rows=False: on a GPU, half-precision calls would otherwise take the fused route.
+ROUTES = {"dense": dict(kernel="auto", fused_rows=False), "lse": dict(kernel="auto", exact_below=0, fused_rows=False),
+          "lse-per-layer": dict(kernel="auto", exact_below=0, hold_bytes=0, fused_rows=False),
+          "lse-deferred": dict(kernel="auto", exact_below=0, hold_bytes=0, defer=True, fused_rows=False),
+          "lse-slots": dict(kernel="auto", exact_below=0, refine_slots=2, fused_rows=False),
+          "chunked": dict(kernel="chunked", exact_below=0),
+          "fused": dict(kernel="auto", fused_rows=True)}
 
 
 @pytest.mark.parametrize("route", sorted(ROUTES))
@@ -81,21 +83,27 @@ ROUTES = {"dense": dict(kernel="auto"), "lse": dict(kernel="auto", exact_below=0
 def test_tiny_fast_equals_eager(name, route):
     """Per-head masses and residual maxima, prompts of 12 and 19 tokens (sliding windows are 4).
     chunk_rows=5 splits every sequence into several row blocks with their own key ranges."""
+    from sheafscope.capture_fast import BatchStats
+
     eager, fast = _pair(name)
     layers = adapter_for(eager).geometry.n_layers
     blocks = adapter_for(fast).blocks
     for n, seed in ((12, 1), (19, 2)):
         ids = _ids(n, seed)
         ref = capture_eager(eager, ids, layers)
-        (cap,) = capture_batch(fast, blocks, [ids], chunk_rows=5, **ROUTES[route])
+        stats = BatchStats()
+        (cap,) = capture_batch(fast, blocks, [ids], stats, chunk_rows=5, **ROUTES[route])
         assert cap.n_tokens == n
         for f in FIELDS:
             assert getattr(cap, f).shape == getattr(ref, f).shape
             assert rel_err(getattr(cap, f), getattr(ref, f)) <= RTOL, (f, n)
+        if route == "fused" and fused_rows.runs_on(torch.device("cpu")):
+            # every layer took the kernel, except soft-capped ones (it does not soft-cap)
+            assert stats.kernels.get("fused-rows", 0) == (0 if name == "gemma2" else layers), dict(stats.kernels)
 
 
-@pytest.mark.parametrize("route", ["dense", "lse", "lse-slots"])
-@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "bert"])
+@pytest.mark.parametrize("route", ["dense", "lse", "lse-slots", "fused"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gemma3", "bert"])
 def test_positions_equal_eager_attention(name, route):
     """Per position (keep_positions=True, a padded batch): 1 - A_ii and A_i0 of every layer,
     head and valid row equal the diagonal and first column of eager's attention matrices."""
@@ -416,7 +424,7 @@ def _fused_cuda_ran(name, stats) -> None:
 
 
 @cuda
-@pytest.mark.parametrize("route", ["dense", "lse", "lse-per-layer"])
+@pytest.mark.parametrize("route", ["dense", "lse", "lse-per-layer", "fused"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_cuda_float32_fast_equals_eager(name, route):
     """Fused CUDA kernels (flash is half-precision only: memory-efficient attention with
@@ -427,8 +435,10 @@ def test_cuda_float32_fast_equals_eager(name, route):
     layers = adapter_for(eager).geometry.n_layers
     prompts = [_ids(n, 20 + n) for n in (19, 12, 3, 7)]
     caps, stats = _cuda_captures(name, torch.float32, prompts, **ROUTES[route])
-    if route != "dense":
+    if route in ("lse", "lse-per-layer"):
         _fused_cuda_ran(name, stats)
+    if route == "fused":
+        assert stats.kernels.get("fused-rows", 0) == (0 if name == "gemma2" else layers), dict(stats.kernels)
     for p, cap in zip(prompts, caps):
         ref = capture_eager(eager, p, layers)
         for f in FIELDS:
@@ -442,12 +452,29 @@ def test_cuda_bfloat16_fused_agrees_with_chunked(name):
     path on the same GPU. The two forward passes round differently in bfloat16, so later layers
     differ by bfloat16 noise: agreement to 3e-2, and exactly the kernels expected."""
     prompts = [_ids(n, 30 + n) for n in (19, 12, 5)]
-    fused, stats = _cuda_captures(name, torch.bfloat16, prompts, kernel="auto", exact_below=0)
+    fused, stats = _cuda_captures(name, torch.bfloat16, prompts, kernel="auto", exact_below=0, fused_rows=False)
     _fused_cuda_ran(name, stats)
     chunked, _ = _cuda_captures(name, torch.bfloat16, prompts, kernel="chunked", exact_below=0)
     for a, b in zip(fused, chunked):
         for f in ("offdiag_mass", "first_token_mass"):
             assert rel_err(getattr(a, f), getattr(b, f)) <= 3e-2, f
+
+
+@cuda
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cuda_bfloat16_default_route_is_fused_rows(name):
+    """bfloat16 on a GPU, default options: every layer of a padded batch and of a 600-token
+    prompt takes the fused-rows kernel (soft-capped gemma2 excepted), and its numbers equal
+    those of the dense route (600 tokens: the lse route with its refinement) on the same
+    forward pass's queries and keys, to float32 score rounding."""
+    layers = adapter_for(build_tiny(name)).geometry.n_layers
+    for prompts in ([_ids(n, 70 + n) for n in (19, 12, 5)], [_ids(600, 9)]):
+        fused, stats = _cuda_captures(name, torch.bfloat16, prompts)
+        assert stats.kernels.get("fused-rows", 0) == (0 if name == "gemma2" else layers), dict(stats.kernels)
+        other, _ = _cuda_captures(name, torch.bfloat16, prompts, fused_rows=False)
+        for a, b in zip(fused, other):
+            for f in FIELDS:
+                assert rel_err(getattr(a, f), getattr(b, f)) <= 1e-4, (f, a.n_tokens)
 
 
 @cuda
@@ -481,7 +508,7 @@ def test_cuda_bfloat16_kernel_choice_by_length(n):
     from sheafscope.capture_fast import FLASH_MAX_ROWS
 
     ids = [_ids(n, 11)]
-    fused, stats = _cuda_captures("llama", torch.bfloat16, ids, kernel="auto", exact_below=0)
+    fused, stats = _cuda_captures("llama", torch.bfloat16, ids, kernel="auto", exact_below=0, fused_rows=False)
     chunked, _ = _cuda_captures("llama", torch.bfloat16, ids, kernel="chunked", exact_below=0)
     model = build_tiny("llama")
     cfg = model.config

@@ -74,6 +74,7 @@ from sheafscope.diag_stats import (
     stat_dtype,
     to_device,
 )
+from sheafscope import fused_rows as fr
 from sheafscope.errors import SheafscopeError
 
 FAST_ATTENTION = "sheafscope"
@@ -94,6 +95,12 @@ DENSE_EXACT_ELEMENTS = 1 << 18
 # stays dense; one prompt of 512 tokens takes the lse route (float64 products of 8M scores per
 # layer would cost about as much GPU time as the layer itself).
 DENSE_EXACT_ELEMENTS_CUDA = 1 << 21
+# Half-precision calls on a GPU of up to this many query rows get exact statistics for every
+# row from one fused Triton kernel (fused_rows.py) over the held layers, and their output
+# from the very sdpa call a plain forward makes: no lse, nothing flagged, nothing refined,
+# no wait. Its cost grows as n^2 (the score product again, without P @ V); above this the
+# lse route's O(n) statistics are cheaper.
+FUSED_ROWS_MAX_ROWS = 2048
 # Queries, keys and lse of up to this many bytes are held and their layers' statistics
 # computed together (DiagonalCapture.hold_bytes): on a GPU a short forward pass is bound by
 # kernel launches, and a few dozen per layer would cost more than the statistics' arithmetic.
@@ -272,13 +279,14 @@ class _LayerInputs:
     layer: int
     q: torch.Tensor
     k: torch.Tensor
-    lse: torch.Tensor | None  # None: the dense exact route
+    lse: torch.Tensor | None  # the lse route's; None on the exact routes
     points: torch.Tensor | None
     softmax: _Softmax
+    route: str  # "lse", "dense" (diag_stats.dense_rows) or "fused" (fused_rows.fused_rows)
 
     def group_key(self) -> tuple:
         """Layers with equal keys share one computation: same route, shapes and softmax."""
-        return (self.lse is None, tuple(self.q.shape), tuple(self.k.shape), self.q.dtype, *self.softmax.key())
+        return (self.route, tuple(self.q.shape), tuple(self.k.shape), self.q.dtype, *self.softmax.key())
 
 
 @dataclass(eq=False)
@@ -317,7 +325,10 @@ class DiagonalCapture:
     None: DENSE_EXACT_ELEMENTS, or DENSE_EXACT_ELEMENTS_CUDA on a GPU). `hold_bytes`: queries
     and keys of up to this many bytes are held and the statistics of all held layers computed
     together, in a few operations instead of a few dozen per layer (None: HOLD_BYTES or
-    HOLD_BYTES_CUDA; 0: every layer on its own). `defer`: recompute a group's flagged rows only
+    HOLD_BYTES_CUDA; 0: every layer on its own). `fused_rows`: exact statistics for every row
+    from one Triton kernel (fused_rows.py) where that serves (None: half precision on a GPU, up
+    to FUSED_ROWS_MAX_ROWS rows; False: never; True: wherever the kernel can run, any length,
+    the CPU included under TRITON_INTERPRET=1, for tests). `defer`: recompute a group's flagged rows only
     once later work is queued (None: on a GPU). `refine_slots`: the first this many flagged
     rows of each head are recomputed in fixed shapes on the device, without waiting for it
     (None: REFINE_SLOTS_CUDA on a GPU, 0 on the CPU). Rows of a padded batch that see no key at all
@@ -333,6 +344,7 @@ class DiagonalCapture:
     defer: bool | None = None
     hold_bytes: int | None = None
     refine_slots: int | None = None
+    fused_rows: bool | None = None
     layer_of: dict[int, int] = field(default_factory=dict)
     kernels: Counter = field(default_factory=Counter)  # which computation ran, per attention call
     fallbacks: list[str] = field(default_factory=list)  # why a fused kernel was not used
@@ -483,7 +495,7 @@ class DiagonalCapture:
         return w.to(device)
 
     def _hold(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None,
-              points: torch.Tensor | None, softmax: _Softmax) -> None:
+              points: torch.Tensor | None, softmax: _Softmax, route: str) -> None:
         """Keep one attention call's inputs to the statistics; process the held layers once
         they exceed the byte budget. On a GPU this is what keeps a short forward pass as cheap
         as a plain one: the per-layer cost is a list append, not kernel launches."""
@@ -491,7 +503,7 @@ class DiagonalCapture:
         if layer in self._seen:
             raise SheafscopeError(f"layer {layer} ran twice inside one DiagonalCapture; use one capture per forward pass")
         self._seen.add(layer)
-        self._held.append(_LayerInputs(layer, q, k, lse, points, softmax))
+        self._held.append(_LayerInputs(layer, q, k, lse, points, softmax, route))
         self._held_bytes += q.nbytes + k.nbytes + (0 if lse is None else lse.nbytes)
         if self._hold_budget is None:
             self._hold_budget = self.hold_bytes if self.hold_bytes is not None else (
@@ -527,7 +539,10 @@ class DiagonalCapture:
         q = first.q if count == 1 else _stacked([i.q for i in items])
         k = first.k if count == 1 else _stacked([i.k for i in items])
         sm = dataclasses.replace(first.softmax, pbias=_tile(first.softmax.pbias, count))
-        if first.lse is None:
+        if first.route == "fused":
+            mask = None if sm.mask is None else allowed(_mask_block(sm.mask, 0, n))
+            rows, flags = fr.fused_rows(q, k, mask, sm.causal, sm.scale), None
+        elif first.route == "dense":
             bias = _tile(_dense_bias(self, sm.mask, sm.causal, n, kv_len, q.device), count)
             rows, flags = dense_rows(q, k, bias, sm.scale, sm.softcap, sm.pbias), None
         else:
@@ -948,6 +963,15 @@ def sheafscope_attention(
                               "pass use_cache=False")
     b, h, n, _ = query.shape
     causal_module = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    if _fused_rows_serve(capture, query, attention_mask, softcap, position_bias):
+        # Exact statistics for every row from the fused kernel, later, for all held layers at
+        # once; the output is the plain sdpa call.
+        out = _sdpa(module, query, key, value, attention_mask, dropout, scale, causal, kwargs)
+        capture.kernels["sdpa"] += 1
+        capture.kernels["fused-rows"] += 1
+        capture._hold(module, query, key, None, None, _Softmax(attention_mask, causal, scale, None, None, n, causal_module),
+                      "fused")
+        return out, None
     if b * h * n * kv_len <= _exact_limit(capture, query.device):
         # Small problems (short prompts): exact statistics for every row from one float64
         # product, later, for all held layers at once. The output is the plain sdpa call.
@@ -958,12 +982,12 @@ def sheafscope_attention(
             out = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap, position_bias,
                                       capture, point_bias=False)[0].transpose(1, 2).contiguous()
         softmax = _Softmax(attention_mask, causal, scale, softcap, position_bias, n, causal_module)
-        capture._hold(module, query, key, None, None, softmax)
+        capture._hold(module, query, key, None, None, softmax, "dense")
         return out, None
     out, lse, points, step = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap,
                                                  position_bias, capture)
     capture._hold(module, query, key, lse, points,
-                  _Softmax(attention_mask, causal, scale, softcap, position_bias, step, causal_module))
+                  _Softmax(attention_mask, causal, scale, softcap, position_bias, step, causal_module), "lse")
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -1010,6 +1034,23 @@ def _block_keys(mask, q0: int, q1: int, n: int, kv_len: int, causal: bool, step:
         k0, k1 = (0, kv_len) if step >= n else _key_range(mask, q0, q1, block)
         return block[..., k0:k1], k0, k1
     return None, 0, (min(kv_len, q1) if causal else kv_len)
+
+
+def _fused_rows_serve(capture: DiagonalCapture, q: torch.Tensor, mask: Any, softcap: float | None,
+                      pbias: torch.Tensor | None) -> bool:
+    """Whether the fused kernel computes this call's statistics: no soft-capping or position
+    bias (the kernel applies neither), a mask it can read whole (none, a boolean tensor, or a
+    LazyMask small enough to materialise), and the capture's `fused_rows` setting."""
+    if capture.fused_rows is False or capture.kernel != "auto" or softcap is not None or pbias is not None:
+        return False
+    if isinstance(mask, LazyMask):
+        if mask.batch_size * mask.q_length * mask.kv_length > SMALL_MASK_ELEMENTS:
+            return False
+    elif mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
+        return False
+    if capture.fused_rows:
+        return q.shape[-1] <= fr.MAX_HEAD_DIM and fr.runs_on(q.device)
+    return q.shape[2] <= FUSED_ROWS_MAX_ROWS and fr.available(q)
 
 
 def _exact_limit(capture: "DiagonalCapture | None", device: torch.device) -> int:
