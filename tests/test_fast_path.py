@@ -463,12 +463,14 @@ def test_cuda_bfloat16_fused_agrees_with_chunked(name):
 @cuda
 @pytest.mark.parametrize("name", FAMILIES)
 def test_cuda_bfloat16_default_route_is_fused_rows(name):
-    """bfloat16 on a GPU, default options: every layer of a padded batch and of a 600-token
-    prompt takes the fused-rows kernel (soft-capped gemma2 excepted), and its numbers equal
-    those of the dense route (600 tokens: the lse route with its refinement) on the same
-    forward pass's queries and keys, to float32 score rounding."""
+    """bfloat16 on a GPU, default options: every layer of a padded batch and of a long prompt
+    (300 tokens, several tiles of the kernel; 64 for families with learned positions, their
+    tiny twins' limit) takes the fused-rows kernel (soft-capped gemma2 excepted), and its
+    numbers equal those of the other routes (dense; at 300 tokens the lse route with its
+    refinement) on the same forward pass's queries and keys, to float32 score rounding."""
     layers = adapter_for(build_tiny(name)).geometry.n_layers
-    for prompts in ([_ids(n, 70 + n) for n in (19, 12, 5)], [_ids(600, 9)]):
+    long = 64 if name in ("bert", "gpt2", "opt", "opt_postnorm") else 300
+    for prompts in ([_ids(n, 70 + n) for n in (19, 12, 5)], [_ids(long, 9)]):
         fused, stats = _cuda_captures(name, torch.bfloat16, prompts)
         assert stats.kernels.get("fused-rows", 0) == (0 if name == "gemma2" else layers), dict(stats.kernels)
         other, _ = _cuda_captures(name, torch.bfloat16, prompts, fused_rows=False)

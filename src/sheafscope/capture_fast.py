@@ -23,7 +23,11 @@ Precision. lse_i carries an absolute rounding of about eps * |lse_i|, so 1 - A_i
 a relative error of eps * |lse_i| / (1 - A_ii): fine where A_ii <= 1/2 (eager's own float error
 is eps * |s|), noise where a head attends to itself and 1 - A_ii is tiny. Rows with A_ii > 1/2
 (a few percent on pretrained models) are therefore recomputed exactly from their scores.
-Small problems (short prompts, a batch of them) skip the lse route and get exact statistics
+On a GPU, half-precision calls of up to FUSED_ROWS_MAX_ROWS rows skip the lse route
+altogether ("the fused route"): their output is the plain sdpa call, and one Triton kernel over
+the held layers (fused_rows.py) computes every row's 1 - A_ii and A_i0 exactly, with its own
+off-diagonal accumulator. Nothing is flagged there, so nothing is refined and nothing waits.
+Elsewhere, small problems (short prompts, a batch of them) skip the lse route and get exact statistics
 for every row from one dense product (`DENSE_EXACT_ELEMENTS`). Those scores are float64,
 except for half-precision models on a GPU, where they are float32 sums of the exact products
 of the half-precision inputs (a relative error of ~d * eps32 on 1 - A_ii, however small).
