@@ -106,6 +106,24 @@ def test_fused_rows_stacked_layers_repeat_the_mask():
 
 
 @interpreted
+def test_fused_rows_in_batch_chunks(monkeypatch):
+    """Stacks beyond the kernel's 32-bit offsets go through it in chunks of whole mask periods
+    (here a limit of 2.5 batch elements: chunks of one mask period, two elements)."""
+    import sheafscope.fused_rows as fr
+
+    q, k = _inputs(torch.float16, "cpu")
+    q, k = q.repeat(3, 1, 1, 1), k.repeat(3, 1, 1, 1)
+    given, _, _ = _masks("padded")
+    whole = fused_rows(q, k, given, False, SCALE)
+    calls = []
+    kernel = fr._kernel
+    monkeypatch.setattr(fr, "INT32_ELEMENTS", q[:1].numel() * 5 // 2)
+    monkeypatch.setattr(fr, "_kernel", lambda: calls.append(1) or kernel())
+    assert torch.equal(fused_rows(q, k, given, False, SCALE), whole)
+    assert len(calls) == 3  # batch elements 0-1, 2-3, 4-5
+
+
+@interpreted
 def test_fused_rows_any_strides():
     """Queries and keys in the model's memory layout ((b, n, h, d) seen as (b, h, n, d)), as
     a capture holds them: the kernel reads them through their strides, no copy."""

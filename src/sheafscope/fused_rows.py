@@ -37,6 +37,9 @@ BLOCK_M = 64
 BLOCK_N = 64
 # Head dimensions the kernel takes (tl.dot needs a power of two of at least 16; others pad).
 MAX_HEAD_DIM = 256
+# Tensors of up to this many elements are indexed with 32-bit offsets; larger stacks go through
+# the kernel in batch chunks below it.
+INT32_ELEMENTS = 1 << 31
 
 
 triton: Any = None  # imported by _kernel() (importing Triton costs a CLI run ~0.2 s; most runs never need it)
@@ -135,7 +138,6 @@ def fused_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, caus
     batch repeat it), or None; `causal` adds key j <= i. A row with no allowed key is NaN.
     """
     B, h, n, d = q.shape
-    n_kv, kv = k.shape[1], k.shape[2]
     if d > MAX_HEAD_DIM:
         raise ValueError(f"fused_rows takes head dimensions up to {MAX_HEAD_DIM}, not {d}")
     if mask is not None and mask.dtype != torch.bool:
@@ -143,6 +145,20 @@ def fused_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, caus
     out = torch.empty(B, h, n, 2, dtype=torch.float64, device=q.device)
     if out.numel() == 0:
         return out
+    # The kernel's offsets are 32-bit: larger stacks go through it in chunks of whole mask
+    # periods, so that a chunk's batch index modulo m is the global one's.
+    mb = 1 if mask is None else mask.shape[0]
+    per_item = max(q[:1].numel(), k[:1].numel())
+    step = B if max(q.numel(), k.numel()) < INT32_ELEMENTS else max(mb, (INT32_ELEMENTS // per_item - 1) // mb * mb)
+    for c0 in range(0, B, step):
+        _launch(q[c0:c0 + step], k[c0:c0 + step], mask, out[c0:c0 + step], causal, scale)
+    return out
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor, causal: bool,
+            scale: float) -> None:
+    B, h, n, d = q.shape
+    n_kv, kv = k.shape[1], k.shape[2]
     if mask is None:
         m, strides, mb = out, (0, 0, 0), 1  # an unused pointer
     else:
@@ -154,4 +170,3 @@ def fused_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, caus
         q, k, m, out, *q.stride(), *k.stride(), *strides, out.stride(0), out.stride(1), out.stride(2),
         h, h // n_kv, n, kv, mb, float(scale),
         HAS_MASK=mask is not None, CAUSAL=bool(causal), IEEE=q.dtype == torch.float32, D=d, DP=dp, BM=BLOCK_M, BN=BLOCK_N)
-    return out
