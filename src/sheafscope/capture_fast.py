@@ -153,9 +153,14 @@ class LazyMask:
     def ndim(self) -> int:
         return 4
 
+    @property
+    def small(self) -> bool:
+        """Whether the whole mask is materialised once (SMALL_MASK_ELEMENTS) and read whole."""
+        return self.batch_size * self.q_length * self.kv_length <= SMALL_MASK_ELEMENTS
+
     def rows(self, q0: int, q1: int) -> torch.Tensor:
         """Mask rows q0..q1-1: bool (batch, 1, q1 - q0, kv_length)."""
-        if self._full is None and self.batch_size * self.q_length * self.kv_length <= SMALL_MASK_ELEMENTS:
+        if self._full is None and self.small:
             self._full = self._build(0, self.q_length)
         if self._full is not None:
             return self._full[:, :, q0:q1]
@@ -440,7 +445,8 @@ class DiagonalCapture:
     def masses(self, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per batch element: offdiag mass (b, layers, heads) = sum over its valid rows of
         1 - A_ii, and first-token mass (b, layers, heads) = mean over its rows 1..n-1 of A_i0."""
-        return masses_from_sums(self.mass_sums(lengths).cpu(), lengths)
+        off, sink = masses_from_sums(self.mass_sums(lengths).cpu().numpy(), lengths)
+        return torch.from_numpy(off), torch.from_numpy(sink)
 
     def mass_sums(self, lengths: list[int]) -> torch.Tensor:
         """(b, layers, heads, 2) float64 on the device: per batch element and head, the sums
@@ -601,7 +607,7 @@ class DiagonalCapture:
         n_kv, kv, d = k.shape[1], k.shape[2], k.shape[3]
         if sm.mask is None:
             mask = None
-        elif isinstance(sm.mask, LazyMask) and sm.mask.batch_size * n * kv > SMALL_MASK_ELEMENTS:
+        elif isinstance(sm.mask, LazyMask) and not sm.mask.small:
             return flags
         else:
             mask = _mask_block(sm.mask, 0, n)
@@ -967,26 +973,22 @@ def sheafscope_attention(
                               "pass use_cache=False")
     b, h, n, _ = query.shape
     causal_module = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
-    if _fused_rows_serve(capture, query, attention_mask, softcap, position_bias):
-        # Exact statistics for every row from the fused kernel, later, for all held layers at
-        # once; the output is the plain sdpa call.
-        out = _sdpa(module, query, key, value, attention_mask, dropout, scale, causal, kwargs)
-        capture.kernels["sdpa"] += 1
-        capture.kernels["fused-rows"] += 1
-        capture._hold(module, query, key, None, None, _Softmax(attention_mask, causal, scale, None, None, n, causal_module),
-                      "fused")
-        return out, None
-    if b * h * n * kv_len <= _exact_limit(capture, query.device):
-        # Small problems (short prompts): exact statistics for every row from one float64
-        # product, later, for all held layers at once. The output is the plain sdpa call.
+    route = ("fused" if _fused_rows_serve(capture, query, attention_mask, softcap, position_bias)
+             else "dense" if b * h * n * kv_len <= _exact_limit(capture, query.device) else "lse")
+    if route != "lse":
+        # The exact routes: statistics for every row from the fused kernel (fused_rows.py) or,
+        # for small problems, one dense product (diag_stats.dense_rows), later, for all held
+        # layers at once. The output is the plain sdpa call where sdpa can compute it.
         if softcap is None and position_bias is None:
             out = _sdpa(module, query, key, value, attention_mask, dropout, scale, causal, kwargs)
             capture.kernels["sdpa"] += 1
         else:
             out = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap, position_bias,
                                       capture, point_bias=False)[0].transpose(1, 2).contiguous()
+        if route == "fused":
+            capture.kernels["fused-rows"] += 1
         softmax = _Softmax(attention_mask, causal, scale, softcap, position_bias, n, causal_module)
-        capture._hold(module, query, key, None, None, softmax, "dense")
+        capture._hold(module, query, key, None, None, softmax, route)
         return out, None
     out, lse, points, step = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap,
                                                  position_bias, capture)
@@ -1048,7 +1050,7 @@ def _fused_rows_serve(capture: DiagonalCapture, q: torch.Tensor, mask: Any, soft
     if capture.fused_rows is False or capture.kernel != "auto" or softcap is not None or pbias is not None:
         return False
     if isinstance(mask, LazyMask):
-        if mask.batch_size * mask.q_length * mask.kv_length > SMALL_MASK_ELEMENTS:
+        if not mask.small:
             return False
     elif mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
         return False
@@ -1226,10 +1228,10 @@ def padded_batch(prompts: list[torch.Tensor], pad_id: int = 0
     return input_ids, valid, None if min(lengths) == n else valid.long()
 
 
-def masses_from_sums(sums: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def masses_from_sums(sums: np.ndarray, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Offdiag and first-token masses (b, layers, heads) from DiagonalCapture.mass_sums on
-    the host: the first-token sum over rows 1..n-1 divided by their number."""
-    denom = (torch.tensor(lengths, dtype=torch.float64) - 1).clamp(min=1)
+    the host (float64 numpy): the first-token sum over rows 1..n-1 divided by their number."""
+    denom = np.maximum(np.asarray(lengths, dtype=np.float64) - 1, 1)
     return sums[..., 0], sums[..., 1] / denom[:, None, None]
 
 
@@ -1273,8 +1275,7 @@ class PendingBatch:
         # memory: the captures' arrays outlive the batch, and pinned blocks are a scarce
         # resource that the caching host allocator should get back.
         sums, hidden = np.array(self.sums.numpy()), np.array(self.hidden.numpy())
-        denom = np.maximum(np.asarray(self.lengths, dtype=np.float64) - 1, 1)  # as masses_from_sums
-        off, sink = sums[..., 0], sums[..., 1] / denom[:, None, None]
+        off, sink = masses_from_sums(sums, self.lengths)
         if stats is not None:
             refined = self.refined_known + (0 if self.refined_pending is None else int(self.refined_pending))
             stats.add(self.kernels, self.fallbacks, refined)
