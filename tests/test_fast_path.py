@@ -102,6 +102,33 @@ def test_tiny_fast_equals_eager(name, route):
             assert stats.kernels.get("fused-rows", 0) == (0 if name == "gemma2" else layers), dict(stats.kernels)
 
 
+def test_fused_rows_failure_falls_back_to_dense(monkeypatch):
+    """A fused-rows kernel that fails (a GPU or Triton install it does not compile for): the
+    layers it held get dense statistics, still equal to eager; the reason is reported; later
+    forward passes no longer try the kernel."""
+    from sheafscope import fused_rows as fr
+    from sheafscope.capture_fast import BatchStats
+
+    def broken():
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(fr, "disabled", None)
+    monkeypatch.setattr(fr, "has_triton", lambda: True)
+    monkeypatch.setattr(fr, "runs_on", lambda device: fr.disabled is None)
+    monkeypatch.setattr(fr, "_kernel", broken)
+    eager, fast = _pair("llama")
+    layers = adapter_for(eager).geometry.n_layers
+    for seed in (1, 2):  # the second forward pass finds the kernel off
+        ids = _ids(15, seed)
+        stats = BatchStats()
+        (cap,) = capture_batch(fast, adapter_for(fast).blocks, [ids], stats, fused_rows=True)
+        assert any("no kernel for this GPU" in f for f in stats.fallbacks) == (seed == 1), stats.fallbacks
+        assert stats.kernels.get("fused-rows", 0) == (layers if seed == 1 else 0)
+        ref = capture_eager(eager, ids, layers)
+        for f in FIELDS:
+            assert rel_err(getattr(cap, f), getattr(ref, f)) <= RTOL, f
+
+
 @pytest.mark.parametrize("route", ["dense", "lse", "lse-slots", "fused"])
 @pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gemma3", "bert"])
 def test_positions_equal_eager_attention(name, route):

@@ -549,10 +549,10 @@ class DiagonalCapture:
         q = first.q if count == 1 else _stacked([i.q for i in items])
         k = first.k if count == 1 else _stacked([i.k for i in items])
         sm = dataclasses.replace(first.softmax, pbias=_tile(first.softmax.pbias, count))
-        if first.route == "fused":
-            mask = None if sm.mask is None else allowed(_mask_block(sm.mask, 0, n))
-            rows, flags = fr.fused_rows(q, k, mask, sm.causal, sm.scale), None
-        elif first.route == "dense":
+        rows = self._fused_rows(q, k, sm) if first.route == "fused" else None
+        if rows is not None:
+            flags = None
+        elif first.route in ("fused", "dense"):
             bias = _tile(_dense_bias(self, sm.mask, sm.causal, n, kv_len, q.device), count)
             rows, flags = dense_rows(q, k, bias, sm.scale, sm.softcap, sm.pbias), None
         else:
@@ -575,6 +575,21 @@ class DiagonalCapture:
                 job.ready.record()
             self._pending.append(job)
         self._flush(keep=1 if (rows.is_cuda if self.defer is None else self.defer) else 0)
+
+    def _fused_rows(self, q: torch.Tensor, k: torch.Tensor, sm: _Softmax) -> torch.Tensor | None:
+        """The fused kernel's rows, or None where it failed (a GPU or Triton install it does
+        not compile for): the reason goes to `fallbacks`, the kernel is off for the rest of the
+        process, and the caller computes these rows with the dense route instead."""
+        mask = None if sm.mask is None else allowed(_mask_block(sm.mask, 0, q.shape[2]))
+        try:
+            return fr.fused_rows(q, k, mask, sm.causal, sm.scale)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # Triton's compile and launch errors have no common base
+            fr.disabled = f"fused-rows kernel failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+            if fr.disabled not in self.fallbacks:
+                self.fallbacks.append(fr.disabled)
+            return None
 
     def _record_group(self, layers: list[int], b: int, rows: torch.Tensor) -> torch.Tensor:
         """Keep a group's rows (L * b, h, n, 2), or their sums over valid rows; each layer's

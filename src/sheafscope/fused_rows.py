@@ -46,6 +46,11 @@ triton: Any = None  # imported by _kernel() (importing Triton costs a CLI run ~0
 tl: Any = None
 
 
+# Why the kernel failed in this process (a GPU or Triton install it does not compile for), or
+# None: after a failure every later call takes the torch routes (capture_fast falls back).
+disabled: str | None = None
+
+
 @functools.cache
 def has_triton() -> bool:
     """Whether Triton is installed (CPU-only installs usually lack it: the torch routes serve)."""
@@ -55,7 +60,7 @@ def has_triton() -> bool:
 def runs_on(device: torch.device) -> bool:
     """Whether the kernel can run on tensors of `device`: CUDA with Triton installed, or any
     device under Triton's interpreter (TRITON_INTERPRET=1)."""
-    if not has_triton():
+    if not has_triton() or disabled is not None:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -63,7 +68,8 @@ def runs_on(device: torch.device) -> bool:
 def available(q: torch.Tensor) -> bool:
     """Whether the fused kernel serves q by default: half precision on a CUDA device, Triton
     installed, a head dimension it takes."""
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= MAX_HEAD_DIM and has_triton()
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= MAX_HEAD_DIM
+            and has_triton() and disabled is None)
 
 
 def rows_kernel(Q, K, M, OUT, sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smn, smk, sob, soh, son,
