@@ -9,7 +9,7 @@ each configuration --repeats times after a warm-up, and prints per-forward media
 
 `trunk` is the model's forward (its attention calls included), `attention` the fast path's
 attention function inside it, `finish` the statistics of the held layers after the forward
-(`lse_rows`/`dense_rows`, `refine`), `masses`/`hidden.maxima` the per-prompt sums,
+(`stack`, `fused_stats`/`lse_rows`/`dense_rows`, `record`, `refine`), `masses`/`hidden.maxima` the per-prompt sums,
 `to_host` their queued copies, `result` the wait for them and the checks, `wait` the final
 device sync. A plain forward's `trunk` against b's `trunk` is what
 the capture costs inside the forward pass.
@@ -59,6 +59,9 @@ def instrument() -> None:
     counted(cf.DiagonalCapture, "_finish", "finish")
     counted(cf, "lse_rows", "finish.lse_rows")
     counted(cf, "dense_rows", "finish.dense_rows")
+    counted(cf, "_stacked", "finish.stack")
+    counted(cf.DiagonalCapture, "_fused_stats", "finish.fused_stats")
+    counted(cf.DiagonalCapture, "_record_group", "finish.record")
     counted(cf.DiagonalCapture, "_refine", "finish.refine")
     counted(cf, "exact_rows", "finish.refine.exact_rows")
     counted(ds, "plan_pieces", "finish.refine.plan")

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from sheafscope.fused_rows import fused_rows, has_triton, runs_on
+from sheafscope.fused_rows import fused_rows, fused_stats, has_triton, runs_on
 
 pytestmark = pytest.mark.skipif(not has_triton(), reason="Triton is a test dependency (pip install -e '.[dev]')")
 # CPU tensors need the interpreter, which conftest.py turns on only where no GPU is (there
@@ -133,6 +133,89 @@ def test_fused_rows_any_strides():
     assert torch.equal(fused_rows(q2, k2, None, True, SCALE), fused_rows(q, k, None, True, SCALE))
 
 
+def _layers(dtype: torch.dtype, device: str, count: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`count` layers of different values, each in the model's memory layout ((b, n, h, d)
+    seen as (b, h, n, d)), as separate tensors: what a capture holds."""
+    q, k = _inputs(torch.float64, "cpu")
+    qs, ks = [], []
+    for i in range(count):
+        g = torch.Generator().manual_seed(100 + i)
+        qi = q * (1 + 0.25 * i) + 0.1 * torch.randn(q.shape, generator=g, dtype=torch.float64)
+        qs.append(qi.to(device, dtype).transpose(1, 2).contiguous().transpose(1, 2))
+        ks.append(k.to(device, dtype).transpose(1, 2).contiguous().transpose(1, 2))
+    return qs, ks
+
+
+def _valid_and_mask(kind: str, device: str) -> tuple[torch.Tensor, torch.Tensor | None, bool, torch.Tensor | None]:
+    """(valid (B, N) rows, kernel mask, causal, meaning): prompt 1 has 97 valid rows; with the
+    "empty" kind its rows 140.. see no key at all (NaN rows that must not enter a sum)."""
+    valid = torch.ones(B, N, dtype=torch.bool)
+    valid[1, 97:] = False
+    if kind == "empty":
+        given, causal, meaning = _masks("padded")
+        given = given.clone()
+        given[1, :, 140:] = False
+        meaning = given
+    else:
+        given, causal, meaning = _masks(kind)
+    return valid.to(device), None if given is None else given.to(device), causal, meaning
+
+
+def _sums_reference(qs, ks, valid: torch.Tensor, meaning: torch.Tensor | None) -> torch.Tensor:
+    want = _reference(torch.cat(qs), torch.cat(ks), meaning)  # (L * B, H, N, 2)
+    w = valid.cpu().repeat(len(qs), 1)[:, None, :, None].expand_as(want).clone()
+    w[..., 0, 1] = False  # row 0 is not in the first-token sum
+    return torch.where(w, want, 0.0).sum(-2)
+
+
+def _check_stats(dtype: torch.dtype, device: str, kind: str, layers: int, splits: int | None) -> None:
+    qs, ks = _layers(dtype, device, layers)
+    valid, given, causal, meaning = _valid_and_mask(kind, device)
+    rows = fused_stats(qs, ks, given, causal, SCALE).cpu()
+    # the address table reads the layers where they lie: the same rows as stacking them
+    stacked = fused_rows(torch.cat(qs), torch.cat(ks), given, causal, SCALE).cpu()
+    torch.testing.assert_close(rows, stacked, rtol=0, atol=0, equal_nan=True)
+    got = fused_stats(qs, ks, given, causal, SCALE, valid=valid, sums=True, splits=splits).cpu()
+    want = _sums_reference(qs, ks, valid, meaning)
+    assert got.shape == (layers * B, H, 2) and got.dtype == torch.float64
+    assert rows.isnan().any() == (kind == "empty")  # the empty rows are NaN, and their sums are not
+    assert torch.isfinite(got).all()
+    rel = ((got - want).abs() / want.abs()).max()
+    assert rel <= _bound(torch.cat(qs), torch.cat(ks)), float(rel)
+
+
+@interpreted
+@pytest.mark.parametrize("splits", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["causal", "padded", "empty"])
+def test_fused_stats_sums_over_valid_rows(kind, splits):
+    """Three layers read through the address table: their rows equal those of the stacked
+    layers, and the sums mode (row tiles split 1, 2 or 3 ways) equals the float64 sums over
+    each prompt's valid rows, row 0 left out of the A_i0 sum and NaN rows left out of both."""
+    _check_stats(torch.float16, "cpu", kind, layers=3, splits=splits)
+
+
+@interpreted
+def test_fused_stats_layers_of_other_strides_or_beyond_32_bits(monkeypatch):
+    """Layers of equal strides take one launch (the address table); layers whose strides
+    differ, or whose offsets would pass the kernel's 32-bit limit (lowered here below one
+    layer), go through it one layer at a time, with the same rows."""
+    import sheafscope.fused_rows as fr
+
+    qs, ks = _layers(torch.float16, "cpu", 3)
+    given, causal, _ = _masks("padded")
+    calls = []
+    kernel = fr._kernel
+    monkeypatch.setattr(fr, "_kernel", lambda: calls.append(1) or kernel())
+    whole = fused_stats(qs, ks, given, causal, SCALE)
+    assert len(calls) == 1
+    mixed = [qs[0], qs[1].contiguous(), qs[2]]
+    assert torch.equal(fused_stats(mixed, ks, given, causal, SCALE), whole)
+    assert len(calls) == 4
+    monkeypatch.setattr(fr, "INT32_ELEMENTS", qs[0].numel() * 2 // 3)
+    assert torch.equal(fused_stats(qs, ks, given, causal, SCALE), whole)
+    assert len(calls) == 7
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["causal", "full", "padded", "window"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -141,3 +224,12 @@ def test_cuda_fused_rows_equal_float64_softmax(dtype, kind):
     float32 (float32 inputs: full float32 products, not TF32)."""
     _check(dtype, "cuda", kind)
     _check(dtype, "cuda", kind, layers=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["causal", "padded", "empty"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_fused_stats_sums_over_valid_rows(dtype, kind):
+    """The compiled kernel's address table and sums mode (its own split choice, and 3 splits)."""
+    _check_stats(dtype, "cuda", kind, layers=3, splits=None)
+    _check_stats(dtype, "cuda", kind, layers=3, splits=3)

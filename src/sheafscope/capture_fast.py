@@ -540,26 +540,30 @@ class DiagonalCapture:
             self._process_group(items, final)
 
     def _process_group(self, items: list[_LayerInputs], final: bool = False) -> None:
-        """Statistics of a group of layers, stacked along the batch: one dense or lse-route
-        computation, one record tensor, one refinement job. `final`: nothing more will be
+        """Statistics of a group of layers: one fused kernel launch, or, stacked along the
+        batch, one dense or lse-route computation; one record tensor, one refinement job. `final`: nothing more will be
         queued, so the flagged rows are found on the device and fetched at once; otherwise
         the flags travel to the host asynchronously and are read a group later."""
         first, count = items[0], len(items)
         b, n, kv_len = first.q.shape[0], first.q.shape[2], first.k.shape[2]
+        layers = [i.layer for i in items]
+        defer = first.q.is_cuda if self.defer is None else self.defer
+        record = self._fused_stats(items) if first.route == "fused" else None
+        if record is not None:  # read from the layers where they lie: nothing stacked, nothing flagged
+            self._groups.append((layers, record, b))
+            self._flush(keep=1 if defer else 0)
+            return
         q = first.q if count == 1 else _stacked([i.q for i in items])
         k = first.k if count == 1 else _stacked([i.k for i in items])
         sm = dataclasses.replace(first.softmax, pbias=_tile(first.softmax.pbias, count))
-        rows = self._fused_rows(q, k, sm) if first.route == "fused" else None
-        if rows is not None:
-            flags = None
-        elif first.route in ("fused", "dense"):
+        if first.route in ("fused", "dense"):
             bias = _tile(_dense_bias(self, sm.mask, sm.causal, n, kv_len, q.device), count)
             rows, flags = dense_rows(q, k, bias, sm.scale, sm.softcap, sm.pbias), None
         else:
             lse = first.lse if count == 1 else torch.cat([i.lse for i in items])
             rows, flags = lse_rows(q, k, lse, _tile(first.points, count), sm.scale, sm.softcap, sm.pbias,
                                    self.chunk_rows, first_row_alone=sm.first_row_alone)
-        target = self._record_group([i.layer for i in items], b, rows)
+        target = self._record_group(layers, b, rows)
         if flags is not None:
             valid = self._valid_on(flags.device)
             if valid is not None:
@@ -574,15 +578,20 @@ class DiagonalCapture:
                 job.ready = torch.cuda.Event()
                 job.ready.record()
             self._pending.append(job)
-        self._flush(keep=1 if (rows.is_cuda if self.defer is None else self.defer) else 0)
+        self._flush(keep=1 if defer else 0)
 
-    def _fused_rows(self, q: torch.Tensor, k: torch.Tensor, sm: _Softmax) -> torch.Tensor | None:
-        """The fused kernel's rows, or None where it failed (a GPU or Triton install it does
+    def _fused_stats(self, items: list[_LayerInputs]) -> torch.Tensor | None:
+        """The fused kernel's record of a group of layers, read where they lie (fused_rows.
+        fused_stats): their rows (L * b, h, n, 2) with keep_positions, else their sums over
+        valid rows (L * b, h, 2). None where the kernel failed (a GPU or Triton install it does
         not compile for): the reason goes to `fallbacks`, the kernel is off for the rest of the
-        process, and the caller computes these rows with the dense route instead."""
+        process, and the caller computes these layers with the dense route instead."""
+        sm, q = items[0].softmax, items[0].q
         mask = None if sm.mask is None else allowed(_mask_block(sm.mask, 0, q.shape[2]))
+        valid = None if self.keep_positions else self._valid_on(q.device)
         try:
-            return fr.fused_rows(q, k, mask, sm.causal, sm.scale)
+            return fr.fused_stats([i.q for i in items], [i.k for i in items], mask, sm.causal, sm.scale,
+                                  valid=valid, sums=not self.keep_positions)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # Triton's compile and launch errors have no common base

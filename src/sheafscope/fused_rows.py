@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -72,57 +73,88 @@ def available(q: torch.Tensor) -> bool:
             and has_triton() and disabled is None)
 
 
-def rows_kernel(Q, K, M, OUT, sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smn, smk, sob, soh, son,
-                H, G, N, KV, MB, scale,
-                HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+def rows_kernel(QT, KT, M, V, OUT, sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smn, smk, svb, svn, sob, soh, sos,
+                H, G, N, KV, NB, MB, S, scale,
+                TABLE: tl.constexpr, SUMS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_VALID: tl.constexpr,
+                CAUSAL: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr):
-    pid_m = tl.program_id(0)
+    # Program (s, bi * H + h): head h of stacked batch element bi = layer * NB + element.
+    # Rows mode: row tile s, written to OUT (B, H, N, 2). Sums mode: row tiles s, s + S, ...,
+    # their valid rows summed (row 0 not in the A_i0 sum) into OUT (B, H, S, 2).
+    pid_s = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    bi = bh // H
     h = bh % H
     hk = h // G
-    rows = pid_m * BM + tl.arange(0, BM)
+    bb = bi % NB  # the element within its layer: the index of the mask and the valid rows
+    if TABLE:  # QT and KT hold each layer's base address (the layers are not stacked in memory)
+        layer = bi // NB
+        q_base = tl.load(QT + layer).to(tl.pointer_type(DT)) + bb * sqb + h * sqh
+        k_base = tl.load(KT + layer).to(tl.pointer_type(DT)) + bb * skb + hk * skh
+    else:
+        q_base = QT + bi * sqb + h * sqh
+        k_base = KT + bi * skb + hk * skh
     dims = tl.arange(0, DP)
-    row_ok = rows < N
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd,
-                mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    total = tl.zeros([BM], tl.float32)
-    off = tl.zeros([BM], tl.float32)
-    s_first = tl.full([BM], float("-inf"), tl.float32)
-    hi = KV
-    if CAUSAL:
-        hi = (pid_m + 1) * BM  # the keys up to the block's last row (loads past KV are masked)
-    for start in range(0, hi, BN):
-        cols = start + tl.arange(0, BN)
-        col_ok = cols < KV
-        k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + dims[None, :] * skd,
-                    mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)
-        if IEEE:  # float32 inputs: full float32 products, not TF32
-            s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32) * scale
-        else:
-            s = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale
-        ok = row_ok[:, None] & col_ok[None, :]
+    acc_off = tl.zeros([BM], tl.float64)
+    acc_first = tl.zeros([BM], tl.float64)
+    t_end = tl.cdiv(N, BM)
+    if not SUMS:
+        t_end = pid_s + 1
+    for t in range(pid_s, t_end, S):
+        rows = t * BM + tl.arange(0, BM)
+        row_ok = rows < N
+        q = tl.load(q_base + rows[:, None] * sqn + dims[None, :] * sqd,
+                    mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        total = tl.zeros([BM], tl.float32)
+        off = tl.zeros([BM], tl.float32)
+        s_first = tl.full([BM], float("-inf"), tl.float32)
+        hi = KV
         if CAUSAL:
-            ok = ok & (cols[None, :] <= rows[:, None])
-        if HAS_MASK:
-            mv = tl.load(M + (b % MB) * smb + rows[:, None] * smn + cols[None, :] * smk, mask=ok, other=0)
-            ok = ok & (mv != 0)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep sums at 0, not NaN
-        alpha = tl.exp(m_i - m_ref)
-        p = tl.exp(s - m_ref[:, None])
-        total = total * alpha + tl.sum(p, 1)
-        off = off * alpha + tl.sum(tl.where(cols[None, :] == rows[:, None], 0.0, p), 1)
-        s_first = tl.maximum(s_first, tl.max(tl.where(cols[None, :] == 0, s, float("-inf")), 1))
-        m_i = m_new
-    m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
-    first = tl.exp(s_first - m_ref)
-    total64 = total.to(tl.float64)
-    base = OUT + b * sob + h * soh + rows * son
-    tl.store(base, off.to(tl.float64) / total64, mask=row_ok)
-    tl.store(base + 1, first.to(tl.float64) / total64, mask=row_ok)
+            hi = (t + 1) * BM  # the keys up to the tile's last row (loads past KV are masked)
+        for start in range(0, hi, BN):
+            cols = start + tl.arange(0, BN)
+            col_ok = cols < KV
+            k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd,
+                        mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)
+            if IEEE:  # float32 inputs: full float32 products, not TF32
+                s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32) * scale
+            else:
+                s = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale
+            ok = row_ok[:, None] & col_ok[None, :]
+            if CAUSAL:
+                ok = ok & (cols[None, :] <= rows[:, None])
+            if HAS_MASK:
+                mv = tl.load(M + (bb % MB) * smb + rows[:, None] * smn + cols[None, :] * smk, mask=ok, other=0)
+                ok = ok & (mv != 0)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep sums at 0, not NaN
+            alpha = tl.exp(m_i - m_ref)
+            p = tl.exp(s - m_ref[:, None])
+            total = total * alpha + tl.sum(p, 1)
+            off = off * alpha + tl.sum(tl.where(cols[None, :] == rows[:, None], 0.0, p), 1)
+            s_first = tl.maximum(s_first, tl.max(tl.where(cols[None, :] == 0, s, float("-inf")), 1))
+            m_i = m_new
+        m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
+        total64 = total.to(tl.float64)
+        off_ratio = off.to(tl.float64) / total64
+        first_ratio = tl.exp(s_first - m_ref).to(tl.float64) / total64
+        if SUMS:
+            counted = row_ok
+            if HAS_VALID:
+                counted = counted & (tl.load(V + bb * svb + rows * svn, mask=row_ok, other=0) != 0)
+            # where(), not a product: a NaN in a row that does not count must not poison the sum
+            acc_off += tl.where(counted, off_ratio, 0.0)
+            acc_first += tl.where(counted & (rows > 0), first_ratio, 0.0)
+        else:
+            base = OUT + bi * sob + h * soh + rows * sos
+            tl.store(base, off_ratio, mask=row_ok)
+            tl.store(base + 1, first_ratio, mask=row_ok)
+    if SUMS:
+        base = OUT + bi * sob + h * soh + pid_s * sos
+        tl.store(base, tl.sum(acc_off, 0))
+        tl.store(base + 1, tl.sum(acc_first, 0))
 
 
 @functools.cache
@@ -143,36 +175,111 @@ def fused_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, caus
     `mask`: bool (m, 1, n, kv), True = attend, with B a multiple of m (layers stacked along the
     batch repeat it), or None; `causal` adds key j <= i. A row with no allowed key is NaN.
     """
-    B, h, n, d = q.shape
+    return fused_stats([q], [k], mask, causal, scale)
+
+
+def fused_stats(qs: list[torch.Tensor], ks: list[torch.Tensor], mask: torch.Tensor | None, causal: bool,
+                scale: float, valid: torch.Tensor | None = None, sums: bool = False,
+                splits: int | None = None) -> torch.Tensor:
+    """The statistics of several layers' attention calls of one shape, in one launch and without
+    stacking them: qs[i] (b, h, n, d) and ks[i] (b, h_kv, kv, d) are layer i's queries and keys
+    (any strides; layers of equal strides are read through a table of their addresses).
+
+    Returns layer i's rows at [i * b:(i + 1) * b]: with sums=False all rows, (L * b, h, n, 2) as
+    `fused_rows`; with sums=True their sums over the rows that count, (L * b, h, 2): rows
+    where `valid` (b, n) bool is True (all rows if None), and for A_i0 rows 1..n-1 only. A row
+    that does not count never enters a sum, NaN included. `mask` as in `fused_rows`, its m
+    dividing b. `splits`: programs per (element, head) in sums mode, each summing every
+    splits-th row tile, their partial sums added after (None: enough to fill the GPU).
+    """
+    L, (b, h, n, d) = len(qs), qs[0].shape
     if d > MAX_HEAD_DIM:
         raise ValueError(f"fused_rows takes head dimensions up to {MAX_HEAD_DIM}, not {d}")
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError("fused_rows takes a boolean mask (True = attend)")
-    out = torch.empty(B, h, n, 2, dtype=torch.float64, device=q.device)
+    if any(q.shape != qs[0].shape or q.dtype != qs[0].dtype for q in qs) or any(k.shape != ks[0].shape for k in ks):
+        raise ValueError("fused_stats takes layers of one shape and dtype")
+    tiles = -(-n // BLOCK_M)
+    s = 1 if not sums else splits or _splits(L * b * h, tiles, qs[0].device)
+    out = torch.empty(L * b, h, s if sums else n, 2, dtype=torch.float64, device=qs[0].device)
     if out.numel() == 0:
-        return out
-    # The kernel's offsets are 32-bit: larger stacks go through it in chunks of whole mask
-    # periods, so that a chunk's batch index modulo m is the global one's.
-    mb = 1 if mask is None else mask.shape[0]
-    per_item = max(q[:1].numel(), k[:1].numel())
-    step = B if max(q.numel(), k.numel()) < INT32_ELEMENTS else max(mb, (INT32_ELEMENTS // per_item - 1) // mb * mb)
-    for c0 in range(0, B, step):
-        _launch(q[c0:c0 + step], k[c0:c0 + step], mask, out[c0:c0 + step], causal, scale)
-    return out
-
-
-def _launch(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor, causal: bool,
-            scale: float) -> None:
-    B, h, n, d = q.shape
-    n_kv, kv = k.shape[1], k.shape[2]
-    if mask is None:
-        m, strides, mb = out, (0, 0, 0), 1  # an unused pointer
+        return out.sum(2) if sums else out
+    args = _Launch(mask, valid, causal, scale, b, s, sums)
+    per_layer = max(qs[0].numel(), ks[0].numel())
+    uniform = all(q.stride() == qs[0].stride() for q in qs) and all(k.stride() == ks[0].stride() for k in ks)
+    if L > 1 and uniform and max(per_layer, out.numel()) < INT32_ELEMENTS:
+        table = _address_table([*qs, *ks], qs[0].device)
+        args.launch(table[:L], table[L:], qs[0], ks[0], out)
     else:
-        m, mb = mask.view(torch.uint8), mask.shape[0]
-        strides = (m.stride(0), m.stride(2), m.stride(3))
-    dp = max(16, 1 << (d - 1).bit_length())
-    grid = (-(-n // BLOCK_M), B * h)
-    _kernel()[grid](
-        q, k, m, out, *q.stride(), *k.stride(), *strides, out.stride(0), out.stride(1), out.stride(2),
-        h, h // n_kv, n, kv, mb, float(scale),
-        HAS_MASK=mask is not None, CAUSAL=bool(causal), IEEE=q.dtype == torch.float32, D=d, DP=dp, BM=BLOCK_M, BN=BLOCK_N)
+        # One layer at a time (a single layer, layers of different strides, or beyond 32-bit
+        # offsets), each in batch chunks of whole mask and valid periods below them.
+        period = b if valid is not None else (1 if mask is None else mask.shape[0])
+        per_item = max(qs[0][:1].numel(), ks[0][:1].numel(), out[:1].numel())
+        step = b if max(per_layer, out[:b].numel()) < INT32_ELEMENTS else max(period, (INT32_ELEMENTS // per_item - 1) // period * period)
+        for i, (q, k) in enumerate(zip(qs, ks)):
+            for c0 in range(0, b, step):
+                args.launch(q[c0:c0 + step], k[c0:c0 + step], q, k, out[i * b + c0:i * b + min(b, c0 + step)])
+    return (out[:, :, 0] if s == 1 else out.sum(2)) if sums else out
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _splits(programs: int, tiles: int, device: torch.device) -> int:
+    """Programs per (element, head) in sums mode: one unless there are too few programs to fill
+    the GPU (8 per multiprocessor), and never fewer than 8 row tiles per program."""
+    return max(1, min(-(-8 * _multiprocessors(device) // programs), tiles // 8))
+
+
+def _address_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """int64 base addresses of `tensors`, on `device`: on a GPU through pinned memory, so that
+    the copy is queued and the host does not wait."""
+    addresses = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, pin_memory=device.type == "cuda")
+    return addresses.to(device, non_blocking=True)
+
+
+_TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+@dataclass
+class _Launch:
+    """What every launch of one fused_stats call shares."""
+
+    mask: torch.Tensor | None
+    valid: torch.Tensor | None
+    causal: bool
+    scale: float
+    nb: int  # elements per layer (the period of the mask and valid indices)
+    splits: int
+    sums: bool
+
+    def launch(self, q: torch.Tensor, k: torch.Tensor, q_layer: torch.Tensor, k_layer: torch.Tensor,
+               out: torch.Tensor) -> None:
+        """One kernel launch. q and k: the stacked tensors themselves, or int64 address tables
+        of layers shaped and strided like q_layer and k_layer."""
+        table = q.dtype == torch.int64
+        B, h = out.shape[0], out.shape[1]
+        _, _, n, d = q_layer.shape
+        n_kv, kv = k_layer.shape[1], k_layer.shape[2]
+        if self.mask is None:
+            m, m_strides, mb = out, (0, 0, 0), 1  # an unused pointer
+        else:
+            m, mb = self.mask.view(torch.uint8), self.mask.shape[0]
+            m_strides = (m.stride(0), m.stride(2), m.stride(3))
+        if self.valid is None:
+            v, v_strides = out, (0, 0)
+        else:
+            v = self.valid.view(torch.uint8)
+            v_strides = v.stride()
+        dp = max(16, 1 << (d - 1).bit_length())
+        grid = (self.splits if self.sums else -(-n // BLOCK_M), B * h)
+        kernel = _kernel()
+        kernel[grid](
+            q, k, m, v, out, *q_layer.stride(), *k_layer.stride(), *m_strides, *v_strides,
+            out.stride(0), out.stride(1), out.stride(2),
+            h, h // n_kv, n, kv, self.nb, mb, self.splits if self.sums else 1, float(self.scale),
+            TABLE=table, SUMS=self.sums, HAS_MASK=self.mask is not None, HAS_VALID=self.valid is not None,
+            CAUSAL=bool(self.causal), IEEE=q_layer.dtype == torch.float32, DT=getattr(tl, _TL_DTYPES[q_layer.dtype]),
+            D=d, DP=dp, BM=BLOCK_M, BN=BLOCK_N)
