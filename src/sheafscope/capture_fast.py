@@ -261,7 +261,7 @@ def _point_bias(block: torch.Tensor, q0: int, key: int | None) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Capture
 # ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)  # not frozen: a frozen dataclass's __init__ costs several times more, per layer
 class _Softmax:
     """What besides queries and keys shapes one attention call's softmax rows, as the
     statistics need it."""
@@ -279,7 +279,7 @@ class _Softmax:
         return (id(self.mask), self.causal, self.scale, self.softcap, id(self.pbias), self.step, self.first_row_alone)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _LayerInputs:
     """What one attention call leaves for the statistics: its queries, keys and (lse route)
     the kernel's lse and the mask's values at each row's diagonal and first key. Held until a
@@ -1023,11 +1023,16 @@ def sheafscope_attention(
 
 def _sdpa(module, query, key, value, mask, dropout, scale, causal, kwargs) -> torch.Tensor:
     """The attention output (b, n, h, d) exactly as attn_implementation="sdpa" computes it."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    global _sdpa_forward
+    if _sdpa_forward is None:  # imported once: an import statement per layer is host time
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa_forward
+    if isinstance(mask, LazyMask):
+        mask = mask.materialize()
+    return _sdpa_forward(module, query, key, value, mask, dropout=dropout, scaling=scale, is_causal=causal,
+                         **kwargs)[0]
 
-    mask = mask.materialize() if isinstance(mask, LazyMask) else mask
-    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scale,
-                                  is_causal=causal, **kwargs)[0]
+
+_sdpa_forward: Any = None
 
 
 def _dense_bias(capture: DiagonalCapture, mask: Any, causal: bool, n: int, kv_len: int,
@@ -1112,7 +1117,7 @@ class HiddenMax:
         self._held: list[tuple[int, torch.Tensor]] = []
         self._held_bytes = 0
         self._budget: int | None = None  # hold_bytes, or the device's default (set by the first stream)
-        self._saved: list[tuple[nn.Module, Any]] = []  # (block, its instance forward or _NO_FORWARD)
+        self._saved: list[tuple[dict, Any]] = []  # (a block's __dict__, its instance forward or _NO_FORWARD)
         self._all: torch.Tensor | None = None  # every stream's per-token maxima, when reduced together
 
     def _keep(self, index: int, h: torch.Tensor) -> None:
@@ -1145,10 +1150,15 @@ class HiddenMax:
         # them), not given nn.Module hooks: a module with hooks takes nn.Module's slow call
         # path, and registering and removing 32 hooks per forward pass cost a host-bound 7B
         # forward on a GPU about a millisecond (benchmarks/capture_overhead.py, fn+hidden).
+        # Through __dict__: what nn.Module's __setattr__ and __delattr__ do for a function, at a
+        # fraction of their cost (32 blocks per forward pass).
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            self._saved.append((block, block.__dict__.get("forward", _NO_FORWARD)))
-            block.forward = self._wrapped(block.forward, i == 0, i + 1 if i < last else None)
+            attrs = block.__dict__
+            saved = attrs.get("forward", _NO_FORWARD)
+            self._saved.append((attrs, saved))
+            attrs["forward"] = self._wrapped(block.forward if saved is _NO_FORWARD else saved, i == 0,
+                                             i + 1 if i < last else None)
         return self
 
     def _wrapped(self, inner: Any, first: bool, index: int | None) -> Any:
@@ -1166,11 +1176,11 @@ class HiddenMax:
         return forward
 
     def __exit__(self, *exc: Any) -> None:
-        for block, saved in reversed(self._saved):
+        for attrs, saved in reversed(self._saved):
             if saved is _NO_FORWARD:
-                del block.forward  # the class's forward again
+                del attrs["forward"]  # the class's forward again
             else:
-                block.forward = saved  # what was there before (e.g. accelerate's wrapper)
+                attrs["forward"] = saved  # what was there before (e.g. accelerate's wrapper)
         self._saved.clear()
 
     def final(self, last_hidden_state: torch.Tensor) -> None:
