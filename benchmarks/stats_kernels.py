@@ -16,6 +16,9 @@ CUDA events, the median over --repeats of:
     fused_rows             fused_rows.fused_rows on the stack (causal): every row exact, the
                            route that replaces scores, lse_rows and slots up to
                            capture_fast.FUSED_ROWS_MAX_ROWS (needs Triton and a GPU)
+    stats_rows             fused_rows.fused_stats on the held layers where they lie (an offset
+                           table, no stack), what the capture runs; stats_rows_unaligned
+                           without the table's alignment hint
     dense                  diag_stats.dense_rows for a batch of 32 prompts of --dense-n tokens
                            times every layer (the corpus's route), once per run; fused_rows
                            for the same batch next to it
@@ -50,28 +53,43 @@ def held(layers: int, n: int, h: int, n_kv: int, d: int, dtype, device, seed: in
     return qs, ks
 
 
-def timed(fn, repeats: int) -> float:
-    if not torch.cuda.is_available():  # a smoke run on the CPU: wall clock
-        import time
+def stats_steps(qs, ks, mask, scale) -> dict:
+    """fused_stats on held layers, with and without the offset table's alignment hint."""
+    def unaligned():
+        table = fr._offset_table
+        fr._offset_table = lambda *a: (table(*a)[0], 1)
+        try:
+            fr.fused_stats(qs, ks, mask, mask is None, scale)
+        finally:
+            fr._offset_table = table
 
-        fn()
-        out = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(out)
+    return {"stats_rows": lambda: fr.fused_stats(qs, ks, mask, mask is None, scale), "stats_rows_unaligned": unaligned}
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(device ms, host ms) medians. The device time is taken behind a sleeping kernel, so that
+    it holds only the device's work, not the host's launching (the steps of short prompts
+    take less device time than host time); the host time is fn's without waiting."""
+    import time
+
+    cuda = torch.cuda.is_available()
     fn()
-    torch.cuda.synchronize()
-    out = []
+    if cuda:
+        torch.cuda.synchronize()
+    device, host = [], []
     for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+        if cuda:
+            torch.cuda._sleep(5_000_000)  # ~3 ms: longer than any step's launching
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+        t = time.perf_counter()
         fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+        host.append((time.perf_counter() - t) * 1e3)
+        if cuda:
+            b.record()
+            b.synchronize()
+            device.append(a.elapsed_time(b))
+    return (statistics.median(device) if cuda else float("nan")), statistics.median(host)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,17 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         }
         if fr.available(q):
             steps["fused_rows"] = lambda: fr.fused_rows(q, k, None, True, scale)
-        row = {"n": n, "layers": layers, "ms": {}}
+            steps.update(stats_steps(qs, ks, None, scale))
+        row = {"n": n, "layers": layers, "ms": {}, "host_ms": {}}
         for name, fn in steps.items():
             try:
-                row["ms"][name] = timed(fn, args.repeats)
+                row["ms"][name], row["host_ms"][name] = timed(fn, args.repeats)
             except (RuntimeError, TypeError) as e:
-                row["ms"][name] = None
+                row["ms"][name] = row["host_ms"][name] = None
                 print(f"  {name}: {str(e).splitlines()[0][:120]}", file=sys.stderr)
         rows_out.append(row)
-        print(f"\n=== n={n}, {layers} layers stacked (device ms, median of {args.repeats})")
+        print(f"\n=== n={n}, {layers} layers stacked (median of {args.repeats}: device ms, host ms)")
         for name, ms in row["ms"].items():
-            print(f"  {name:20s} {'-' if ms is None else f'{ms:8.3f}'}")
+            host = row["host_ms"][name]
+            print(f"  {name:20s} {'-' if ms is None else f'{ms:8.3f} {host:8.3f}'}")
         del qs, ks, q, k
         torch.cuda.empty_cache()
     if args.dense_n:
@@ -142,11 +162,24 @@ def main(argv: list[str] | None = None) -> int:
         q, k = _stacked(qs), _stacked(ks)
         causal = torch.zeros(1, 1, args.dense_n, args.dense_n, dtype=torch.float64, device=dev)
         causal.masked_fill_(torch.ones_like(causal, dtype=torch.bool).triu(1), -math.inf)
-        ms = timed(lambda: ds.dense_rows(q, k, causal, scale, None, None), args.repeats)
-        fused = timed(lambda: fr.fused_rows(q, k, None, True, scale), args.repeats) if fr.available(q) else None
-        rows_out.append({"dense": {"prompts": 32, "n": args.dense_n, "layers": args.layers, "ms": ms, "fused_rows_ms": fused}})
+        ms = timed(lambda: ds.dense_rows(q, k, causal, scale, None, None), args.repeats)[0]
+        fused = timed(lambda: fr.fused_rows(q, k, None, True, scale), args.repeats)[0] if fr.available(q) else None
+        # the corpus's padded batch: prompt j has 8 + j tokens, its mask causal over its own keys
+        lengths = torch.arange(32, device=dev) % (args.dense_n - 7) + 8
+        pos = torch.arange(args.dense_n, device=dev)
+        valid = pos[None, :] < lengths[:, None]
+        mask = (pos[None, :, None] >= pos[None, None, :]) & valid[:, None, :]
+        stats = {}
+        if fr.available(q):
+            steps = {"fused_rows_masked": lambda: fr.fused_rows(q, k, mask[:, None], False, scale),
+                     **stats_steps(qs, ks, mask[:, None], scale)}
+            stats = {name: timed(fn, args.repeats) for name, fn in steps.items()}
+        rows_out.append({"dense": {"prompts": 32, "n": args.dense_n, "layers": args.layers, "ms": ms, "fused_rows_ms": fused,
+                                   "padded_ms": stats}})
         print(f"\n=== dense_rows, 32 prompts x {args.dense_n} tokens x {args.layers} layers: {ms:.3f} ms"
               + ("" if fused is None else f"; fused_rows {fused:.3f} ms"))
+        for name, (t, host) in stats.items():
+            print(f"  padded batch, {name:22s} {t:8.3f} ms device, {host:8.3f} ms host")
     if args.out:
         env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
         Path(args.out).write_text(json.dumps({"args": vars(args), "environment": env, "rows": rows_out}, indent=1))

@@ -146,52 +146,19 @@ def _layers(dtype: torch.dtype, device: str, count: int) -> tuple[list[torch.Ten
     return qs, ks
 
 
-def _valid_and_mask(kind: str, device: str) -> tuple[torch.Tensor, torch.Tensor | None, bool, torch.Tensor | None]:
-    """(valid (B, N) rows, kernel mask, causal, meaning): prompt 1 has 97 valid rows; with the
-    "empty" kind its rows 140.. see no key at all (NaN rows that must not enter a sum)."""
-    valid = torch.ones(B, N, dtype=torch.bool)
-    valid[1, 97:] = False
-    if kind == "empty":
-        given, causal, meaning = _masks("padded")
-        given = given.clone()
-        given[1, :, 140:] = False
-        meaning = given
-    else:
-        given, causal, meaning = _masks(kind)
-    return valid.to(device), None if given is None else given.to(device), causal, meaning
-
-
-def _sums_reference(qs, ks, valid: torch.Tensor, meaning: torch.Tensor | None) -> torch.Tensor:
-    want = _reference(torch.cat(qs), torch.cat(ks), meaning)  # (L * B, H, N, 2)
-    w = valid.cpu().repeat(len(qs), 1)[:, None, :, None].expand_as(want).clone()
-    w[..., 0, 1] = False  # row 0 is not in the first-token sum
-    return torch.where(w, want, 0.0).sum(-2)
-
-
-def _check_stats(dtype: torch.dtype, device: str, kind: str, layers: int, splits: int | None) -> None:
-    qs, ks = _layers(dtype, device, layers)
-    valid, given, causal, meaning = _valid_and_mask(kind, device)
-    rows = fused_stats(qs, ks, given, causal, SCALE).cpu()
-    # the address table reads the layers where they lie: the same rows as stacking them
-    stacked = fused_rows(torch.cat(qs), torch.cat(ks), given, causal, SCALE).cpu()
-    torch.testing.assert_close(rows, stacked, rtol=0, atol=0, equal_nan=True)
-    got = fused_stats(qs, ks, given, causal, SCALE, valid=valid, sums=True, splits=splits).cpu()
-    want = _sums_reference(qs, ks, valid, meaning)
-    assert got.shape == (layers * B, H, 2) and got.dtype == torch.float64
-    assert rows.isnan().any() == (kind == "empty")  # the empty rows are NaN, and their sums are not
-    assert torch.isfinite(got).all()
-    rel = ((got - want).abs() / want.abs()).max()
-    assert rel <= _bound(torch.cat(qs), torch.cat(ks)), float(rel)
-
-
 @interpreted
-@pytest.mark.parametrize("splits", [1, 2, 3])
-@pytest.mark.parametrize("kind", ["causal", "padded", "empty"])
-def test_fused_stats_sums_over_valid_rows(kind, splits):
-    """Three layers read through the address table: their rows equal those of the stacked
-    layers, and the sums mode (row tiles split 1, 2 or 3 ways) equals the float64 sums over
-    each prompt's valid rows, row 0 left out of the A_i0 sum and NaN rows left out of both."""
-    _check_stats(torch.float16, "cpu", kind, layers=3, splits=splits)
+@pytest.mark.parametrize("kind", ["causal", "padded"])
+def test_fused_stats_reads_layers_where_they_lie(kind):
+    """Three layers of different values, each its own tensor in the model's layout, read
+    through the offset table: the rows of stacking them, and of the float64 softmax."""
+    qs, ks = _layers(torch.float16, "cpu", 3)
+    given, causal, meaning = _masks(kind)
+    got = fused_stats(qs, ks, given, causal, SCALE)
+    assert torch.equal(got, fused_rows(torch.cat(qs), torch.cat(ks), given, causal, SCALE))
+    q, k = torch.cat(qs), torch.cat(ks)
+    want = _reference(q, k, meaning)
+    rel = ((got - want).abs() / want.abs().clamp(min=1e-300))[~want.isnan()]
+    assert rel.max() <= _bound(q, k), float(rel.max())
 
 
 @interpreted
@@ -227,9 +194,12 @@ def test_cuda_fused_rows_equal_float64_softmax(dtype, kind):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kind", ["causal", "padded", "empty"])
+@pytest.mark.parametrize("kind", ["causal", "padded"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cuda_fused_stats_sums_over_valid_rows(dtype, kind):
-    """The compiled kernel's address table and sums mode (its own split choice, and 3 splits)."""
-    _check_stats(dtype, "cuda", kind, layers=3, splits=None)
-    _check_stats(dtype, "cuda", kind, layers=3, splits=3)
+def test_cuda_fused_stats_reads_layers_where_they_lie(dtype, kind):
+    """The compiled kernel through the offset table (aligned: wide loads) equals it on the stack."""
+    qs, ks = _layers(dtype, "cuda", 3)
+    given, causal, _ = _masks(kind)
+    given = None if given is None else given.cuda()
+    got = fused_stats(qs, ks, given, causal, SCALE)
+    assert torch.equal(got, fused_rows(torch.cat(qs), torch.cat(ks), given, causal, SCALE))

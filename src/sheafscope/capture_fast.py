@@ -548,9 +548,9 @@ class DiagonalCapture:
         b, n, kv_len = first.q.shape[0], first.q.shape[2], first.k.shape[2]
         layers = [i.layer for i in items]
         defer = first.q.is_cuda if self.defer is None else self.defer
-        record = self._fused_stats(items) if first.route == "fused" else None
-        if record is not None:  # read from the layers where they lie: nothing stacked, nothing flagged
-            self._groups.append((layers, record, b))
+        rows = self._fused_stats(items) if first.route == "fused" else None
+        if rows is not None:  # read from the layers where they lie: nothing stacked, nothing flagged
+            self._record_group(layers, b, rows)
             self._flush(keep=1 if defer else 0)
             return
         q = first.q if count == 1 else _stacked([i.q for i in items])
@@ -581,17 +581,14 @@ class DiagonalCapture:
         self._flush(keep=1 if defer else 0)
 
     def _fused_stats(self, items: list[_LayerInputs]) -> torch.Tensor | None:
-        """The fused kernel's record of a group of layers, read where they lie (fused_rows.
-        fused_stats): their rows (L * b, h, n, 2) with keep_positions, else their sums over
-        valid rows (L * b, h, 2). None where the kernel failed (a GPU or Triton install it does
-        not compile for): the reason goes to `fallbacks`, the kernel is off for the rest of the
-        process, and the caller computes these layers with the dense route instead."""
+        """The fused kernel's rows (L * b, h, n, 2) of a group of layers, read where they lie
+        (fused_rows.fused_stats), or None where the kernel failed (a GPU or Triton install it
+        does not compile for): the reason goes to `fallbacks`, the kernel is off for the rest of
+        the process, and the caller computes these layers with the dense route instead."""
         sm, q = items[0].softmax, items[0].q
         mask = None if sm.mask is None else allowed(_mask_block(sm.mask, 0, q.shape[2]))
-        valid = None if self.keep_positions else self._valid_on(q.device)
         try:
-            return fr.fused_stats([i.q for i in items], [i.k for i in items], mask, sm.causal, sm.scale,
-                                  valid=valid, sums=not self.keep_positions)
+            return fr.fused_stats([i.q for i in items], [i.k for i in items], mask, sm.causal, sm.scale)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # Triton's compile and launch errors have no common base

@@ -73,88 +73,68 @@ def available(q: torch.Tensor) -> bool:
             and has_triton() and disabled is None)
 
 
-def rows_kernel(QT, KT, M, V, OUT, sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smn, smk, svb, svn, sob, soh, sos,
-                H, G, N, KV, NB, MB, S, scale,
-                TABLE: tl.constexpr, SUMS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_VALID: tl.constexpr,
-                CAUSAL: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr):
-    # Program (s, bi * H + h): head h of stacked batch element bi = layer * NB + element.
-    # Rows mode: row tile s, written to OUT (B, H, N, 2). Sums mode: row tiles s, s + S, ...,
-    # their valid rows summed (row 0 not in the A_i0 sum) into OUT (B, H, S, 2).
-    pid_s = tl.program_id(0)
+def rows_kernel(Q, K, QT, KT, M, OUT, sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smn, smk, sob, soh, son,
+                H, G, N, KV, NB, MB, scale,
+                TABLE: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                ALIGN: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    # Program (row tile, bi * H + h): head h of stacked batch element bi = layer * NB + element.
+    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     bi = bh // H
     h = bh % H
     hk = h // G
-    bb = bi % NB  # the element within its layer: the index of the mask and the valid rows
-    if TABLE:  # QT and KT hold each layer's base address (the layers are not stacked in memory)
+    bb = bi % NB  # the element within its layer
+    if TABLE:
+        # QT and KT hold each layer's offset in elements from Q and K (layer 0's tensors: the
+        # layers are not stacked in memory). ALIGN: what every offset is a multiple of, so that
+        # the loads stay as wide as from Q itself.
         layer = bi // NB
-        q_base = tl.load(QT + layer).to(tl.pointer_type(DT)) + bb * sqb + h * sqh
-        k_base = tl.load(KT + layer).to(tl.pointer_type(DT)) + bb * skb + hk * skh
+        q_base = Q + tl.multiple_of(tl.load(QT + layer), ALIGN) + bb * sqb + h * sqh
+        k_base = K + tl.multiple_of(tl.load(KT + layer), ALIGN) + bb * skb + hk * skh
     else:
-        q_base = QT + bi * sqb + h * sqh
-        k_base = KT + bi * skb + hk * skh
+        q_base = Q + bi * sqb + h * sqh
+        k_base = K + bi * skb + hk * skh
+    rows = pid_m * BM + tl.arange(0, BM)
     dims = tl.arange(0, DP)
-    acc_off = tl.zeros([BM], tl.float64)
-    acc_first = tl.zeros([BM], tl.float64)
-    t_end = tl.cdiv(N, BM)
-    if not SUMS:
-        t_end = pid_s + 1
-    for t in range(pid_s, t_end, S):
-        rows = t * BM + tl.arange(0, BM)
-        row_ok = rows < N
-        q = tl.load(q_base + rows[:, None] * sqn + dims[None, :] * sqd,
-                    mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
-        m_i = tl.full([BM], float("-inf"), tl.float32)
-        total = tl.zeros([BM], tl.float32)
-        off = tl.zeros([BM], tl.float32)
-        s_first = tl.full([BM], float("-inf"), tl.float32)
-        hi = KV
-        if CAUSAL:
-            hi = (t + 1) * BM  # the keys up to the tile's last row (loads past KV are masked)
-        for start in range(0, hi, BN):
-            cols = start + tl.arange(0, BN)
-            col_ok = cols < KV
-            k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd,
-                        mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)
-            if IEEE:  # float32 inputs: full float32 products, not TF32
-                s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32) * scale
-            else:
-                s = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale
-            ok = row_ok[:, None] & col_ok[None, :]
-            if CAUSAL:
-                ok = ok & (cols[None, :] <= rows[:, None])
-            if HAS_MASK:
-                mv = tl.load(M + (bb % MB) * smb + rows[:, None] * smn + cols[None, :] * smk, mask=ok, other=0)
-                ok = ok & (mv != 0)
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep sums at 0, not NaN
-            alpha = tl.exp(m_i - m_ref)
-            p = tl.exp(s - m_ref[:, None])
-            total = total * alpha + tl.sum(p, 1)
-            off = off * alpha + tl.sum(tl.where(cols[None, :] == rows[:, None], 0.0, p), 1)
-            s_first = tl.maximum(s_first, tl.max(tl.where(cols[None, :] == 0, s, float("-inf")), 1))
-            m_i = m_new
-        m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
-        total64 = total.to(tl.float64)
-        off_ratio = off.to(tl.float64) / total64
-        first_ratio = tl.exp(s_first - m_ref).to(tl.float64) / total64
-        if SUMS:
-            counted = row_ok
-            if HAS_VALID:
-                counted = counted & (tl.load(V + bb * svb + rows * svn, mask=row_ok, other=0) != 0)
-            # where(), not a product: a NaN in a row that does not count must not poison the sum
-            acc_off += tl.where(counted, off_ratio, 0.0)
-            acc_first += tl.where(counted & (rows > 0), first_ratio, 0.0)
+    row_ok = rows < N
+    q = tl.load(q_base + rows[:, None] * sqn + dims[None, :] * sqd, mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    total = tl.zeros([BM], tl.float32)
+    off = tl.zeros([BM], tl.float32)
+    s_first = tl.full([BM], float("-inf"), tl.float32)
+    hi = KV
+    if CAUSAL:
+        hi = (pid_m + 1) * BM  # the keys up to the block's last row (loads past KV are masked)
+    for start in range(0, hi, BN):
+        cols = start + tl.arange(0, BN)
+        col_ok = cols < KV
+        k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=col_ok[:, None] & (dims[None, :] < D),
+                    other=0.0)
+        if IEEE:  # float32 inputs: full float32 products, not TF32
+            s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32) * scale
         else:
-            base = OUT + bi * sob + h * soh + rows * sos
-            tl.store(base, off_ratio, mask=row_ok)
-            tl.store(base + 1, first_ratio, mask=row_ok)
-    if SUMS:
-        base = OUT + bi * sob + h * soh + pid_s * sos
-        tl.store(base, tl.sum(acc_off, 0))
-        tl.store(base + 1, tl.sum(acc_first, 0))
+            s = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale
+        ok = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None])
+        if HAS_MASK:
+            mv = tl.load(M + (bb % MB) * smb + rows[:, None] * smn + cols[None, :] * smk, mask=ok, other=0)
+            ok = ok & (mv != 0)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep sums at 0, not NaN
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(s - m_ref[:, None])
+        total = total * alpha + tl.sum(p, 1)
+        off = off * alpha + tl.sum(tl.where(cols[None, :] == rows[:, None], 0.0, p), 1)
+        s_first = tl.maximum(s_first, tl.max(tl.where(cols[None, :] == 0, s, float("-inf")), 1))
+        m_i = m_new
+    m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
+    first = tl.exp(s_first - m_ref)
+    total64 = total.to(tl.float64)
+    base = OUT + bi * sob + h * soh + rows * son
+    tl.store(base, off.to(tl.float64) / total64, mask=row_ok)
+    tl.store(base + 1, first.to(tl.float64) / total64, mask=row_ok)
 
 
 @functools.cache
@@ -179,18 +159,12 @@ def fused_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, caus
 
 
 def fused_stats(qs: list[torch.Tensor], ks: list[torch.Tensor], mask: torch.Tensor | None, causal: bool,
-                scale: float, valid: torch.Tensor | None = None, sums: bool = False,
-                splits: int | None = None) -> torch.Tensor:
-    """The statistics of several layers' attention calls of one shape, in one launch and without
+                scale: float) -> torch.Tensor:
+    """`fused_rows` of several layers' attention calls of one shape, in one launch and without
     stacking them: qs[i] (b, h, n, d) and ks[i] (b, h_kv, kv, d) are layer i's queries and keys
-    (any strides; layers of equal strides are read through a table of their addresses).
-
-    Returns layer i's rows at [i * b:(i + 1) * b]: with sums=False all rows, (L * b, h, n, 2) as
-    `fused_rows`; with sums=True their sums over the rows that count, (L * b, h, 2): rows
-    where `valid` (b, n) bool is True (all rows if None), and for A_i0 rows 1..n-1 only. A row
-    that does not count never enters a sum, NaN included. `mask` as in `fused_rows`, its m
-    dividing b. `splits`: programs per (element, head) in sums mode, each summing every
-    splits-th row tile, their partial sums added after (None: enough to fill the GPU).
+    (any strides; layers of equal strides are read through a table of their places in memory),
+    `mask` (m, 1, n, kv) with m dividing b. Returns (L * b, h, n, 2): layer i's rows at
+    [i * b:(i + 1) * b], as `fused_rows` of the stacked layers.
     """
     L, (b, h, n, d) = len(qs), qs[0].shape
     if d > MAX_HEAD_DIM:
@@ -199,48 +173,50 @@ def fused_stats(qs: list[torch.Tensor], ks: list[torch.Tensor], mask: torch.Tens
         raise ValueError("fused_rows takes a boolean mask (True = attend)")
     if any(q.shape != qs[0].shape or q.dtype != qs[0].dtype for q in qs) or any(k.shape != ks[0].shape for k in ks):
         raise ValueError("fused_stats takes layers of one shape and dtype")
-    tiles = -(-n // BLOCK_M)
-    s = 1 if not sums else splits or _splits(L * b * h, tiles, qs[0].device)
-    out = torch.empty(L * b, h, s if sums else n, 2, dtype=torch.float64, device=qs[0].device)
+    out = torch.empty(L * b, h, n, 2, dtype=torch.float64, device=qs[0].device)
     if out.numel() == 0:
-        return out.sum(2) if sums else out
-    args = _Launch(mask, valid, causal, scale, b, s, sums)
+        return out
+    args = _Launch(mask, causal, scale, b)
     per_layer = max(qs[0].numel(), ks[0].numel())
     uniform = all(q.stride() == qs[0].stride() for q in qs) and all(k.stride() == ks[0].stride() for k in ks)
     if L > 1 and uniform and max(per_layer, out.numel()) < INT32_ELEMENTS:
-        table = _address_table([*qs, *ks], qs[0].device)
-        args.launch(table[:L], table[L:], qs[0], ks[0], out)
+        table, align = _offset_table(qs, ks)
+        args.launch(qs[0], ks[0], out, table[:L], table[L:], align)
     else:
         # One layer at a time (a single layer, layers of different strides, or beyond 32-bit
-        # offsets), each in batch chunks of whole mask and valid periods below them.
-        period = b if valid is not None else (1 if mask is None else mask.shape[0])
+        # offsets), each in batch chunks of whole mask periods below them.
+        period = 1 if mask is None else mask.shape[0]
         per_item = max(qs[0][:1].numel(), ks[0][:1].numel(), out[:1].numel())
         step = b if max(per_layer, out[:b].numel()) < INT32_ELEMENTS else max(period, (INT32_ELEMENTS // per_item - 1) // period * period)
         for i, (q, k) in enumerate(zip(qs, ks)):
             for c0 in range(0, b, step):
-                args.launch(q[c0:c0 + step], k[c0:c0 + step], q, k, out[i * b + c0:i * b + min(b, c0 + step)])
-    return (out[:, :, 0] if s == 1 else out.sum(2)) if sums else out
+                args.launch(q[c0:c0 + step], k[c0:c0 + step], out[i * b + c0:i * b + min(b, c0 + step)])
+    return out
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+def _offset_table(qs: list[torch.Tensor], ks: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """int64 offsets in elements of every layer's q from qs[0] and k from ks[0], on their device,
+    and the largest 16-byte alignment all of them keep (in elements; 1 if some do not).
+
+    Tables are kept by their values: forward passes of one shape allocate their layers at the
+    same places, so after the first one the table is found here, and no copy to the device
+    (a pinned allocation and a transfer, more host time than the kernel's launch) is queued."""
+    size = qs[0].element_size()
+    offsets = tuple((t.data_ptr() - ts[0].data_ptr()) // size for ts in (qs, ks) for t in ts)
+    device = qs[0].device
+    key = (device, offsets)
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        # Pageable memory, copied without waiting: the copy stages it at once and queues the
+        # transfer behind the work already queued.
+        table = _TABLES[key] = torch.tensor(offsets, dtype=torch.int64).to(device, non_blocking=True)
+    align = max(1, 16 // size)
+    return table, align if all(o % align == 0 for o in offsets) else 1
 
 
-def _splits(programs: int, tiles: int, device: torch.device) -> int:
-    """Programs per (element, head) in sums mode: one unless there are too few programs to fill
-    the GPU (8 per multiprocessor), and never fewer than 8 row tiles per program."""
-    return max(1, min(-(-8 * _multiprocessors(device) // programs), tiles // 8))
-
-
-def _address_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """int64 base addresses of `tensors`, on `device`: on a GPU through pinned memory, so that
-    the copy is queued and the host does not wait."""
-    addresses = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, pin_memory=device.type == "cuda")
-    return addresses.to(device, non_blocking=True)
-
-
-_TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_TABLES: dict[tuple, torch.Tensor] = {}
 
 
 @dataclass
@@ -248,38 +224,26 @@ class _Launch:
     """What every launch of one fused_stats call shares."""
 
     mask: torch.Tensor | None
-    valid: torch.Tensor | None
     causal: bool
     scale: float
-    nb: int  # elements per layer (the period of the mask and valid indices)
-    splits: int
-    sums: bool
+    nb: int  # elements per layer (the mask's index is the element's modulo its batch)
 
-    def launch(self, q: torch.Tensor, k: torch.Tensor, q_layer: torch.Tensor, k_layer: torch.Tensor,
-               out: torch.Tensor) -> None:
-        """One kernel launch. q and k: the stacked tensors themselves, or int64 address tables
-        of layers shaped and strided like q_layer and k_layer."""
-        table = q.dtype == torch.int64
+    def launch(self, q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, q_table: torch.Tensor | None = None,
+               k_table: torch.Tensor | None = None, align: int = 1) -> None:
+        """One kernel launch: q and k stacked, or (with the tables) layer 0 of layers shaped
+        and strided alike, at the tables' offsets from it."""
+        table = q_table is not None
         B, h = out.shape[0], out.shape[1]
-        _, _, n, d = q_layer.shape
-        n_kv, kv = k_layer.shape[1], k_layer.shape[2]
+        _, _, n, d = q.shape
+        n_kv, kv = k.shape[1], k.shape[2]
         if self.mask is None:
             m, m_strides, mb = out, (0, 0, 0), 1  # an unused pointer
         else:
             m, mb = self.mask.view(torch.uint8), self.mask.shape[0]
             m_strides = (m.stride(0), m.stride(2), m.stride(3))
-        if self.valid is None:
-            v, v_strides = out, (0, 0)
-        else:
-            v = self.valid.view(torch.uint8)
-            v_strides = v.stride()
         dp = max(16, 1 << (d - 1).bit_length())
-        grid = (self.splits if self.sums else -(-n // BLOCK_M), B * h)
-        kernel = _kernel()
-        kernel[grid](
-            q, k, m, v, out, *q_layer.stride(), *k_layer.stride(), *m_strides, *v_strides,
-            out.stride(0), out.stride(1), out.stride(2),
-            h, h // n_kv, n, kv, self.nb, mb, self.splits if self.sums else 1, float(self.scale),
-            TABLE=table, SUMS=self.sums, HAS_MASK=self.mask is not None, HAS_VALID=self.valid is not None,
-            CAUSAL=bool(self.causal), IEEE=q_layer.dtype == torch.float32, DT=getattr(tl, _TL_DTYPES[q_layer.dtype]),
-            D=d, DP=dp, BM=BLOCK_M, BN=BLOCK_N)
+        _kernel()[(-(-n // BLOCK_M), B * h)](
+            q, k, q_table if table else q, k_table if table else k, m, out, *q.stride(), *k.stride(), *m_strides,
+            out.stride(0), out.stride(1), out.stride(2), h, h // n_kv, n, kv, self.nb, mb, float(self.scale),
+            TABLE=table, HAS_MASK=self.mask is not None, CAUSAL=bool(self.causal), IEEE=q.dtype == torch.float32,
+            ALIGN=align, D=d, DP=dp, BM=BLOCK_M, BN=BLOCK_N)
