@@ -25,8 +25,8 @@ is eps * |s|), noise where a head attends to itself and 1 - A_ii is tiny. Rows w
 (a few percent on pretrained models) are therefore recomputed exactly from their scores.
 On a GPU, half-precision calls of up to FUSED_ROWS_MAX_ROWS rows skip the lse route
 altogether ("the fused route"): their output is the plain sdpa call, and one Triton kernel over
-the held layers (fused_rows.py) computes every row's 1 - A_ii and A_i0 exactly, with its own
-off-diagonal accumulator. Nothing is flagged there, so nothing is refined and nothing waits.
+the held layers (fused_rows.py, reading them where they lie) computes every row's 1 - A_ii
+and A_i0 exactly, with its own off-diagonal accumulator. Nothing is flagged there, so nothing is refined and nothing waits.
 Elsewhere, small problems (short prompts, a batch of them) skip the lse route and get exact statistics
 for every row from one dense product (`DENSE_EXACT_ELEMENTS`). Those scores are float64,
 except for half-precision models on a GPU, where they are float32 sums of the exact products
@@ -34,9 +34,10 @@ of the half-precision inputs (a relative error of ~d * eps32 on 1 - A_ii, howeve
 The arithmetic of all three is in diag_stats.py.
 
 Each attention call only holds its queries, keys and lse; the statistics of the held layers
-are computed together (stacked along the batch) at the end of the forward pass, or whenever
-the held tensors exceed a byte budget, so that a short forward pass on a GPU pays a few dozen
-kernel launches for them rather than a few dozen per layer. Nothing makes the host wait for the
+are computed together (stacked along the batch, or read in place by the fused kernel) at the
+end of the forward pass, or whenever the held tensors exceed a byte budget, so that a short
+forward pass on a GPU pays a few dozen kernel launches for them rather than a few dozen per
+layer. Nothing makes the host wait for the
 device mid-forward: on a GPU the first REFINE_SLOTS_CUDA flagged rows of each head are
 recomputed in fixed shapes right behind the statistics, and the flags of any further rows of a
 group processed mid-forward reach the host asynchronously.
@@ -541,9 +542,10 @@ class DiagonalCapture:
 
     def _process_group(self, items: list[_LayerInputs], final: bool = False) -> None:
         """Statistics of a group of layers: one fused kernel launch, or, stacked along the
-        batch, one dense or lse-route computation; one record tensor, one refinement job. `final`: nothing more will be
-        queued, so the flagged rows are found on the device and fetched at once; otherwise
-        the flags travel to the host asynchronously and are read a group later."""
+        batch, one dense or lse-route computation; one record tensor, one refinement job.
+        `final`: nothing more will be queued, so the flagged rows are found on the device and
+        fetched at once; otherwise the flags travel to the host asynchronously and are read a
+        group later."""
         first, count = items[0], len(items)
         b, n, kv_len = first.q.shape[0], first.q.shape[2], first.k.shape[2]
         layers = [i.layer for i in items]

@@ -38,8 +38,8 @@ BLOCK_M = 64
 BLOCK_N = 64
 # Head dimensions the kernel takes (tl.dot needs a power of two of at least 16; others pad).
 MAX_HEAD_DIM = 256
-# Tensors of up to this many elements are indexed with 32-bit offsets; larger stacks go through
-# the kernel in batch chunks below it.
+# Tensors of up to this many elements are indexed with 32-bit offsets; larger layers go through
+# the kernel one at a time, in batch chunks below it.
 INT32_ELEMENTS = 1 << 31
 
 
@@ -200,7 +200,7 @@ def _offset_table(qs: list[torch.Tensor], ks: list[torch.Tensor]) -> tuple[torch
 
     Tables are kept by their values: forward passes of one shape allocate their layers at the
     same places, so after the first one the table is found here, and no copy to the device
-    (a pinned allocation and a transfer, more host time than the kernel's launch) is queued."""
+    (more host time than the kernel's launch) is queued."""
     size = qs[0].element_size()
     offsets = tuple((t.data_ptr() - ts[0].data_ptr()) // size for ts in (qs, ks) for t in ts)
     device = qs[0].device
