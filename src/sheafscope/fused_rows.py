@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from sheafscope.diag_stats import to_device
+
 # Rows and keys per program tile. 64 x 64 with d up to 256 keeps q, k and the score tile in
 # registers and shared memory on every GPU Triton supports.
 BLOCK_M = 64
@@ -209,9 +211,7 @@ def _offset_table(qs: list[torch.Tensor], ks: list[torch.Tensor]) -> tuple[torch
     if table is None:
         if len(_TABLES) >= 64:
             _TABLES.clear()
-        # Pageable memory, copied without waiting: the copy stages it at once and queues the
-        # transfer behind the work already queued.
-        table = _TABLES[key] = torch.tensor(offsets, dtype=torch.int64).to(device, non_blocking=True)
+        table = _TABLES[key] = to_device(torch.tensor(offsets, dtype=torch.int64), device)
     align = max(1, 16 // size)
     return table, align if all(o % align == 0 for o in offsets) else 1
 
