@@ -17,11 +17,13 @@ import pytest
 import torch
 import transformers
 from torch.profiler import ProfilerActivity, profile
+from transformers.masking_utils import AttentionMaskInterface
 
 from sheafscope import analyze, fused_rows, load_model
+from sheafscope import capture_fast as cf
 from sheafscope.adapters import adapter_class, adapter_for
 from sheafscope.capture_eager import capture_eager
-from sheafscope.capture_fast import FAST_ATTENTION, DiagonalCapture, capture_batch
+from sheafscope.capture_fast import FAST_ATTENTION, BatchStats, DiagonalCapture, capture_batch
 from sheafscope.errors import NonFiniteError
 from sheafscope.loading import attention_implementation
 from tiny_models import TINY_CONFIGS, build_tiny
@@ -169,7 +171,6 @@ def test_slot_refinement_in_layer_chunks(monkeypatch):
     per_layer = b * (kv_heads * n * d + heads * slots * n)  # float64 elements, see _refine_slots
     monkeypatch.setattr(ds, "REFINE_BELOW", 1.01)
     monkeypatch.setattr(ds, "CPU_BLOCK_ELEMENTS", 4 * per_layer + 4)
-    import sheafscope.capture_fast as cf
 
     chunks, slot_rows = [], cf.slot_rows
     monkeypatch.setattr(cf, "slot_rows", lambda q, *a: chunks.append(q.shape[0]) or slot_rows(q, *a))
@@ -218,6 +219,51 @@ def test_padded_batch_equals_prompts_alone(name, route):
         assert got.n_tokens == alone.n_tokens == p.shape[1]
         for f in FIELDS:
             assert rel_err(getattr(got, f), getattr(alone, f)) <= RTOL, (f, p.shape[1])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_padding_as_causal_only_where_valid_rows_see_causal_keys(monkeypatch, name):
+    """A right-padded batch's statistics drop the mask (prefix_rows) exactly where every valid
+    row of the mask transformers built sees the causal keys, checked on the materialised mask
+    itself: the families without a window (or a window >= n) do, sliding windows of 4 < n and
+    bidirectional attention do not. The numbers of such batches are test_padded_batch_*'s."""
+    _, fast = _pair(name)
+    masks = []
+
+    def recording(*args, **kwargs):
+        mask = cf.lazy_sdpa_mask(*args, **kwargs)
+        masks.append(mask)
+        return mask
+
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, FAST_ATTENTION, recording)
+    lengths = [3, 20, 7]
+    stats = BatchStats()
+    capture_batch(fast, adapter_for(fast).blocks, [_ids(n, 30 + i) for i, n in enumerate(lengths)], stats,
+                  fused_rows=False)
+    lazy = [m for m in masks if isinstance(m, cf.LazyMask)]
+    assert lazy, "a padded batch builds masks"
+    valid = torch.arange(20)[None, :] < torch.tensor(lengths)[:, None]
+    causal = torch.ones(20, 20, dtype=torch.bool).tril()
+    verdicts = []
+    for m in lazy:
+        rows = m.materialize()[:, 0]  # (b, n, kv)
+        truth = bool((rows == causal)[valid].all())
+        assert m.causal_but_padding == truth
+        verdicts.append(truth)
+    # Layers whose mask is causal but for padding: all but those with a window of 4 (< 20 tokens)
+    # and bidirectional BERT's.
+    types = getattr(fast.config, "layer_types", None) or ["full_attention"] * fast.config.num_hidden_layers
+    if name == "mistral" or name == "bert":
+        types = ["other"] * len(types)
+    expected = sum(t == "full_attention" for t in types)
+    assert stats.kernels["padding-as-causal"] == expected
+    assert any(verdicts) or expected == 0  # (Gemma3 also builds a full mask its sliding layers never use)
+
+
+def test_prefix_rows_refuses_to_keep_positions():
+    _, fast = _pair("llama")
+    with pytest.raises(ValueError, match="keep_positions=False"):
+        DiagonalCapture(fast, valid=torch.ones(1, 4, dtype=torch.bool), prefix_rows=True)
 
 
 # -- offline pretrained models --------------------------------------------------------------------
@@ -398,7 +444,6 @@ def test_analyze_batches_keep_order_and_back_off_on_oom(monkeypatch, offline_mod
     """Batches of 4, then an out-of-memory error for any batch of more than one prompt: the
     batch is halved (4, 2, 1) and retried; results keep the prompts' order; progress counts
     every prompt (skipped ones too)."""
-    import sheafscope.capture_fast as cf
 
     fast = _fast("smollm2-135m")
     real = cf.launch_batch
@@ -526,6 +571,25 @@ def test_cuda_batches_in_flight_equal_eager():
             for f in FIELDS:
                 assert rel_err(getattr(cap, f), getattr(ref, f)) <= RTOL, (f, p.shape[1])
     assert stats.kernels.get("fused-cuda", 0) > 0  # the 600-token batch took the lse route
+
+
+@cuda
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cuda_padding_as_causal_equals_reading_the_mask(name):
+    """bfloat16, default route (the fused kernel): a right-padded batch's statistics computed
+    as causal attention (prefix_rows, the default) equal those computed with its padding mask
+    read, on the same forward pass; the families without a window shorter than the prompts
+    take it in every layer."""
+    layers = adapter_for(build_tiny(name)).geometry.n_layers
+    prompts = [_ids(n, 80 + n) for n in (19, 12, 5)]
+    causal, stats = _cuda_captures(name, torch.bfloat16, prompts)
+    masked, masked_stats = _cuda_captures(name, torch.bfloat16, prompts, prefix_rows=False)
+    assert masked_stats.kernels["padding-as-causal"] == 0
+    if name in ("gpt2", "gpt_neox", "llama", "opt", "opt_postnorm", "qwen2", "gemma"):
+        assert stats.kernels["padding-as-causal"] == layers, dict(stats.kernels)
+    for a, b in zip(causal, masked):
+        for f in FIELDS:
+            assert rel_err(getattr(a, f), getattr(b, f)) <= 1e-6, (f, a.n_tokens)
 
 
 @cuda

@@ -138,8 +138,12 @@ class LazyMask:
     overlays) means here exactly what it means for sdpa and eager.
     """
 
-    def __init__(self, recipe: dict[str, Any]):
+    def __init__(self, recipe: dict[str, Any], causal_but_padding: bool = False):
         self.recipe = recipe
+        # transformers' own verdict: without padding this mask would be plain causal attention
+        # (sdpa's is_causal). Every row a right-padded batch counts then sees exactly the
+        # causal keys (its keys are all valid), which DiagonalCapture.prefix_rows uses.
+        self.causal_but_padding = causal_but_padding
         self.batch_size = int(recipe["batch_size"])
         self.q_length = int(recipe["q_length"])
         self.kv_length = int(recipe["kv_length"])
@@ -217,9 +221,26 @@ def lazy_sdpa_mask(batch_size: int, q_length: int, kv_length: int, **kwargs: Any
     recipe = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, **kwargs)
     if _mask_skippable(recipe):
         return None
+    causal_but_padding = _causal_but_padding(recipe)
     recipe.pop("allow_is_causal_skip", None)
     recipe.pop("allow_is_bidirectional_skip", None)
-    return LazyMask(recipe)
+    return LazyMask(recipe, causal_but_padding)
+
+
+def _causal_but_padding(recipe: dict[str, Any]) -> bool:
+    """Whether transformers would replace this mask by sdpa's is_causal were nothing padded:
+    its mask builder allowed the causal skip (a causal mask with no overlay, packing or
+    bidirectional part) and `_ignore_causal_mask_sdpa` accepts the shape with no padding (no
+    sliding window or chunk shorter than the keys, no cache offset, queries = keys)."""
+    if recipe.get("allow_is_causal_skip") is not True or recipe["q_length"] != recipe["kv_length"]:
+        return False
+    if any(not isinstance(o, int) or o != 0 for o in (recipe.get("q_offset", 0), recipe.get("kv_offset", 0))):
+        return False  # a cache offset (a tensor for static caches: reading it would wait on the device)
+    try:
+        from transformers.masking_utils import _ignore_causal_mask_sdpa
+    except ImportError:  # private helper moved: keep the mask (correct, a little slower)
+        return False
+    return bool(_ignore_causal_mask_sdpa(None, recipe["q_length"], recipe["kv_length"], 0, 0, recipe.get("local_size")))
 
 
 def _mask_block(mask: Any, q0: int, q1: int) -> torch.Tensor:
@@ -341,7 +362,13 @@ class DiagonalCapture:
     the CPU included under TRITON_INTERPRET=1, for tests). `defer`: recompute a group's flagged rows only
     once later work is queued (None: on a GPU). `refine_slots`: the first this many flagged
     rows of each head are recomputed in fixed shapes on the device, without waiting for it
-    (None: REFINE_SLOTS_CUDA on a GPU, 0 on the CPU). Rows of a padded batch that see no key at all
+    (None: REFINE_SLOTS_CUDA on a GPU, 0 on the CPU). `prefix_rows`: the caller promises that
+    the model gets a right-padded batch whose attention mask is `valid` (launch_batch's), so
+    that each element's valid rows are a prefix; where transformers says the mask would be
+    plain causal attention but for the padding (LazyMask.causal_but_padding), the exact routes
+    then compute the statistics with causal attention and no mask, which every counted row sees
+    exactly (its keys are all valid); the padded rows, which differ, are never counted. Needs
+    `valid` and keep_positions=False. Rows of a padded batch that see no key at all
     hold NaN in `off` and `sink`; sums never include them.
     """
 
@@ -355,6 +382,7 @@ class DiagonalCapture:
     hold_bytes: int | None = None
     refine_slots: int | None = None
     fused_rows: bool | None = None
+    prefix_rows: bool = False
     layer_of: dict[int, int] = field(default_factory=dict)
     kernels: Counter = field(default_factory=Counter)  # which computation ran, per attention call
     fallbacks: list[str] = field(default_factory=list)  # why a fused kernel was not used
@@ -376,6 +404,9 @@ class DiagonalCapture:
     def __post_init__(self) -> None:
         if self.kernel not in ("auto", "chunked"):
             raise ValueError(f"kernel must be 'auto' or 'chunked', not {self.kernel!r}")
+        if self.prefix_rows and (self.keep_positions or self.valid is None):
+            raise ValueError("prefix_rows needs valid rows (valid=...) and keep_positions=False: padded rows are "
+                             "computed without the padding mask and must never be kept")
         if not self.layer_of:
             self.layer_of = attention_layer_indices(self.model)
 
@@ -996,7 +1027,13 @@ def sheafscope_attention(
                               "pass use_cache=False")
     b, h, n, _ = query.shape
     causal_module = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
-    route = ("fused" if _fused_rows_serve(capture, query, attention_mask, softcap, position_bias)
+    # The exact routes' statistics may see a right-padded causal batch as plain causal
+    # attention (DiagonalCapture.prefix_rows): no mask to read (on a GPU the fused kernel's
+    # masked loads cost it 7x on a padded corpus batch), and no length limit from materialising one.
+    stats_mask, stats_causal = attention_mask, causal
+    if capture.prefix_rows and isinstance(attention_mask, LazyMask) and attention_mask.causal_but_padding:
+        stats_mask, stats_causal = None, True
+    route = ("fused" if _fused_rows_serve(capture, query, stats_mask, softcap, position_bias)
              else "dense" if b * h * n * kv_len <= _exact_limit(capture, query.device) else "lse")
     if route != "lse":
         # The exact routes: statistics for every row from the fused kernel (fused_rows.py) or,
@@ -1010,7 +1047,9 @@ def sheafscope_attention(
                                       capture, point_bias=False)[0].transpose(1, 2).contiguous()
         if route == "fused":
             capture.kernels["fused-rows"] += 1
-        softmax = _Softmax(attention_mask, causal, scale, softcap, position_bias, n, causal_module)
+        if stats_mask is not attention_mask:
+            capture.kernels["padding-as-causal"] += 1
+        softmax = _Softmax(stats_mask, stats_causal, scale, softcap, position_bias, n, causal_module)
         capture._hold(module, query, key, None, None, softmax, route)
         return out, None
     out, lse, points, step = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap,
@@ -1336,7 +1375,8 @@ def launch_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.
     trunk = getattr(model, "base_model", model)
     if attention_mask is None:  # nothing padded: every row counts, which valid=None says at no cost
         valid = None
-    with DiagonalCapture(model, valid=valid, keep_positions=False, **capture_options) as cap, \
+    options = {"prefix_rows": valid is not None, **capture_options}  # prefix_rows=False: read the mask
+    with DiagonalCapture(model, valid=valid, keep_positions=False, **options) as cap, \
             HiddenMax(blocks, valid, capture_options.get("hold_bytes")) as hm:
         out = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hm.final(out[0])
