@@ -302,6 +302,19 @@ class _Softmax:
 
 
 @dataclass(eq=False, slots=True)
+class _Plan:
+    """What one forward pass's first call of a kind decided on an exact route without soft-capping
+    or position bias, reused by the calls like it (sheafscope_attention's plan_key): the route,
+    the statistics' softmax, sdpa's is_causal and scale, the kernel counters to bump."""
+
+    route: str
+    softmax: _Softmax
+    causal: bool
+    scale: float
+    counted: tuple[str, ...]
+
+
+@dataclass(eq=False, slots=True)
 class _LayerInputs:
     """What one attention call leaves for the statistics: its queries, keys and (lse route)
     the kernel's lse and the mask's values at each row's diagonal and first key. Held until a
@@ -395,6 +408,7 @@ class DiagonalCapture:
     _valid_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
     _cache: dict[Any, Any] = field(default_factory=dict)  # per forward: weights, dense mask biases
     _choices: dict[Any, str] = field(default_factory=dict)  # per forward: fused kernel per call shape
+    _plans: dict[tuple, "_Plan"] = field(default_factory=dict)  # per forward: exact-route calls' decisions
     # (layers, record, b) per group of layers computed together: layer layers[i]'s record is
     # record[i * b:(i + 1) * b]
     _groups: list[tuple[list[int], torch.Tensor, int]] = field(default_factory=list)
@@ -422,6 +436,7 @@ class DiagonalCapture:
         self._hold_budget = None
         self._cache.clear()
         self._choices = {}
+        self._plans = {}
         self._groups = []
         self._seen = set()
         self._refined = []
@@ -437,6 +452,7 @@ class DiagonalCapture:
         self._held.clear()
         self._pending.clear()
         self._cache.clear()
+        self._plans = {}
 
     # -- results ------------------------------------------------------------------------------
     @property
@@ -1005,6 +1021,20 @@ def sheafscope_attention(
             raise SheafscopeError(f"{FAST_ATTENTION} attention does not implement attention sinks ({name}); "
                                   "load the model with attention='eager'")
     capture = _ACTIVE.get()
+    if capture is not None and softcap is None and position_bias is None:
+        # The layers of one forward pass repeat one call: what the first decided, the rest
+        # reuse (on a host-bound GPU forward pass, Python per layer is what b pays over a).
+        plan_key = (id(attention_mask), query.shape, key.shape, query.dtype, query.device, scaling, is_causal,
+                    getattr(module, "is_causal", None))
+        plan = capture._plans.get(plan_key)
+        if plan is not None and not (dropout and module.training):
+            out = _sdpa(module, query, key, value, attention_mask, dropout, plan.scale, plan.causal, kwargs)
+            for name in plan.counted:
+                capture.kernels[name] += 1
+            capture._hold(module, query, key, None, None, plan.softmax, plan.route)
+            return out, None
+    else:
+        plan_key = None
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -1014,6 +1044,7 @@ def sheafscope_attention(
         key, value = key[:, :, :q_len], value[:, :, :q_len]
         position_bias = None if position_bias is None else position_bias[..., :q_len]
         kv_len = q_len
+        plan_key = None  # the plan's path does not cut keys
     if capture is None:
         if softcap is None and position_bias is None:
             return _sdpa(module, query, key, value, attention_mask, dropout, scale, causal, kwargs), None
@@ -1041,15 +1072,17 @@ def sheafscope_attention(
         # layers at once. The output is the plain sdpa call where sdpa can compute it.
         if softcap is None and position_bias is None:
             out = _sdpa(module, query, key, value, attention_mask, dropout, scale, causal, kwargs)
-            capture.kernels["sdpa"] += 1
         else:
             out = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap, position_bias,
                                       capture, point_bias=False)[0].transpose(1, 2).contiguous()
-        if route == "fused":
-            capture.kernels["fused-rows"] += 1
-        if stats_mask is not attention_mask:
-            capture.kernels["padding-as-causal"] += 1
+        counted = (("sdpa",) if softcap is None and position_bias is None else ()) + (
+            ("fused-rows",) if route == "fused" else ()) + (
+            ("padding-as-causal",) if stats_mask is not attention_mask else ())
+        for name in counted:
+            capture.kernels[name] += 1
         softmax = _Softmax(stats_mask, stats_causal, scale, softcap, position_bias, n, causal_module)
+        if plan_key is not None:
+            capture._plans[plan_key] = _Plan(route, softmax, causal, scale, counted)
         capture._hold(module, query, key, None, None, softmax, route)
         return out, None
     out, lse, points, step = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap,
