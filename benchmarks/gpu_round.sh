@@ -3,7 +3,7 @@
 # the repository root of a checkout on the GPU machine; results go to $OUT (default ./gpu_out).
 #
 #   bash benchmarks/gpu_round.sh tests     # CUDA tests of the fast path (~1 min)
-#   bash benchmarks/gpu_round.sh ab        # a and b, interleaved, 16..8192 tokens and the corpus (~4 min)
+#   bash benchmarks/gpu_round.sh ab        # a and b, interleaved, 16..8192 tokens and the corpus (~6 min)
 #   bash benchmarks/gpu_round.sh lengths   # a, b, c, d at 16..65536 tokens (~4 min)
 #   bash benchmarks/gpu_round.sh corpus    # a, b, d on the 1,000-prompt corpus (~5 min)
 #   bash benchmarks/gpu_round.sh profile   # host phases, torch.profiler and cProfile tables (~3 min)
@@ -30,8 +30,8 @@ for part in "$@"; do
     tests)
       python -m pytest -q tests/test_fast_path.py tests/test_diag_stats.py tests/test_fused_rows.py -k cuda 2>&1 | tail -5 | tee "$OUT/pytest_cuda.txt" ;;
     ab)
-      python benchmarks/bench_traces.py "${TWIN[@]}" --lengths 16,512,2048,8192 --methods ab --repeats 25 \
-        --corpus-size 1000 --corpus-repeats 9 --max-seconds 60 --out "$OUT/ab.json" | tail -12 ;;
+      python benchmarks/bench_traces.py "${TWIN[@]}" --lengths 16,512,2048,8192 --methods ab --repeats 50 \
+        --corpus-size 1000 --corpus-repeats 13 --max-seconds 60 --out "$OUT/ab.json" | tail -12 ;;
     lengths)
       python benchmarks/bench_traces.py "${TWIN[@]}" --max-seconds 40 --corpus-size 0 \
         --out "$OUT/lengths.json" --repeats 15 | tail -22 ;;

@@ -696,6 +696,37 @@ def test_a_second_forward_inside_one_capture_is_refused():
     assert sorted(cap.records) == list(range(model.config.num_hidden_layers))
 
 
+class _PlantNaN(torch.nn.Module):
+    def forward(self, x):
+        x = x.clone()
+        x[1, 3, 2] = float("nan")
+        return x
+
+
+@pytest.mark.parametrize("hold_bytes", [None, 0])  # streams reduced together, or one by one
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cuda", torch.float32), ("cuda", torch.bfloat16)])
+def test_hidden_max_propagates_nan(device, dtype, hold_bytes):
+    """max |h| per stream and batch element equals a float64 reference, and a NaN in a hidden
+    state stays NaN in its element's maxima (check_finite then names it) on every device."""
+    from sheafscope.capture_fast import HiddenMax
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    blocks = [torch.nn.Identity(), _PlantNaN(), torch.nn.Identity()]
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    streams = [x]
+    with torch.no_grad(), HiddenMax(blocks, hold_bytes=hold_bytes) as hm:
+        for block in blocks:
+            streams.append(block(streams[-1]))
+        hm.final(streams[-1])
+    got = hm.result()
+    want = torch.stack([s.double().abs().amax(dim=(-1, -2)).cpu() for s in streams], dim=1)
+    want[1, 2:] = float("nan")  # amax skips nothing: element 1 from stream 2 on
+    assert got.shape == want.shape == (2, 4)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
 def test_hidden_max_leaves_the_blocks_as_it_found_them():
     """HiddenMax wraps the blocks' forward while entered: on exit, also after an error inside,
     each block's forward is what it was (the class's, or an instance-level wrapper such as

@@ -1208,11 +1208,13 @@ class HiddenMax:
             return
         tensors = [h for _, h in held]
         if len({(t.shape, t.dtype) for t in tensors}) == 1 and len(tensors) > 1:
-            maxima = torch.stack(tensors).abs_().amax(dim=-1)  # amax propagates NaN
+            # max |h| in one reduction (no abs pass); NaN propagates, on the CPU and on CUDA
+            # (test_hidden_max_propagates_nan)
+            maxima = torch.linalg.vector_norm(torch.stack(tensors), ord=math.inf, dim=-1)
             if [i for i, _ in held] == list(range(len(self.values))):  # every stream, in order
                 self._all = maxima  # (streams, b, n): maxima() needs no second stack
         else:
-            maxima = [t.abs().amax(dim=-1) for t in tensors]
+            maxima = [torch.linalg.vector_norm(t, ord=math.inf, dim=-1) for t in tensors]
         for (index, _), m in zip(held, maxima):
             self.values[index] = m
 
