@@ -1202,19 +1202,21 @@ class HiddenMax:
             self._reduce_held()
 
     def _reduce_held(self) -> None:
-        """Per token only, (b, n): the masking and the max over tokens happen once, in result()."""
+        """Per batch element (b,) where every token counts (valid None); else per token (b, n),
+        masked and reduced over tokens once, in maxima()."""
         held, self._held, self._held_bytes = self._held, [], 0
         if not held:
             return
         tensors = [h for _, h in held]
+        dims = (-2, -1) if self.valid is None else -1
         if len({(t.shape, t.dtype) for t in tensors}) == 1 and len(tensors) > 1:
             # max |h| in one reduction (no abs pass); NaN propagates, on the CPU and on CUDA
             # (test_hidden_max_propagates_nan)
-            maxima = torch.linalg.vector_norm(torch.stack(tensors), ord=math.inf, dim=-1)
+            maxima = torch.linalg.vector_norm(torch.stack(tensors), ord=math.inf, dim=dims)
             if [i for i, _ in held] == list(range(len(self.values))):  # every stream, in order
-                self._all = maxima  # (streams, b, n): maxima() needs no second stack
+                self._all = maxima  # (streams, b[, n]): maxima() needs no second stack
         else:
-            maxima = [torch.linalg.vector_norm(t, ord=math.inf, dim=-1) for t in tensors]
+            maxima = [torch.linalg.vector_norm(t, ord=math.inf, dim=dims) for t in tensors]
         for (index, _), m in zip(held, maxima):
             self.values[index] = m
 
@@ -1265,20 +1267,23 @@ class HiddenMax:
         """(b, layers + 1) float64 on the CPU."""
         return self.maxima().cpu()
 
-    def maxima(self) -> torch.Tensor:
-        """(b, layers + 1) float64 on the device."""
+    def maxima(self, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+        """(b, layers + 1) on the device, in `dtype` (None: the hidden states' own dtype, which
+        holds every max |h| exactly; launch_batch converts on the host)."""
         self._reduce_held()
         missing = [i for i, v in enumerate(self.values) if v is None]
         if missing:
             raise SheafscopeError(f"no max |h| for hidden-state streams {missing} (the blocks did not run, or final() was not called)")
         if self._all is not None:
-            per_token = self._all.transpose(0, 1)  # (b, streams, n)
+            per_token = self._all.transpose(0, 1)  # (b, streams[, n])
         else:
             dt = self.values[-1].dtype
             per_token = torch.stack([v if v.dtype == dt else v.to(dt) for v in self.values], dim=1)
-        if self.valid is not None:
-            per_token = torch.where(self.valid.to(per_token.device)[:, None], per_token, 0)
-        return per_token.amax(dim=-1).double()
+        if self.valid is None:  # already reduced over tokens: (b, streams)
+            return per_token if dtype is None else per_token.to(dtype)
+        per_token = torch.where(self.valid.to(per_token.device)[:, None], per_token, 0)
+        out = per_token.amax(dim=-1)
+        return out if dtype is None else out.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1362,7 +1367,7 @@ class PendingBatch:
 
     lengths: list[int]
     sums: torch.Tensor  # (b, layers, heads, 2) float64 on the host (pinned on a GPU)
-    hidden: torch.Tensor  # (b, layers + 1) float64 on the host
+    hidden: torch.Tensor  # (b, layers + 1) on the host, in the hidden states' dtype (exact maxima)
     refined_known: int
     refined_pending: torch.Tensor | None  # a host copy of the device's count
     kernels: Counter
@@ -1381,7 +1386,7 @@ class PendingBatch:
         # batch of 32 short prompts on a host-bound GPU notices. np.array copies out of pinned
         # memory: the captures' arrays outlive the batch, and pinned blocks are a scarce
         # resource that the caching host allocator should get back.
-        sums, hidden = np.array(self.sums.numpy()), np.array(self.hidden.numpy())
+        sums, hidden = np.array(self.sums.numpy()), self.hidden.to(torch.float64, copy=True).numpy()
         off, sink = masses_from_sums(sums, self.lengths)
         if stats is not None:
             refined = self.refined_known + (0 if self.refined_pending is None else int(self.refined_pending))
@@ -1415,8 +1420,12 @@ def launch_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.
             HiddenMax(blocks, valid, capture_options.get("hold_bytes")) as hm:
         out = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hm.final(out[0])
-    sums = _to_host(cap.mass_sums(lengths))
-    hidden = _to_host(hm.maxima())
+    sums = cap.mass_sums(lengths)  # (b, layers, heads, 2), often a view of (layers, b, heads, 2) memory
+    if not sums.is_contiguous() and sums.transpose(0, 1).is_contiguous():
+        sums = _to_host(sums.transpose(0, 1)).transpose(0, 1)  # copied as it lies: no reordering kernel
+    else:
+        sums = _to_host(sums)
+    hidden = _to_host(hm.maxima(dtype=None))  # float64 on the host (result()): no conversion kernel
     known, pending = cap.refined_on_device()
     pending = None if pending is None else _to_host(pending)
     ready = None
