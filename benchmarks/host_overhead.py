@@ -11,8 +11,9 @@ of its shape (its launch is measured on the GPU by stats_kernels.py):
 
 a and b run interleaved in pairs; the table gives the medians and the median of the pairs'
 differences. `--lengths 8,40,23,...` runs a right-padded batch of those prompt lengths instead.
-The numbers are host milliseconds on this machine, a proxy: the GPU hosts' Python was measured
-2-3x slower per call (python_profile.py), so multiply before comparing with a GPU forward pass.
+The numbers are host milliseconds on this machine, a proxy. A plain forward pass costs the GPU
+hosts 13-23 us per top-level operator call, and this CPU ~3.2 us (benchmarks/README.md, "GPU,
+seventh round"), so multiply by 4-7 before comparing with a GPU forward pass.
 """
 
 from __future__ import annotations
