@@ -1189,7 +1189,7 @@ class HiddenMax:
         self._held_bytes = 0
         self._budget: int | None = None  # hold_bytes, or the device's default (set by the first stream)
         self._saved: list[tuple[dict, Any]] = []  # (a block's __dict__, its instance forward or _NO_FORWARD)
-        self._all: torch.Tensor | None = None  # every stream's per-token maxima, when reduced together
+        self._all: torch.Tensor | None = None  # every stream's maxima (per token if padded), when reduced together
 
     def _keep(self, index: int, h: torch.Tensor) -> None:
         if h.requires_grad:
@@ -1352,6 +1352,10 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     behind the work that produces t (read it only after the batch's event)."""
     if t.device.type != "cuda":
         return t.cpu()
+    if not t.is_contiguous() and t.dim() >= 2 and t.transpose(0, 1).is_contiguous():
+        # a (b, layers, ...) view of (layers, b, ...) memory (records, stream maxima): copied as
+        # it lies, a view of the host copy, rather than reordered by a kernel on the device
+        return _to_host(t.transpose(0, 1)).transpose(0, 1)
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     return host
@@ -1386,7 +1390,8 @@ class PendingBatch:
         # batch of 32 short prompts on a host-bound GPU notices. np.array copies out of pinned
         # memory: the captures' arrays outlive the batch, and pinned blocks are a scarce
         # resource that the caching host allocator should get back.
-        sums, hidden = np.array(self.sums.numpy()), self.hidden.to(torch.float64, copy=True).numpy()
+        sums = np.array(self.sums.numpy(), order="C")
+        hidden = self.hidden.to(torch.float64, memory_format=torch.contiguous_format, copy=True).numpy()
         off, sink = masses_from_sums(sums, self.lengths)
         if stats is not None:
             refined = self.refined_known + (0 if self.refined_pending is None else int(self.refined_pending))
@@ -1420,11 +1425,7 @@ def launch_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.
             HiddenMax(blocks, valid, capture_options.get("hold_bytes")) as hm:
         out = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hm.final(out[0])
-    sums = cap.mass_sums(lengths)  # (b, layers, heads, 2), often a view of (layers, b, heads, 2) memory
-    if not sums.is_contiguous() and sums.transpose(0, 1).is_contiguous():
-        sums = _to_host(sums.transpose(0, 1)).transpose(0, 1)  # copied as it lies: no reordering kernel
-    else:
-        sums = _to_host(sums)
+    sums = _to_host(cap.mass_sums(lengths))
     hidden = _to_host(hm.maxima(dtype=None))  # float64 on the host (result()): no conversion kernel
     known, pending = cap.refined_on_device()
     pending = None if pending is None else _to_host(pending)
