@@ -304,21 +304,32 @@ class _Softmax:
 @dataclass(eq=False, slots=True)
 class _Plan:
     """What one forward pass's first call of a kind decided on an exact route without soft-capping
-    or position bias, reused by the calls like it (sheafscope_attention's plan_key): the route,
-    the statistics' softmax, sdpa's is_causal and scale, the kernel counters to bump."""
+    or position bias, reused by the calls like it (sheafscope_attention's plan key): the route,
+    the statistics' softmax, sdpa's mask, is_causal and scale, the kernel counters to bump. The
+    calls it serves are held here (their layers, queries and keys) until the capture processes
+    them, as one group: on a host-bound GPU forward pass, Python per layer is what b pays over a,
+    so a planned call costs a dict lookup and three appends."""
 
     route: str
     softmax: _Softmax
+    sdpa_mask: Any  # the mask the sdpa call gets (a LazyMask materialised once)
     causal: bool
     scale: float
     counted: tuple[str, ...]
+    nbytes: int  # bytes held per call: its queries and keys
+    keyed_mask: Any  # the mask object whose id keys the plan, kept so that its id is not reused
+    calls: int = 0  # calls served; their counters join DiagonalCapture.kernels when the capture finishes
+    layers: list[int] = field(default_factory=list)  # held calls, not yet processed
+    qs: list[torch.Tensor] = field(default_factory=list)
+    ks: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass(eq=False, slots=True)
 class _LayerInputs:
-    """What one attention call leaves for the statistics: its queries, keys and (lse route)
-    the kernel's lse and the mask's values at each row's diagonal and first key. Held until a
-    group of layers is processed together (`DiagonalCapture._process_held`)."""
+    """What one unplanned attention call (the lse route, soft-capping, a position bias) leaves
+    for the statistics: its queries, keys and (lse route) the kernel's lse and the mask's values
+    at each row's diagonal and first key. Held until a group of layers is processed together
+    (`DiagonalCapture._process_held`)."""
 
     layer: int
     q: torch.Tensor
@@ -331,6 +342,20 @@ class _LayerInputs:
     def group_key(self) -> tuple:
         """Layers with equal keys share one computation: same route, shapes and softmax."""
         return (self.route, tuple(self.q.shape), tuple(self.k.shape), self.q.dtype, *self.softmax.key())
+
+
+@dataclass(eq=False, slots=True)
+class _Group:
+    """Layers whose statistics are computed together: one route, one softmax, queries and keys
+    of one shape (and the lse route's lse and mask points)."""
+
+    route: str
+    softmax: _Softmax
+    layers: list[int]
+    qs: list[torch.Tensor]
+    ks: list[torch.Tensor]
+    lses: list[torch.Tensor] | None = None
+    points: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -412,7 +437,8 @@ class DiagonalCapture:
     # (layers, record, b) per group of layers computed together: layer layers[i]'s record is
     # record[i * b:(i + 1) * b]
     _groups: list[tuple[list[int], torch.Tensor, int]] = field(default_factory=list)
-    _seen: set[int] = field(default_factory=set)  # layers held or computed in this forward pass
+    _seen: set[int] = field(default_factory=set)  # layers computed in this forward pass
+    _numbered: int = 0  # modules numbered in call order (no adapter, no layer_idx)
     _token: Any = None
 
     def __post_init__(self) -> None:
@@ -474,9 +500,14 @@ class DiagonalCapture:
         return self._refined[0]
 
     def _finish(self) -> None:
-        """Statistics of every layer still held, and every pending exact recomputation."""
+        """Statistics of every layer still held, and every pending exact recomputation; the
+        planned calls' kernel counters."""
         self._process_held(final=True)
         self._flush(keep=0)
+        for plan in self._plans.values():
+            for name in plan.counted:
+                self.kernels[name] += plan.calls
+            plan.calls = 0
 
     def _column(self, c: int) -> list[torch.Tensor]:
         self._finish()
@@ -527,10 +558,11 @@ class DiagonalCapture:
         idx = self.layer_of.get(id(module))
         if idx is None:
             idx = getattr(module, "layer_idx", None)
-        if idx is None:  # a family without layer indices: number the calls in order
-            idx = self.n_layers + len(self._held)
-            self.layer_of[id(module)] = idx
-        return int(idx)
+            if idx is None:  # a family without layer indices: number the modules in the order they run
+                idx = self._numbered
+                self._numbered += 1
+            idx = self.layer_of[id(module)] = int(idx)
+        return idx
 
     def _note_block(self, rows: int, cols: int) -> None:
         if rows * cols > self.max_block[0] * self.max_block[1]:
@@ -554,20 +586,33 @@ class DiagonalCapture:
 
     def _hold(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None,
               points: torch.Tensor | None, softmax: _Softmax, route: str) -> None:
-        """Keep one attention call's inputs to the statistics; process the held layers once
-        they exceed the byte budget. On a GPU this is what keeps a short forward pass as cheap
-        as a plain one: the per-layer cost is a list append, not kernel launches."""
-        layer = self._layer(module)
-        if layer in self._seen:
-            raise SheafscopeError(f"layer {layer} ran twice inside one DiagonalCapture; use one capture per forward pass")
-        self._seen.add(layer)
-        self._held.append(_LayerInputs(layer, q, k, lse, points, softmax, route))
+        """Keep one unplanned attention call's inputs to the statistics; process the held
+        layers once they exceed the byte budget."""
+        self._held.append(_LayerInputs(self._layer(module), q, k, lse, points, softmax, route))
         self._held_bytes += q.nbytes + k.nbytes + (0 if lse is None else lse.nbytes)
+        self._check_budget(q)
+
+    def _hold_planned(self, plan: _Plan, module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Keep a planned call's queries and keys with its plan. On a GPU this is what keeps a
+        short forward pass as cheap as a plain one: the per-layer cost is a few appends, not
+        kernel launches."""
+        layer = self.layer_of.get(id(module))
+        plan.layers.append(self._layer(module) if layer is None else layer)
+        plan.qs.append(q)
+        plan.ks.append(k)
+        plan.calls += 1
+        self._held_bytes += plan.nbytes
+        if self._held_bytes > (self._hold_budget or self._check_budget(q)):
+            self._process_held()
+
+    def _check_budget(self, q: torch.Tensor) -> int:
+        """The byte budget of held layers (set by the first layer); processes them beyond it."""
         if self._hold_budget is None:
             self._hold_budget = self.hold_bytes if self.hold_bytes is not None else (
                 HOLD_BYTES_CUDA if q.is_cuda else HOLD_BYTES)
         if self._held_bytes > self._hold_budget:
             self._process_held()
+        return self._hold_budget
 
     def _valid_on(self, device: torch.device) -> torch.Tensor | None:
         """`valid` on `device`, copied once per capture (before the forward pass queues work:
@@ -579,38 +624,51 @@ class DiagonalCapture:
         return self._valid_device[device]
 
     def _process_held(self, final: bool = False) -> None:
-        groups: dict[tuple, list[_LayerInputs]] = {}
+        groups = [_Group(p.route, p.softmax, p.layers, p.qs, p.ks) for p in self._plans.values() if p.layers]
+        for p in self._plans.values():
+            if p.layers:
+                p.layers, p.qs, p.ks = [], [], []
+        unplanned: dict[tuple, list[_LayerInputs]] = {}
         for item in self._held:
-            groups.setdefault(item.group_key(), []).append(item)
+            unplanned.setdefault(item.group_key(), []).append(item)
+        for items in unplanned.values():
+            first = items[0]
+            groups.append(_Group(first.route, first.softmax, [i.layer for i in items], [i.q for i in items],
+                                 [i.k for i in items], None if first.lse is None else [i.lse for i in items],
+                                 first.points))
         self._held = []
         self._held_bytes = 0
-        for items in groups.values():
-            self._process_group(items, final)
+        for group in groups:
+            layers = group.layers
+            if len(set(layers)) < len(layers) or not self._seen.isdisjoint(layers):
+                raise SheafscopeError("a layer ran twice inside one DiagonalCapture; use one capture per forward pass")
+            self._seen.update(layers)
+        for group in groups:
+            self._process_group(group, final)
 
-    def _process_group(self, items: list[_LayerInputs], final: bool = False) -> None:
+    def _process_group(self, group: _Group, final: bool = False) -> None:
         """Statistics of a group of layers: one fused kernel launch, or, stacked along the
         batch, one dense or lse-route computation; one record tensor, one refinement job.
         `final`: nothing more will be queued, so the flagged rows are found on the device and
         fetched at once; otherwise the flags travel to the host asynchronously and are read a
         group later."""
-        first, count = items[0], len(items)
-        b, n, kv_len = first.q.shape[0], first.q.shape[2], first.k.shape[2]
-        layers = [i.layer for i in items]
-        defer = first.q.is_cuda if self.defer is None else self.defer
-        rows = self._fused_stats(items) if first.route == "fused" else None
+        q0, k0, count, layers = group.qs[0], group.ks[0], len(group.qs), group.layers
+        b, n, kv_len = q0.shape[0], q0.shape[2], k0.shape[2]
+        defer = q0.is_cuda if self.defer is None else self.defer
+        rows = self._fused_stats(group) if group.route == "fused" else None
         if rows is not None:  # read from the layers where they lie: nothing stacked, nothing flagged
             self._record_group(layers, b, rows)
             self._flush(keep=1 if defer else 0)
             return
-        q = first.q if count == 1 else _stacked([i.q for i in items])
-        k = first.k if count == 1 else _stacked([i.k for i in items])
-        sm = dataclasses.replace(first.softmax, pbias=_tile(first.softmax.pbias, count))
-        if first.route in ("fused", "dense"):
+        q = q0 if count == 1 else _stacked(group.qs)
+        k = k0 if count == 1 else _stacked(group.ks)
+        sm = dataclasses.replace(group.softmax, pbias=_tile(group.softmax.pbias, count))
+        if group.route in ("fused", "dense"):
             bias = _tile(_dense_bias(self, sm.mask, sm.causal, n, kv_len, q.device), count)
             rows, flags = dense_rows(q, k, bias, sm.scale, sm.softcap, sm.pbias), None
         else:
-            lse = first.lse if count == 1 else torch.cat([i.lse for i in items])
-            rows, flags = lse_rows(q, k, lse, _tile(first.points, count), sm.scale, sm.softcap, sm.pbias,
+            lse = group.lses[0] if count == 1 else torch.cat(group.lses)
+            rows, flags = lse_rows(q, k, lse, _tile(group.points, count), sm.scale, sm.softcap, sm.pbias,
                                    self.chunk_rows, first_row_alone=sm.first_row_alone)
         target = self._record_group(layers, b, rows)
         if flags is not None:
@@ -629,15 +687,15 @@ class DiagonalCapture:
             self._pending.append(job)
         self._flush(keep=1 if defer else 0)
 
-    def _fused_stats(self, items: list[_LayerInputs]) -> torch.Tensor | None:
+    def _fused_stats(self, group: _Group) -> torch.Tensor | None:
         """The fused kernel's rows (L * b, h, n, 2) of a group of layers, read where they lie
         (fused_rows.fused_stats), or None where the kernel failed (a GPU or Triton install it
         does not compile for): the reason goes to `fallbacks`, the kernel is off for the rest of
         the process, and the caller computes these layers with the dense route instead."""
-        sm, q = items[0].softmax, items[0].q
+        sm, q = group.softmax, group.qs[0]
         mask = None if sm.mask is None else allowed(_mask_block(sm.mask, 0, q.shape[2]))
         try:
-            return fr.fused_stats([i.q for i in items], [i.k for i in items], mask, sm.causal, sm.scale)
+            return fr.fused_stats(group.qs, group.ks, mask, sm.causal, sm.scale)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # Triton's compile and launch errors have no common base
@@ -1016,22 +1074,20 @@ def sheafscope_attention(
     query (b, h, n, d), key/value (b, h_kv, n_kv, d); returns the attention output (b, n, h, d)
     as sdpa would, and no weights. Inside a DiagonalCapture it also records 1 - A_ii and A_i0.
     """
-    for name in ("s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            raise SheafscopeError(f"{FAST_ATTENTION} attention does not implement attention sinks ({name}); "
-                                  "load the model with attention='eager'")
+    if kwargs and (kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None):
+        raise SheafscopeError(f"{FAST_ATTENTION} attention does not implement attention sinks; "
+                              "load the model with attention='eager'")
     capture = _ACTIVE.get()
-    if capture is not None and softcap is None and position_bias is None:
+    if capture is not None and softcap is None and position_bias is None and not dropout:
         # The layers of one forward pass repeat one call: what the first decided, the rest
         # reuse (on a host-bound GPU forward pass, Python per layer is what b pays over a).
         plan_key = (id(attention_mask), query.shape, key.shape, query.dtype, query.device, scaling, is_causal,
                     getattr(module, "is_causal", None))
         plan = capture._plans.get(plan_key)
-        if plan is not None and not (dropout and module.training):
-            out = _sdpa(module, query, key, value, attention_mask, dropout, plan.scale, plan.causal, kwargs)
-            for name in plan.counted:
-                capture.kernels[name] += 1
-            capture._hold(module, query, key, None, None, plan.softmax, plan.route)
+        if plan is not None:
+            out = _sdpa_forward(module, query, key, value, plan.sdpa_mask, dropout=0.0, scaling=plan.scale,
+                                is_causal=plan.causal, **kwargs)[0]
+            capture._hold_planned(plan, module, query, key)
             return out, None
     else:
         plan_key = None
@@ -1078,12 +1134,16 @@ def sheafscope_attention(
         counted = (("sdpa",) if softcap is None and position_bias is None else ()) + (
             ("fused-rows",) if route == "fused" else ()) + (
             ("padding-as-causal",) if stats_mask is not attention_mask else ())
-        for name in counted:
-            capture.kernels[name] += 1
         softmax = _Softmax(stats_mask, stats_causal, scale, softcap, position_bias, n, causal_module)
         if plan_key is not None:
-            capture._plans[plan_key] = _Plan(route, softmax, causal, scale, counted)
-        capture._hold(module, query, key, None, None, softmax, route)
+            sdpa_mask = attention_mask.materialize() if isinstance(attention_mask, LazyMask) else attention_mask
+            plan = capture._plans[plan_key] = _Plan(route, softmax, sdpa_mask, causal, scale, counted,
+                                                    query.nbytes + key.nbytes, attention_mask)
+            capture._hold_planned(plan, module, query, key)
+        else:
+            for name in counted:
+                capture.kernels[name] += 1
+            capture._hold(module, query, key, None, None, softmax, route)
         return out, None
     out, lse, points, step = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap,
                                                  position_bias, capture)
@@ -1094,16 +1154,13 @@ def sheafscope_attention(
 
 def _sdpa(module, query, key, value, mask, dropout, scale, causal, kwargs) -> torch.Tensor:
     """The attention output (b, n, h, d) exactly as attn_implementation="sdpa" computes it."""
-    global _sdpa_forward
-    if _sdpa_forward is None:  # imported once: an import statement per layer is host time
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa_forward
     if isinstance(mask, LazyMask):
         mask = mask.materialize()
     return _sdpa_forward(module, query, key, value, mask, dropout=dropout, scaling=scale, is_causal=causal,
                          **kwargs)[0]
 
 
-_sdpa_forward: Any = None
+_sdpa_forward: Any = None  # transformers' sdpa attention function (register() imports it)
 
 
 def _dense_bias(capture: DiagonalCapture, mask: Any, causal: bool, n: int, kv_len: int,
@@ -1292,8 +1349,11 @@ class HiddenMax:
 def register() -> str:
     """Register the attention and mask functions with transformers (idempotent); returns the name."""
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface
 
+    global _sdpa_forward
+    _sdpa_forward = sdpa_attention_forward
     AttentionInterface.register(FAST_ATTENTION, sheafscope_attention)
     AttentionMaskInterface.register(FAST_ATTENTION, lazy_sdpa_mask)
     return FAST_ATTENTION
