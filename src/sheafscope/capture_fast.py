@@ -1228,6 +1228,15 @@ def _exact_limit(capture: "DiagonalCapture | None", device: torch.device) -> int
 _NO_FORWARD = object()  # a block without an instance-level forward (HiddenMax restores it so)
 
 
+def _max_abs(t: torch.Tensor, dims: Any) -> torch.Tensor:
+    """max |t| over `dims`; NaN propagates (test_hidden_max_propagates_nan). On a GPU in one
+    kernel (vector_norm, ord=inf: no abs pass); on the CPU as abs().amax(), which there costs a
+    fifth of vector_norm's slow path."""
+    if t.is_cuda:
+        return torch.linalg.vector_norm(t, ord=math.inf, dim=dims)
+    return t.abs().amax(dim=dims)
+
+
 class HiddenMax:
     """max |h| over the valid tokens of each batch element, for every residual stream a model
     returns as hidden_states, without keeping a (layers x batch x n x d) stack.
@@ -1242,38 +1251,43 @@ class HiddenMax:
     def __init__(self, blocks: list[nn.Module], valid: torch.Tensor | None = None, hold_bytes: int | None = None):
         self.blocks, self.valid, self.hold_bytes = blocks, valid, hold_bytes
         self.values: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
-        self._held: list[tuple[int, torch.Tensor]] = []
-        self._held_bytes = 0
-        self._budget: int | None = None  # hold_bytes, or the device's default (set by the first stream)
+        self._held: list[tuple[int, torch.Tensor]] = []  # the wrappers append to this very list
+        self._limit = 1 << 62  # streams held before they are reduced (the first stream's size sets it)
         self._saved: list[tuple[dict, Any]] = []  # (a block's __dict__, its instance forward or _NO_FORWARD)
         self._all: torch.Tensor | None = None  # every stream's maxima (per token if padded), when reduced together
 
     def _keep(self, index: int, h: torch.Tensor) -> None:
-        if h.requires_grad:
-            h = h.detach()
-        self._held.append((index, h))
-        self._held_bytes += h.nbytes
-        if self._budget is None:
-            self._budget = self.hold_bytes if self.hold_bytes is not None else (HOLD_BYTES_CUDA if h.is_cuda else HOLD_BYTES)
-        if self._held_bytes > self._budget:
+        held = self._held
+        held.append((index, h))
+        if len(held) == 1:  # the streams of a forward pass are all shaped alike
+            budget = self.hold_bytes if self.hold_bytes is not None else (HOLD_BYTES_CUDA if h.is_cuda else HOLD_BYTES)
+            self._limit = max(1, budget // max(1, h.nbytes))
+        if len(held) >= self._limit:
             self._reduce_held()
 
+    @torch.no_grad()
     def _reduce_held(self) -> None:
         """Per batch element (b,) where every token counts (valid None); else per token (b, n),
         masked and reduced over tokens once, in maxima()."""
-        held, self._held, self._held_bytes = self._held, [], 0
+        held = list(self._held)
+        self._held.clear()
         if not held:
             return
         tensors = [h for _, h in held]
         dims = (-2, -1) if self.valid is None else -1
-        if len({(t.shape, t.dtype) for t in tensors}) == 1 and len(tensors) > 1:
-            # max |h| in one reduction (no abs pass); NaN propagates, on the CPU and on CUDA
-            # (test_hidden_max_propagates_nan)
-            maxima = torch.linalg.vector_norm(torch.stack(tensors), ord=math.inf, dim=dims)
-            if [i for i, _ in held] == list(range(len(self.values))):  # every stream, in order
-                self._all = maxima  # (streams, b[, n]): maxima() needs no second stack
+        stacked = None
+        if len(tensors) > 1:
+            try:
+                stacked = torch.stack(tensors)
+            except RuntimeError:  # streams of other shapes or devices: one at a time
+                pass
+        if stacked is not None:
+            maxima = _max_abs(stacked, dims)
+            if [i for i, _ in held] == list(range(len(self.values))):
+                self._all = maxima  # every stream, in order: (streams, b[, n]), maxima() needs no second stack
+                return
         else:
-            maxima = [torch.linalg.vector_norm(t, ord=math.inf, dim=dims) for t in tensors]
+            maxima = [_max_abs(t, dims) for t in tensors]
         for (index, _), m in zip(held, maxima):
             self.values[index] = m
 
@@ -1286,6 +1300,8 @@ class HiddenMax:
         # fraction of their cost (32 blocks per forward pass).
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
+            if 0 < i == last:  # the last block's stream is the trunk's output (final): nothing to wrap
+                break
             attrs = block.__dict__
             saved = attrs.get("forward", _NO_FORWARD)
             self._saved.append((attrs, saved))
@@ -1297,13 +1313,21 @@ class HiddenMax:
         """`inner` (a block's forward), keeping its input as stream 0 if `first` and its output
         as stream `index` (None: the last block, whose stream is the trunk's output)."""
         keep = self._keep
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if first:
+        if first:
+            def forward_first(*args: Any, **kwargs: Any) -> Any:
                 keep(0, args[0] if args else kwargs["hidden_states"])
+                out = inner(*args, **kwargs)
+                if index is not None:
+                    keep(index, out[0] if isinstance(out, (tuple, list)) else out)
+                return out
+            return forward_first
+        held, reduce = self._held, self._reduce_held
+
+        def forward(*args: Any, **kwargs: Any) -> Any:  # _keep, inlined: it runs once per block
             out = inner(*args, **kwargs)
-            if index is not None:
-                keep(index, out[0] if isinstance(out, (tuple, list)) else out)
+            held.append((index, out[0] if isinstance(out, (tuple, list)) else out))
+            if len(held) >= self._limit:
+                reduce()
             return out
         return forward
 
@@ -1328,14 +1352,16 @@ class HiddenMax:
         """(b, layers + 1) on the device, in `dtype` (None: the hidden states' own dtype, which
         holds every max |h| exactly; launch_batch converts on the host)."""
         self._reduce_held()
-        missing = [i for i, v in enumerate(self.values) if v is None]
-        if missing:
-            raise SheafscopeError(f"no max |h| for hidden-state streams {missing} (the blocks did not run, or final() was not called)")
         if self._all is not None:
             per_token = self._all.transpose(0, 1)  # (b, streams[, n])
         else:
-            dt = self.values[-1].dtype
-            per_token = torch.stack([v if v.dtype == dt else v.to(dt) for v in self.values], dim=1)
+            missing = [i for i, v in enumerate(self.values) if v is None]
+            if missing:
+                raise SheafscopeError(f"no max |h| for hidden-state streams {missing} (the blocks did not run, "
+                                      "or final() was not called)")
+            last = self.values[-1]
+            per_token = torch.stack([v if v.dtype == last.dtype and v.device == last.device
+                                     else v.to(last.device, last.dtype) for v in self.values], dim=1)
         if self.valid is None:  # already reduced over tokens: (b, streams)
             return per_token if dtype is None else per_token.to(dtype)
         per_token = torch.where(self.valid.to(per_token.device)[:, None], per_token, 0)
