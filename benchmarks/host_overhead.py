@@ -25,8 +25,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,10 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import MistralConfig, MistralModel
 
+    import numpy as np
+
+    import bench_traces as bt
     import sheafscope
     from sheafscope import capture_fast as cf
     from sheafscope import fused_rows as fr
-    from sheafscope.capture_fast import launch_batch, padded_batch
 
     torch.set_num_threads(1)
     cf.register()
@@ -58,20 +62,22 @@ def main(argv: list[str] | None = None) -> int:
         b, h, n, _ = qs[0].shape
         return torch.zeros(len(qs) * b, h, n, 2, dtype=torch.float32)
 
-    fr.runs_on = lambda device: True  # the fused route, as on a GPU in half precision
+    fr.available = lambda q: True  # the fused route, as on a GPU in half precision
     fr.fused_stats = stub
     lengths = [int(x) for x in args.lengths.split(",") if x] or [args.tokens]
     prompts = [torch.randint(0, 100, (1, n), generator=torch.Generator().manual_seed(i)) for i, n in enumerate(lengths)]
 
+    # a and b as bench_traces.py runs them (b: launch_batch, result, prompt_result per prompt)
+    loaded = SimpleNamespace(model=model, adapter=SimpleNamespace(blocks=blocks))
+    groups, norm_sq = [prompts], np.ones((args.layers, config.num_attention_heads))
+
     def plain() -> None:
         model.config._attn_implementation = "sdpa"
-        with torch.no_grad():
-            ids, _, mask = padded_batch(prompts)
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        bt.run_plain(loaded, groups, norm_sq)
 
     def fast() -> None:
         model.config._attn_implementation = cf.FAST_ATTENTION
-        launch_batch(model, blocks, prompts, fused_rows=True).result()
+        bt.run_fast(loaded, groups, norm_sq)
 
     for _ in range(5):
         plain(), fast()

@@ -163,7 +163,8 @@ def prompt_result(text: str, cap: PromptCapture, truncated: bool, norm_sq: np.nd
     trace = cap.offdiag_mass * norm_sq
     # D8: notebook 000 paired the head-averaged attention with head 0's W_V only. The
     # off-diagonal mass is linear in A, so mass(mean_h A_h) = mean_h mass(A_h).
-    legacy = cap.offdiag_mass.mean(axis=1) * norm_sq[:, 0]
+    # sum / heads is numpy's mean to the bit, without mean's Python layer (per prompt on a host-bound GPU run)
+    legacy = cap.offdiag_mass.sum(axis=1) / cap.offdiag_mass.shape[1] * norm_sq[:, 0]
     return PromptResult(text, cap.n_tokens, truncated, cap.offdiag_mass, trace, trace.sum(axis=1), legacy,
                         cap.first_token_mass, cap.max_abs_hidden)
 

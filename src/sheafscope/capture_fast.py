@@ -67,6 +67,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sheafscope.capture_eager import PromptCapture, check_finite
 from sheafscope.diag_stats import (
     allowed,
     block_elements,
@@ -502,6 +503,8 @@ class DiagonalCapture:
     def _finish(self) -> None:
         """Statistics of every layer still held, and every pending exact recomputation; the
         planned calls' kernel counters."""
+        if not (self._held or self._pending or self._plans):
+            return
         self._process_held(final=True)
         self._flush(keep=0)
         for plan in self._plans.values():
@@ -1429,7 +1432,7 @@ def padded_batch(prompts: list[torch.Tensor], pad_id: int = 0
 def masses_from_sums(sums: np.ndarray, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Offdiag and first-token masses (b, layers, heads) from DiagonalCapture.mass_sums on
     the host (float64 numpy): the first-token sum over rows 1..n-1 divided by their number."""
-    denom = np.maximum(np.asarray(lengths, dtype=np.float64) - 1, 1)
+    denom = np.array([max(n - 1, 1) for n in lengths], dtype=np.float64)
     return sums[..., 0], sums[..., 1] / denom[:, None, None]
 
 
@@ -1468,8 +1471,6 @@ class PendingBatch:
     def result(self, stats: BatchStats | None = None) -> list:
         """One PromptCapture per prompt (waits for the device). Raises NonFiniteError on
         NaN/Inf in a prompt's numbers, naming the first layer where it appears."""
-        from sheafscope.capture_eager import PromptCapture, check_finite
-
         if self.ready is not None:
             self.ready.synchronize()
         # numpy from here: per prompt, a numpy view costs a fraction of a torch index, and a
@@ -1482,7 +1483,9 @@ class PendingBatch:
         if stats is not None:
             refined = self.refined_known + (0 if self.refined_pending is None else int(self.refined_pending))
             stats.add(self.kernels, self.fallbacks, refined)
-        if not (np.isfinite(sums).all() and np.isfinite(hidden).all()):  # find the first culprit
+        # a NaN or Inf anywhere makes a sum non-finite (so can an overflow of the sum of finite
+        # values, which the search below then clears): one check per batch, not two scans
+        if not math.isfinite(float(sums.sum()) + float(hidden.sum())):  # find the first culprit
             for layer in range(off.shape[1]):
                 check_finite(f"the attention of layer {layer}", torch.from_numpy(off[:, layer]), self.dtype)
                 check_finite(f"the attention of layer {layer}", torch.from_numpy(sink[:, layer]), self.dtype)
@@ -1519,8 +1522,9 @@ def launch_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.
     if sums.is_pinned():  # after the last copy: result() waits for this event, not for later batches
         ready = torch.cuda.Event()
         ready.record()
-    return PendingBatch(lengths, sums, hidden, known, pending, Counter(cap.kernels), list(cap.fallbacks),
-                        next(model.parameters()).dtype, ready)
+    # the capture ends here: its counters and reasons are the batch's; the model's dtype as its
+    # output has it (next(model.parameters()) walks the module tree: host time)
+    return PendingBatch(lengths, sums, hidden, known, pending, cap.kernels, cap.fallbacks, out[0].dtype, ready)
 
 
 def capture_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.Tensor],

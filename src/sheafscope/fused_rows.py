@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import operator
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -173,14 +174,18 @@ def fused_stats(qs: list[torch.Tensor], ks: list[torch.Tensor], mask: torch.Tens
         raise ValueError(f"fused_rows takes head dimensions up to {MAX_HEAD_DIM}, not {d}")
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError("fused_rows takes a boolean mask (True = attend)")
-    if any(q.shape != qs[0].shape or q.dtype != qs[0].dtype for q in qs) or any(k.shape != ks[0].shape for k in ks):
+    # map() over the tensors' methods: no Python frame per layer (a short forward pass on a GPU
+    # is bound by the host, and these run over every held layer)
+    Tensor = torch.Tensor
+    if (len(set(map(Tensor.size, qs))) > 1 or len(set(map(Tensor.size, ks))) > 1
+            or len({*map(_dtype, qs), *map(_dtype, ks)}) > 1):
         raise ValueError("fused_stats takes layers of one shape and dtype")
     out = torch.empty(L * b, h, n, 2, dtype=torch.float64, device=qs[0].device)
     if out.numel() == 0:
         return out
     args = _Launch(mask, causal, scale, b)
     per_layer = max(qs[0].numel(), ks[0].numel())
-    uniform = all(q.stride() == qs[0].stride() for q in qs) and all(k.stride() == ks[0].stride() for k in ks)
+    uniform = len(set(map(Tensor.stride, qs))) == 1 and len(set(map(Tensor.stride, ks))) == 1
     if L > 1 and uniform and max(per_layer, out.numel()) < INT32_ELEMENTS:
         table, align = _offset_table(qs, ks)
         args.launch(qs[0], ks[0], out, table[:L], table[L:], align)
@@ -196,6 +201,9 @@ def fused_stats(qs: list[torch.Tensor], ks: list[torch.Tensor], mask: torch.Tens
     return out
 
 
+_dtype = operator.attrgetter("dtype")
+
+
 def _offset_table(qs: list[torch.Tensor], ks: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
     """int64 offsets in elements of every layer's q from qs[0] and k from ks[0], on their device,
     and the largest 16-byte alignment all of them keep (in elements; 1 if some do not).
@@ -204,7 +212,9 @@ def _offset_table(qs: list[torch.Tensor], ks: list[torch.Tensor]) -> tuple[torch
     same places, so after the first one the table is found here, and no copy to the device
     (more host time than the kernel's launch) is queued."""
     size = qs[0].element_size()
-    offsets = tuple((t.data_ptr() - ts[0].data_ptr()) // size for ts in (qs, ks) for t in ts)
+    q0, k0 = qs[0].data_ptr(), ks[0].data_ptr()
+    offsets = tuple([(p - q0) // size for p in map(torch.Tensor.data_ptr, qs)]
+                    + [(p - k0) // size for p in map(torch.Tensor.data_ptr, ks)])
     device = qs[0].device
     key = (device, offsets)
     table = _TABLES.get(key)
