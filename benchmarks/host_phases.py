@@ -55,6 +55,7 @@ def instrument() -> None:
     counted(cf, "_attention_with_lse", "attention.fused")
     counted(cf, "_sdpa", "attention.sdpa")
     counted(cf.DiagonalCapture, "_hold", "attention.hold")
+    counted(cf.DiagonalCapture, "_hold_planned", "attention.hold")
     counted(cf.HiddenMax, "_keep", "hidden.keep")
     counted(cf.DiagonalCapture, "_finish", "finish")
     counted(cf, "lse_rows", "finish.lse_rows")

@@ -111,7 +111,7 @@ def test_fused_rows_failure_falls_back_to_dense(monkeypatch):
     from sheafscope import fused_rows as fr
     from sheafscope.capture_fast import BatchStats
 
-    def broken():
+    def broken(*args, **kwargs):
         raise RuntimeError("no kernel for this GPU")
 
     monkeypatch.setattr(fr, "disabled", None)

@@ -48,6 +48,11 @@ def _masks(kind: str) -> tuple[torch.Tensor | None, bool, torch.Tensor | None]:
         m = causal.repeat(B, 1, 1, 1)
         m[1, :, :, 97:] = False
         return m, False, m
+    if kind == "padded-empty":  # as padded, and prompt 1's padded rows see no key at all (NaN rows)
+        m = causal.repeat(B, 1, 1, 1)
+        m[1, :, :, 97:] = False
+        m[1, :, 97:, :] = False
+        return m, False, m
     if kind == "window":  # a sliding window of 40 keys
         i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
         m = ((j <= i) & (i - j < 40))[None, None]
@@ -118,7 +123,7 @@ def test_fused_rows_in_batch_chunks(monkeypatch):
     calls = []
     kernel = fr._kernel
     monkeypatch.setattr(fr, "INT32_ELEMENTS", q[:1].numel() * 5 // 2)
-    monkeypatch.setattr(fr, "_kernel", lambda: calls.append(1) or kernel())
+    monkeypatch.setattr(fr, "_kernel", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     assert torch.equal(fused_rows(q, k, given, False, SCALE), whole)
     assert len(calls) == 3  # batch elements 0-1, 2-3, 4-5
 
@@ -172,7 +177,7 @@ def test_fused_stats_layers_of_other_strides_or_beyond_32_bits(monkeypatch):
     given, causal, _ = _masks("padded")
     calls = []
     kernel = fr._kernel
-    monkeypatch.setattr(fr, "_kernel", lambda: calls.append(1) or kernel())
+    monkeypatch.setattr(fr, "_kernel", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     whole = fused_stats(qs, ks, given, causal, SCALE)
     assert len(calls) == 1
     mixed = [qs[0], qs[1].contiguous(), qs[2]]
@@ -181,6 +186,50 @@ def test_fused_stats_layers_of_other_strides_or_beyond_32_bits(monkeypatch):
     monkeypatch.setattr(fr, "INT32_ELEMENTS", qs[0].numel() * 2 // 3)
     assert torch.equal(fused_stats(qs, ks, given, causal, SCALE), whole)
     assert len(calls) == 7
+
+
+def _check_sums(dtype: torch.dtype, device: str, kind: str) -> None:
+    """sums=True against float64 sums of the float64 softmax's rows over the rows that count
+    (with `valid`, prompt 1 counts its first 97 rows only; without, every row counts), and
+    against summing the kernel's own rows (the same numbers, summed tile by tile)."""
+    qs, ks = _layers(dtype, device, 3)
+    given, causal, meaning = _masks(kind)
+    given = None if given is None else given.to(device)
+    rows = fused_stats(qs, ks, given, causal, SCALE).cpu()
+    want_rows = _reference(torch.cat(qs), torch.cat(ks), meaning)
+    nan_rows = kind == "padded-empty"  # then only `valid` keeps the NaN rows out
+    for valid in (torch.arange(N)[None, :] < torch.tensor([N, 97])[:, None], None)[:1 if nan_rows else 2]:
+        counted = torch.ones(B, N, dtype=torch.bool) if valid is None else valid
+        counted = torch.stack((counted, counted), dim=-1)[:, None].repeat(3, 1, 1, 1)  # (3 B, 1, N, 2)
+        counted[..., 0, 1] = False  # row 0 never counts in the first-token sum
+        got = fused_stats(qs, ks, given, causal, SCALE, sums=True,
+                          valid=None if valid is None else valid.to(device)).cpu()
+        assert rows.isnan().any() == nan_rows
+        want = torch.where(counted, want_rows, 0.0).sum(-2)
+        own = torch.where(counted, rows, 0.0).sum(-2)
+        assert got.shape == (3 * B, H, 2) and got.dtype == torch.float64 and not got.isnan().any()
+        assert ((got - want).abs() <= want.abs() * _bound(torch.cat(qs), torch.cat(ks))).all()
+        assert ((got - own).abs() <= own.abs() * 1e-13).all()
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["causal", "padded", "padded-empty", "window"])
+def test_fused_stats_sums_over_the_rows_that_count(kind):
+    _check_sums(torch.float16, "cpu", kind)
+
+
+@interpreted
+def test_fused_stats_sums_refuse_valid_rows_without_sums():
+    qs, ks = _layers(torch.float16, "cpu", 2)
+    with pytest.raises(ValueError, match="sums=True"):
+        fused_stats(qs, ks, None, True, SCALE, valid=torch.ones(B, N, dtype=torch.bool))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["causal", "padded", "padded-empty", "window"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_fused_stats_sums_over_the_rows_that_count(dtype, kind):
+    _check_sums(dtype, "cuda", kind)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -107,6 +107,12 @@ DENSE_EXACT_ELEMENTS_CUDA = 1 << 21
 # no wait. Its cost grows as n^2 (the score product again, without P @ V); above this the
 # lse route's O(n) statistics are cheaper.
 FUSED_ROWS_MAX_ROWS = 2048
+# Up to this many query rows, and where only sums over valid rows are kept, the fused kernel
+# sums each head's rows itself (one program walks a head's row tiles in order): no rows
+# tensor, and no where + sum after it, which a host-bound forward pass pays ~0.15 ms of host
+# time for on a GPU (host_phases.py, finish.record). Longer sequences are bound by the device,
+# where one program per row tile and the torch sum are the faster pair.
+FUSED_SUMS_MAX_ROWS = 512
 # Queries, keys and lse of up to this many bytes are held and their layers' statistics
 # computed together (DiagonalCapture.hold_bytes): on a GPU a short forward pass is bound by
 # kernel launches, and a few dozen per layer would cost more than the statistics' arithmetic.
@@ -658,9 +664,13 @@ class DiagonalCapture:
         q0, k0, count, layers = group.qs[0], group.ks[0], len(group.qs), group.layers
         b, n, kv_len = q0.shape[0], q0.shape[2], k0.shape[2]
         defer = q0.is_cuda if self.defer is None else self.defer
-        rows = self._fused_stats(group) if group.route == "fused" else None
+        summed = group.route == "fused" and not self.keep_positions and n <= FUSED_SUMS_MAX_ROWS
+        rows = self._fused_stats(group, summed) if group.route == "fused" else None
         if rows is not None:  # read from the layers where they lie: nothing stacked, nothing flagged
-            self._record_group(layers, b, rows)
+            if summed:  # the kernel's own sums over the rows that count (valid, or all)
+                self._groups.append((list(layers), rows, b))
+            else:
+                self._record_group(layers, b, rows)
             self._flush(keep=1 if defer else 0)
             return
         q = q0 if count == 1 else _stacked(group.qs)
@@ -690,15 +700,17 @@ class DiagonalCapture:
             self._pending.append(job)
         self._flush(keep=1 if defer else 0)
 
-    def _fused_stats(self, group: _Group) -> torch.Tensor | None:
+    def _fused_stats(self, group: _Group, sums: bool = False) -> torch.Tensor | None:
         """The fused kernel's rows (L * b, h, n, 2) of a group of layers, read where they lie
-        (fused_rows.fused_stats), or None where the kernel failed (a GPU or Triton install it
+        (fused_rows.fused_stats), or with `sums` their sums (L * b, h, 2) over the valid rows,
+        or None where the kernel failed (a GPU or Triton install it
         does not compile for): the reason goes to `fallbacks`, the kernel is off for the rest of
         the process, and the caller computes these layers with the dense route instead."""
         sm, q = group.softmax, group.qs[0]
         mask = None if sm.mask is None else allowed(_mask_block(sm.mask, 0, q.shape[2]))
         try:
-            return fr.fused_stats(group.qs, group.ks, mask, sm.causal, sm.scale)
+            valid = self._valid_on(q.device) if sums else None
+            return fr.fused_stats(group.qs, group.ks, mask, sm.causal, sm.scale, sums=sums, valid=valid)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # Triton's compile and launch errors have no common base

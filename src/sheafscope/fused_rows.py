@@ -76,15 +76,12 @@ def available(q: torch.Tensor) -> bool:
             and has_triton() and disabled is None)
 
 
-def rows_kernel(Q, K, QT, KT, M, OUT, sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smn, smk, sob, soh, son,
-                H, G, N, KV, NB, MB, scale,
-                TABLE: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                ALIGN: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    # Program (row tile, bi * H + h): head h of stacked batch element bi = layer * NB + element.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    bi = bh // H
-    h = bh % H
+def tile_stats(Q, K, QT, KT, M, bi, h, row0, sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smn, smk,
+               H, G, N, KV, NB, MB, scale,
+               TABLE: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+               ALIGN: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    # Rows row0..row0 + BM - 1 of head h of stacked batch element bi = layer * NB + element:
+    # per row, float32 (off-diagonal sum, first-key term, total), all scaled by exp(-m_i).
     hk = h // G
     bb = bi % NB  # the element within its layer
     if TABLE:
@@ -97,7 +94,7 @@ def rows_kernel(Q, K, QT, KT, M, OUT, sqb, sqh, sqn, sqd, skb, skh, skn, skd, sm
     else:
         q_base = Q + bi * sqb + h * sqh
         k_base = K + bi * skb + hk * skh
-    rows = pid_m * BM + tl.arange(0, BM)
+    rows = row0 + tl.arange(0, BM)
     dims = tl.arange(0, DP)
     row_ok = rows < N
     q = tl.load(q_base + rows[:, None] * sqn + dims[None, :] * sqd, mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
@@ -107,7 +104,7 @@ def rows_kernel(Q, K, QT, KT, M, OUT, sqb, sqh, sqn, sqd, skb, skh, skn, skd, sm
     s_first = tl.full([BM], float("-inf"), tl.float32)
     hi = KV
     if CAUSAL:
-        hi = (pid_m + 1) * BM  # the keys up to the block's last row (loads past KV are masked)
+        hi = row0 + BM  # the keys up to the tile's last row (loads past KV are masked)
     for start in range(0, hi, BN):
         cols = start + tl.arange(0, BN)
         col_ok = cols < KV
@@ -134,21 +131,74 @@ def rows_kernel(Q, K, QT, KT, M, OUT, sqb, sqh, sqn, sqd, skb, skh, skn, skd, sm
         m_i = m_new
     m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
     first = tl.exp(s_first - m_ref)
+    return off, first, total
+
+
+def rows_kernel(Q, K, QT, KT, M, OUT, sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smn, smk, sob, soh, son,
+                H, G, N, KV, NB, MB, scale,
+                TABLE: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                ALIGN: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    # Program (row tile, bi * H + h): the tile's rows of head h of stacked batch element bi.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    bi = bh // H
+    h = bh % H
+    off, first, total = tile_stats(Q, K, QT, KT, M, bi, h, pid_m * BM, sqb, sqh, sqn, sqd, skb, skh, skn, skd,
+                                   smb, smn, smk, H, G, N, KV, NB, MB, scale, TABLE, HAS_MASK, CAUSAL, IEEE,
+                                   ALIGN, D, DP, BM, BN)
+    rows = pid_m * BM + tl.arange(0, BM)
     total64 = total.to(tl.float64)
     base = OUT + bi * sob + h * soh + rows * son
-    tl.store(base, off.to(tl.float64) / total64, mask=row_ok)
-    tl.store(base + 1, first.to(tl.float64) / total64, mask=row_ok)
+    tl.store(base, off.to(tl.float64) / total64, mask=rows < N)
+    tl.store(base + 1, first.to(tl.float64) / total64, mask=rows < N)
+
+
+def sums_kernel(Q, K, QT, KT, M, OUT, W, sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smn, smk, sob, soh, swb,
+                H, G, N, KV, NB, MB, scale,
+                TABLE: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                ALIGN: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                HAS_VALID: tl.constexpr):
+    # Program (0, bi * H + h): every row tile of head h of stacked batch element bi, in order
+    # (one program per head: no atomics, the same sums on every run), summed over the rows
+    # that count: OUT[bi, h] = (sum of 1 - A_ii over valid rows, sum of A_i0 over valid rows >= 1).
+    bh = tl.program_id(1)
+    bi = bh // H
+    h = bh % H
+    off_sum = tl.zeros([BM], tl.float64)
+    first_sum = tl.zeros([BM], tl.float64)
+    for row0 in range(0, N, BM):
+        off, first, total = tile_stats(Q, K, QT, KT, M, bi, h, row0, sqb, sqh, sqn, sqd, skb, skh, skn, skd,
+                                       smb, smn, smk, H, G, N, KV, NB, MB, scale, TABLE, HAS_MASK, CAUSAL, IEEE,
+                                       ALIGN, D, DP, BM, BN)
+        rows = row0 + tl.arange(0, BM)
+        counted = rows < N
+        if HAS_VALID:
+            counted = counted & (tl.load(W + (bi % NB) * swb + rows, mask=counted, other=0) != 0)
+        total64 = total.to(tl.float64)
+        # where, not a product: a row that sees no key (padding) is NaN and must not count
+        off_sum += tl.where(counted, off.to(tl.float64) / total64, 0.0)
+        first_sum += tl.where(counted & (rows > 0), first.to(tl.float64) / total64, 0.0)
+    base = OUT + bi * sob + h * soh
+    tl.store(base, tl.sum(off_sum, 0))
+    tl.store(base + 1, tl.sum(first_sum, 0))
 
 
 @functools.cache
-def _kernel() -> Any:
-    """The compiled kernel (under TRITON_INTERPRET=1, set before Triton is imported, Triton's
-    interpreter runs it on CPU tensors: the tests' way to run it without a GPU)."""
-    global triton, tl
+def _kernels() -> tuple[Any, Any]:
+    """The compiled (rows, sums) kernels (under TRITON_INTERPRET=1, set before Triton is
+    imported, Triton's interpreter runs them on CPU tensors: the tests' way to run them without
+    a GPU). The kernels call tile_stats by its global name, which must then be a JIT function."""
+    global triton, tl, tile_stats
     import triton
     import triton.language as tl
 
-    return triton.jit(rows_kernel)
+    tile_stats = triton.jit(tile_stats)
+    return triton.jit(rows_kernel), triton.jit(sums_kernel)
+
+
+def _kernel(sums: bool = False) -> Any:
+    """The compiled rows kernel, or with `sums` the sums kernel."""
+    return _kernels()[int(sums)]
 
 
 def fused_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool,
@@ -162,33 +212,44 @@ def fused_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, caus
 
 
 def fused_stats(qs: list[torch.Tensor], ks: list[torch.Tensor], mask: torch.Tensor | None, causal: bool,
-                scale: float) -> torch.Tensor:
+                scale: float, sums: bool = False, valid: torch.Tensor | None = None) -> torch.Tensor:
     """`fused_rows` of several layers' attention calls of one shape, in one launch and without
     stacking them: qs[i] (b, h, n, d) and ks[i] (b, h_kv, kv, d) are layer i's queries and keys
     (any strides; layers of equal strides are read through a table of their places in memory),
     `mask` (m, 1, n, kv) with m dividing b. Returns (L * b, h, n, 2): layer i's rows at
     [i * b:(i + 1) * b], as `fused_rows` of the stacked layers.
+
+    `sums`: return (L * b, h, 2) instead, each head's sums over the rows that count, as the
+    rows' `torch.where(counted, rows, 0).sum(-2)` would give them (summed in another order):
+    1 - A_ii over every counted row, A_i0 over the counted rows after the first. The rows that
+    count are those `valid` (b, n) bool marks, or all of them. One program walks all of a
+    head's row tiles in order (no atomics: the same sums on every run), so this is for short
+    sequences, where it saves the two operations that would sum the rows.
     """
     L, (b, h, n, d) = len(qs), qs[0].shape
     if d > MAX_HEAD_DIM:
         raise ValueError(f"fused_rows takes head dimensions up to {MAX_HEAD_DIM}, not {d}")
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError("fused_rows takes a boolean mask (True = attend)")
+    if valid is not None and (not sums or valid.shape != (b, n)):
+        raise ValueError(f"valid rows go with sums=True, shaped (batch, rows) = {(b, n)}")
     # map() over the tensors' methods: no Python frame per layer (a short forward pass on a GPU
     # is bound by the host, and these run over every held layer)
     Tensor = torch.Tensor
     if (len(set(map(Tensor.size, qs))) > 1 or len(set(map(Tensor.size, ks))) > 1
             or len({*map(_dtype, qs), *map(_dtype, ks)}) > 1):
         raise ValueError("fused_stats takes layers of one shape and dtype")
-    out = torch.empty(L * b, h, n, 2, dtype=torch.float64, device=qs[0].device)
+    out = torch.empty((L * b, h, 2) if sums else (L * b, h, n, 2), dtype=torch.float64, device=qs[0].device)
     if out.numel() == 0:
         return out
-    args = _Launch(mask, causal, scale, b)
+    if valid is not None:
+        valid = valid.contiguous()  # read as (element * stride + row): rows adjacent
+    args = _Launch(mask, causal, scale, b, sums)
     per_layer = max(qs[0].numel(), ks[0].numel())
     uniform = len(set(map(Tensor.stride, qs))) == 1 and len(set(map(Tensor.stride, ks))) == 1
     if L > 1 and uniform and max(per_layer, out.numel()) < INT32_ELEMENTS:
         table, align = _offset_table(qs, ks)
-        args.launch(qs[0], ks[0], out, table[:L], table[L:], align)
+        args.launch(qs[0], ks[0], out, valid, table[:L], table[L:], align)
     else:
         # One layer at a time (a single layer, layers of different strides, or beyond 32-bit
         # offsets), each in batch chunks of whole mask periods below them.
@@ -197,7 +258,8 @@ def fused_stats(qs: list[torch.Tensor], ks: list[torch.Tensor], mask: torch.Tens
         step = b if max(per_layer, out[:b].numel()) < INT32_ELEMENTS else max(period, (INT32_ELEMENTS // per_item - 1) // period * period)
         for i, (q, k) in enumerate(zip(qs, ks)):
             for c0 in range(0, b, step):
-                args.launch(q[c0:c0 + step], k[c0:c0 + step], out[i * b + c0:i * b + min(b, c0 + step)])
+                args.launch(q[c0:c0 + step], k[c0:c0 + step], out[i * b + c0:i * b + min(b, c0 + step)],
+                            None if valid is None else valid[c0:c0 + step])
     return out
 
 
@@ -217,16 +279,17 @@ def _offset_table(qs: list[torch.Tensor], ks: list[torch.Tensor]) -> tuple[torch
                     + [(p - k0) // size for p in map(torch.Tensor.data_ptr, ks)])
     device = qs[0].device
     key = (device, offsets)
-    table = _TABLES.get(key)
-    if table is None:
+    found = _TABLES.get(key)
+    if found is None:
         if len(_TABLES) >= 64:
             _TABLES.clear()
-        table = _TABLES[key] = to_device(torch.tensor(offsets, dtype=torch.int64), device)
-    align = max(1, 16 // size)
-    return table, align if all(o % align == 0 for o in offsets) else 1
+        align = max(1, 16 // size)
+        align = align if all(o % align == 0 for o in offsets) else 1
+        found = _TABLES[key] = (to_device(torch.tensor(offsets, dtype=torch.int64), device), align)
+    return found
 
 
-_TABLES: dict[tuple, torch.Tensor] = {}
+_TABLES: dict[tuple, tuple[torch.Tensor, int]] = {}
 
 
 @dataclass
@@ -237,11 +300,13 @@ class _Launch:
     causal: bool
     scale: float
     nb: int  # elements per layer (the mask's index is the element's modulo its batch)
+    sums: bool = False  # sums_kernel (per head, over the counted rows) rather than rows_kernel
 
-    def launch(self, q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, q_table: torch.Tensor | None = None,
-               k_table: torch.Tensor | None = None, align: int = 1) -> None:
+    def launch(self, q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, valid: torch.Tensor | None = None,
+               q_table: torch.Tensor | None = None, k_table: torch.Tensor | None = None, align: int = 1) -> None:
         """One kernel launch: q and k stacked, or (with the tables) layer 0 of layers shaped
-        and strided alike, at the tables' offsets from it."""
+        and strided alike, at the tables' offsets from it. `valid`: bool (elements, n), rows adjacent,
+        the rows that count (sums only)."""
         table = q_table is not None
         B, h = out.shape[0], out.shape[1]
         _, _, n, d = q.shape
@@ -252,8 +317,14 @@ class _Launch:
             m, mb = self.mask.view(torch.uint8), self.mask.shape[0]
             m_strides = (m.stride(0), m.stride(2), m.stride(3))
         dp = max(16, 1 << (d - 1).bit_length())
-        _kernel()[(-(-n // BLOCK_M), B * h)](
-            q, k, q_table if table else q, k_table if table else k, m, out, *q.stride(), *k.stride(), *m_strides,
-            out.stride(0), out.stride(1), out.stride(2), h, h // n_kv, n, kv, self.nb, mb, float(self.scale),
-            TABLE=table, HAS_MASK=self.mask is not None, CAUSAL=bool(self.causal), IEEE=q.dtype == torch.float32,
-            ALIGN=align, D=d, DP=dp, BM=BLOCK_M, BN=BLOCK_N)
+        common = dict(TABLE=table, HAS_MASK=self.mask is not None, CAUSAL=bool(self.causal),
+                      IEEE=q.dtype == torch.float32, ALIGN=align, D=d, DP=dp, BM=BLOCK_M, BN=BLOCK_N)
+        inputs = (q, k, q_table if table else q, k_table if table else k, m, out)
+        strides = (*q.stride(), *k.stride(), *m_strides, out.stride(0), out.stride(1))
+        sizes = (h, h // n_kv, n, kv, self.nb, mb, float(self.scale))
+        if self.sums:
+            _kernel(sums=True)[(1, B * h)](*inputs, out if valid is None else valid, *strides,
+                                           0 if valid is None else valid.stride(0), *sizes,
+                                           HAS_VALID=valid is not None, **common)
+        else:
+            _kernel()[(-(-n // BLOCK_M), B * h)](*inputs, *strides, out.stride(2), *sizes, **common)
