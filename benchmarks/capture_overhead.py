@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                         if cap is not None and not finish:
                             cap._finish = lambda: None  # the statistics are not computed
                         if cap is not None and not hold:
-                            cap._hold = lambda *a: None
+                            cap._hold = cap._hold_planned = lambda *a: None
                         model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
 
         variants = {

@@ -1427,18 +1427,20 @@ class BatchStats:
 
 
 def padded_batch(prompts: list[torch.Tensor], pad_id: int = 0
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Prompts (each (1, n_i) token ids on one device) as a right-padded batch: input ids
-    (b, n), which positions are valid (b, n) bool, and the attention mask to pass (None when
-    nothing is padded: exactly the call a single prompt gets, and sdpa's is_causal)."""
+    (b, n), which positions are valid ((b, n) bool), and the attention mask to pass. Where
+    nothing is padded, both are None: exactly the call a single prompt gets (sdpa's is_causal),
+    and every position counts."""
     lengths = [int(p.shape[1]) for p in prompts]
     n = max(lengths)
-    input_ids = prompts[0] if len(prompts) == 1 else torch.nn.utils.rnn.pad_sequence(
-        [p[0] for p in prompts], batch_first=True, padding_value=pad_id)
+    if min(lengths) == n:
+        return (prompts[0] if len(prompts) == 1 else torch.cat(prompts)), None, None
+    input_ids = torch.nn.utils.rnn.pad_sequence([p[0] for p in prompts], batch_first=True, padding_value=pad_id)
     # Built on the host and sent once (a device-side comparison would be launches), without
     # waiting for the work queued on the device (with batches pipelined, the previous batch's).
     valid = to_device(torch.arange(n)[None, :] < torch.tensor(lengths)[:, None], prompts[0].device)
-    return input_ids, valid, None if min(lengths) == n else valid.long()
+    return input_ids, valid, valid.long()
 
 
 def masses_from_sums(sums: np.ndarray, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -1519,8 +1521,6 @@ def launch_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.
     lengths = [int(p.shape[1]) for p in prompts]
     input_ids, valid, attention_mask = padded_batch(prompts, pad_id)
     trunk = getattr(model, "base_model", model)
-    if attention_mask is None:  # nothing padded: every row counts, which valid=None says at no cost
-        valid = None
     options = {"prefix_rows": valid is not None, **capture_options}  # prefix_rows=False: read the mask
     with DiagonalCapture(model, valid=valid, keep_positions=False, **options) as cap, \
             HiddenMax(blocks, valid, capture_options.get("hold_bytes")) as hm:
