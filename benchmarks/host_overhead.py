@@ -40,10 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
+    import numpy as np
     import torch
     from transformers import MistralConfig, MistralModel
-
-    import numpy as np
 
     import bench_traces as bt
     import sheafscope

@@ -26,7 +26,9 @@ is eps * |s|), noise where a head attends to itself and 1 - A_ii is tiny. Rows w
 On a GPU, half-precision calls of up to FUSED_ROWS_MAX_ROWS rows skip the lse route
 altogether ("the fused route"): their output is the plain sdpa call, and one Triton kernel over
 the held layers (fused_rows.py, reading them where they lie) computes every row's 1 - A_ii
-and A_i0 exactly, with its own off-diagonal accumulator. Nothing is flagged there, so nothing is refined and nothing waits.
+and A_i0 exactly, with its own off-diagonal accumulator (up to FUSED_SUMS_MAX_ROWS rows, where
+only sums over valid rows are kept, it also sums them). Nothing is flagged there, so nothing is
+refined and nothing waits.
 Elsewhere, small problems (short prompts, a batch of them) skip the lse route and get exact statistics
 for every row from one dense product (`DENSE_EXACT_ELEMENTS`). Those scores are float64,
 except for half-precision models on a GPU, where they are float32 sums of the exact products
