@@ -1143,8 +1143,11 @@ def sheafscope_attention(
         # The exact routes: statistics for every row from the fused kernel (fused_rows.py) or,
         # for small problems, one dense product (diag_stats.dense_rows), later, for all held
         # layers at once. The output is the plain sdpa call where sdpa can compute it.
+        sdpa_mask = None
         if softcap is None and position_bias is None:
-            out = _sdpa(module, query, key, value, attention_mask, dropout, scale, causal, kwargs)
+            # a LazyMask is built whole for sdpa once per forward pass, here (the plan keeps it)
+            sdpa_mask = attention_mask.materialize() if isinstance(attention_mask, LazyMask) else attention_mask
+            out = _sdpa(module, query, key, value, sdpa_mask, dropout, scale, causal, kwargs)
         else:
             out = _attention_with_lse(query, key, value, attention_mask, causal, scale, softcap, position_bias,
                                       capture, point_bias=False)[0].transpose(1, 2).contiguous()
@@ -1153,7 +1156,6 @@ def sheafscope_attention(
             ("padding-as-causal",) if stats_mask is not attention_mask else ())
         softmax = _Softmax(stats_mask, stats_causal, scale, softcap, position_bias, n, causal_module)
         if plan_key is not None:
-            sdpa_mask = attention_mask.materialize() if isinstance(attention_mask, LazyMask) else attention_mask
             plan = capture._plans[plan_key] = _Plan(route, softmax, sdpa_mask, causal, scale, counted,
                                                     query.nbytes + key.nbytes, attention_mask)
             capture._hold_planned(plan, module, query, key)
