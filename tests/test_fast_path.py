@@ -12,6 +12,8 @@ tests run only where a GPU is.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -677,6 +679,25 @@ def test_cuda_half_row_scores_are_float32_sums_of_exact_products(dtype):
     want, bound = _exact_row_scores(q, k)
     for scores in (got, _row_scores(q, k, 128)):
         assert ((scores.double() - want).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("sink", ["s_aux", "sinks"])
+@pytest.mark.parametrize("captured", [False, True])
+def test_attention_sinks_are_refused_by_name(sink, captured):
+    """A family with attention sinks (gpt-oss passes s_aux) would get softmax rows the fast
+    path does not compute: refused, naming the argument and the fix, with or without a
+    capture and on every call (a plan made by a call without sinks does not let one through)."""
+    from sheafscope.capture_fast import sheafscope_attention
+    from sheafscope.errors import SheafscopeError
+
+    model = build_tiny("llama", attn_implementation=FAST_ATTENTION)
+    module = adapter_for(model).attention(0)
+    q = k = v = torch.randn(1, model.config.num_attention_heads, 6, 8)
+    context = DiagonalCapture(model) if captured else contextlib.nullcontext()
+    with torch.no_grad(), pytest.raises(SheafscopeError, match=rf"sinks \({sink}\).*attention='eager'"), context:
+        if captured:  # a first call without sinks makes a plan
+            sheafscope_attention(module, q, k, v, None, scaling=0.125)
+        sheafscope_attention(module, q, k, v, None, scaling=0.125, **{sink: torch.zeros(q.shape[1])})
 
 
 def test_a_second_forward_inside_one_capture_is_refused():

@@ -1092,7 +1092,8 @@ def sheafscope_attention(
     as sdpa would, and no weights. Inside a DiagonalCapture it also records 1 - A_ii and A_i0.
     """
     if kwargs and (kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None):
-        raise SheafscopeError(f"{FAST_ATTENTION} attention does not implement attention sinks; "
+        name = "s_aux" if kwargs.get("s_aux") is not None else "sinks"
+        raise SheafscopeError(f"{FAST_ATTENTION} attention does not implement attention sinks ({name}); "
                               "load the model with attention='eager'")
     capture = _ACTIVE.get()
     if capture is not None and softcap is None and position_bias is None and not dropout:
