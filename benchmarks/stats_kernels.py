@@ -57,7 +57,7 @@ def stats_steps(qs, ks, mask, scale) -> dict:
     """fused_stats on held layers, with and without the offset table's alignment hint."""
     def unaligned():
         table = fr._offset_table
-        fr._offset_table = lambda *a: (table(*a)[0], 1)
+        fr._offset_table = lambda *a: (*table(*a)[:2], 1)
         try:
             fr.fused_stats(qs, ks, mask, mask is None, scale)
         finally:

@@ -1531,12 +1531,13 @@ def launch_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.
             HiddenMax(blocks, valid, capture_options.get("hold_bytes")) as hm:
         out = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hm.final(out[0])
-    sums = _to_host(cap.mass_sums(lengths))
+    on_device = cap.mass_sums(lengths)
+    sums = _to_host(on_device)
     hidden = _to_host(hm.maxima(dtype=None))  # float64 on the host (result()): no conversion kernel
     known, pending = cap.refined_on_device()
     pending = None if pending is None else _to_host(pending)
     ready = None
-    if sums.is_pinned():  # after the last copy: result() waits for this event, not for later batches
+    if on_device.is_cuda:  # after the last copy: result() waits for this event, not for later batches
         ready = torch.cuda.Event()
         ready.record()
     # the capture ends here: its counters and reasons are the batch's; the model's dtype as its

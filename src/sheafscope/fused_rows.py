@@ -248,8 +248,8 @@ def fused_stats(qs: list[torch.Tensor], ks: list[torch.Tensor], mask: torch.Tens
     per_layer = max(qs[0].numel(), ks[0].numel())
     uniform = len(set(map(Tensor.stride, qs))) == 1 and len(set(map(Tensor.stride, ks))) == 1
     if L > 1 and uniform and max(per_layer, out.numel()) < INT32_ELEMENTS:
-        table, align = _offset_table(qs, ks)
-        args.launch(qs[0], ks[0], out, valid, table[:L], table[L:], align)
+        q_table, k_table, align = _offset_table(qs, ks)
+        args.launch(qs[0], ks[0], out, valid, q_table, k_table, align)
     else:
         # One layer at a time (a single layer, layers of different strides, or beyond 32-bit
         # offsets), each in batch chunks of whole mask periods below them.
@@ -266,9 +266,10 @@ def fused_stats(qs: list[torch.Tensor], ks: list[torch.Tensor], mask: torch.Tens
 _dtype = operator.attrgetter("dtype")
 
 
-def _offset_table(qs: list[torch.Tensor], ks: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """int64 offsets in elements of every layer's q from qs[0] and k from ks[0], on their device,
-    and the largest 16-byte alignment all of them keep (in elements; 1 if some do not).
+def _offset_table(qs: list[torch.Tensor], ks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """int64 offsets in elements of every layer's q from qs[0] and of its k from ks[0], on their
+    device (two views of one table), and the largest 16-byte alignment all of them keep (in
+    elements; 1 if some do not).
 
     Tables are kept by their values: forward passes of one shape allocate their layers at the
     same places, so after the first one the table is found here, and no copy to the device
@@ -285,11 +286,12 @@ def _offset_table(qs: list[torch.Tensor], ks: list[torch.Tensor]) -> tuple[torch
             _TABLES.clear()
         align = max(1, 16 // size)
         align = align if all(o % align == 0 for o in offsets) else 1
-        found = _TABLES[key] = (to_device(torch.tensor(offsets, dtype=torch.int64), device), align)
+        table = to_device(torch.tensor(offsets, dtype=torch.int64), device)
+        found = _TABLES[key] = (table[:len(qs)], table[len(qs):], align)  # the views too: slicing is an op call
     return found
 
 
-_TABLES: dict[tuple, tuple[torch.Tensor, int]] = {}
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
 
 @dataclass
