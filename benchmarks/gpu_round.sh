@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_round.sh corpus    # a, b, d on the 1,000-prompt corpus (~5 min)
 #   bash benchmarks/gpu_round.sh profile   # host phases, torch.profiler and cProfile tables (~3 min)
 #   bash benchmarks/gpu_round.sh parts     # device time per statistics step, host cost per capture part (~2 min)
+#   bash benchmarks/gpu_round.sh host      # host_overhead.py on the GPU host's CPU: the proxy's calibration (~30 s)
 #
 # The random twin needs a tokenizer, not a download: SHEAFSCOPE_TWIN_TOKENIZER names a folder
 # with tokenizer files (here .gpu/tok, MiniLM's, copied from the offline package; the
@@ -48,7 +49,9 @@ for part in "$@"; do
       python benchmarks/stats_kernels.py --lengths 512,2048,8192 --out "$OUT/stats_kernels.json"
       python benchmarks/capture_overhead.py "${TWIN[@]}" --configs 16,512,2048,batch32 --repeats 20 \
         --out "$OUT/overhead.json" | grep -v Loading ;;
+    host)
+      python benchmarks/host_overhead.py --pairs 500 --out "$OUT/host_overhead.json" | tail -1 ;;
     *)
-      echo "unknown part '$part' (tok, tests, ab, lengths, corpus, profile, parts)" >&2; exit 2 ;;
+      echo "unknown part '$part' (tok, tests, ab, lengths, corpus, profile, parts, host)" >&2; exit 2 ;;
   esac
 done
