@@ -607,23 +607,20 @@ class DiagonalCapture:
         """Keep a planned call's queries and keys with its plan. On a GPU this is what keeps a
         short forward pass as cheap as a plain one: the per-layer cost is a few appends, not
         kernel launches."""
-        layer = self.layer_of.get(id(module))
-        plan.layers.append(self._layer(module) if layer is None else layer)
+        plan.layers.append(self._layer(module))
         plan.qs.append(q)
         plan.ks.append(k)
         plan.calls += 1
         self._held_bytes += plan.nbytes
-        if self._held_bytes > (self._hold_budget or self._check_budget(q)):
-            self._process_held()
+        self._check_budget(q)
 
-    def _check_budget(self, q: torch.Tensor) -> int:
-        """The byte budget of held layers (set by the first layer); processes them beyond it."""
+    def _check_budget(self, q: torch.Tensor) -> None:
+        """Process the held layers once they exceed the byte budget (set by the first layer)."""
         if self._hold_budget is None:
             self._hold_budget = self.hold_bytes if self.hold_bytes is not None else (
                 HOLD_BYTES_CUDA if q.is_cuda else HOLD_BYTES)
         if self._held_bytes > self._hold_budget:
             self._process_held()
-        return self._hold_budget
 
     def _valid_on(self, device: torch.device) -> torch.Tensor | None:
         """`valid` on `device`, copied once per capture (before the forward pass queues work:
@@ -635,9 +632,10 @@ class DiagonalCapture:
         return self._valid_device[device]
 
     def _process_held(self, final: bool = False) -> None:
-        groups = [_Group(p.route, p.softmax, p.layers, p.qs, p.ks) for p in self._plans.values() if p.layers]
+        groups = []
         for p in self._plans.values():
             if p.layers:
+                groups.append(_Group(p.route, p.softmax, p.layers, p.qs, p.ks))
                 p.layers, p.qs, p.ks = [], [], []
         unplanned: dict[tuple, list[_LayerInputs]] = {}
         for item in self._held:
@@ -1271,7 +1269,7 @@ class HiddenMax:
     def __init__(self, blocks: list[nn.Module], valid: torch.Tensor | None = None, hold_bytes: int | None = None):
         self.blocks, self.valid, self.hold_bytes = blocks, valid, hold_bytes
         self.values: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
-        self._held: list[tuple[int, torch.Tensor]] = []  # the wrappers append to this very list
+        self._held: list[tuple[int, torch.Tensor]] = []
         self._limit = 1 << 62  # streams held before they are reduced (the first stream's size sets it)
         self._saved: list[tuple[dict, Any]] = []  # (a block's __dict__, its instance forward or _NO_FORWARD)
         self._all: torch.Tensor | None = None  # every stream's maxima (per token if padded), when reduced together
@@ -1289,8 +1287,7 @@ class HiddenMax:
     def _reduce_held(self) -> None:
         """Per batch element (b,) where every token counts (valid None); else per token (b, n),
         masked and reduced over tokens once, in maxima()."""
-        held = list(self._held)
-        self._held.clear()
+        held, self._held = self._held, []
         if not held:
             return
         tensors = [h for _, h in held]
@@ -1341,13 +1338,10 @@ class HiddenMax:
                     keep(index, out[0] if isinstance(out, (tuple, list)) else out)
                 return out
             return forward_first
-        held, reduce = self._held, self._reduce_held
 
-        def forward(*args: Any, **kwargs: Any) -> Any:  # _keep, inlined: it runs once per block
+        def forward(*args: Any, **kwargs: Any) -> Any:
             out = inner(*args, **kwargs)
-            held.append((index, out[0] if isinstance(out, (tuple, list)) else out))
-            if len(held) >= self._limit:
-                reduce()
+            keep(index, out[0] if isinstance(out, (tuple, list)) else out)
             return out
         return forward
 
