@@ -116,3 +116,25 @@ def test_offdiag_mass_in_float32_matches_float64_recomputation():
     c32 = capture_eager(m32, ids, 2).offdiag_mass
     c64 = capture_eager(m64, ids, 2).offdiag_mass
     np.testing.assert_allclose(c32, c64, rtol=1e-5)
+
+
+def test_legacy_trace_full_pairs_the_head_averaged_attention_with_head_0s_norm():
+    """D8: notebook 000's trace_full is the off-diagonal mass of the head-averaged attention
+    matrix times the FIRST head's ||W_V||^2 only. Rebuilt from the model's own attention
+    matrices (mean over heads, then the off-diagonal entries summed), with every head given a
+    different norm, so that any other head, or a mean of the norms, fails."""
+    from sheafscope.adapters import adapter_for
+    from sheafscope.analysis import prompt_result
+    from sheafscope.capture_eager import capture_eager
+    from tiny_models import build_tiny
+
+    model = build_tiny("llama")
+    layers = adapter_for(model).geometry.n_layers
+    ids = torch.randint(0, model.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(3))
+    norm_sq = np.random.default_rng(0).uniform(1.0, 9.0, size=(layers, model.config.num_attention_heads))
+    with torch.no_grad():
+        attentions = model(ids, output_attentions=True).attentions
+    got = prompt_result("", capture_eager(model, ids, layers), False, norm_sq).legacy_trace_full
+    off_diagonal = ~torch.eye(ids.shape[1], dtype=torch.bool)
+    want = [float(a[0].double().mean(dim=0)[off_diagonal].sum()) * norm_sq[layer, 0] for layer, a in enumerate(attentions)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
