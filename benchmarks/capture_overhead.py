@@ -1,6 +1,7 @@
 """What each part of the fast path adds to a forward pass, variants timed round-robin (one of
 each in turn, so that a drifting machine shifts them alike), wall clock with a device sync
-(and the host time before that sync: a forward whose host time is its wall time is host-bound):
+(and the host time before that sync: a forward whose host time is its wall time is host-bound),
+and each variant's median difference from the a of its own round (paired):
 
     a            the plain forward of the trunk with sdpa attention
     fn           the trunk with sheafscope's attention function, no capture active
@@ -86,13 +87,18 @@ def main(argv: list[str] | None = None) -> int:
                 if rep >= 2:  # two rounds of warm-up
                     times[name].append(time.perf_counter() - t)
                     host[name].append(t_host - t)
+        # paired: each variant against the a of its own round (the rounds drift alike)
+        over_a = {k: statistics.median([t - a for t, a in zip(v, times["a"])]) * 1e3 for k, v in times.items()}
         row = {"config": config, "median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
-               "host_median_ms": {k: statistics.median(v) * 1e3 for k, v in host.items()}}
+               "host_median_ms": {k: statistics.median(v) * 1e3 for k, v in host.items()},
+               "over_a_paired_ms": over_a}
         rows.append(row)
         base = row["median_ms"]["a"]
-        print(f"\n=== {config} (median ms over {args.repeats} rounds; wall, over a, ratio, host before the sync)")
+        print(f"\n=== {config} (median ms over {args.repeats} rounds; wall, over a, ratio, host before the sync, "
+              "median of the rounds' differences from their a)")
         for k, ms in row["median_ms"].items():
-            print(f"  {k:12s} {ms:8.2f}  {ms - base:+7.2f}  x{ms / base:.3f}  host {row['host_median_ms'][k]:8.2f}")
+            print(f"  {k:12s} {ms:8.2f}  {ms - base:+7.2f}  x{ms / base:.3f}  host {row['host_median_ms'][k]:8.2f}  "
+                  f"paired {over_a[k]:+7.2f}")
         sys.stdout.flush()
     pf.write_rows(args.out, args, loaded, rows)
     return 0
