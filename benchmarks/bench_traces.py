@@ -114,7 +114,8 @@ def run_plain(loaded, groups: list[list], norm_sq) -> None:
 FAST_STATS: dict[str, Any] = {}  # what the fast path ran in the last run_fast
 
 
-def run_fast(loaded, groups: list[list], norm_sq) -> None:
+def run_fast(loaded, groups: list[list], norm_sq, **capture_options) -> None:
+    """Method b; capture_options go to launch_batch (capture_overhead.py's variants)."""
     from sheafscope.analysis import prompt_result
     from sheafscope.capture_fast import BatchStats, launch_batch
 
@@ -122,7 +123,7 @@ def run_fast(loaded, groups: list[list], norm_sq) -> None:
     pending = None
     # as analysis._capture_fast_all: batch i + 1 is launched before batch i is collected
     for group in [*groups, None]:
-        launched = None if group is None else launch_batch(loaded.model, loaded.adapter.blocks, group)
+        launched = None if group is None else launch_batch(loaded.model, loaded.adapter.blocks, group, **capture_options)
         if pending is not None:
             for cap in pending.result(stats):
                 prompt_result("", cap, False, norm_sq)

@@ -10,9 +10,13 @@ and each variant's median difference from the a of its own round (paired):
                  kernel, or sdpa for short prompts) but hold nothing
     fn+route/fa  ... the same with flash attention where cuDNN would run (the lse route's kernel
                  choice: what a host-bound forward pays for cuDNN's launch)
+    fn+refs      ... the same with the layers' queries and keys kept in a plain list instead
+                 (what holding costs beyond its own Python: the memory the forward cannot reuse)
     fn+capture   ... plus a DiagonalCapture holding the layers' inputs (statistics not computed)
     capture      ... both, and the statistics computed (launch_batch without the results)
     b            launch_batch, its result() and prompt_result, as bench_traces.py's method b
+    b/hold=N     b with DiagonalCapture(hold_bytes=N): held layers processed whenever they
+                 exceed N bytes (--hold-bytes N,M,...)
 
     python benchmarks/capture_overhead.py --model random:mistral-7b --dtype bfloat16 --configs 16,512
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import sys
 import time
@@ -36,6 +41,7 @@ import profile_fast_path as pf  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     pf.add_arguments(ap, repeats=30)
+    ap.add_argument("--hold-bytes", default="", help="comma-separated hold budgets: a b/hold=N variant each")
     args = ap.parse_args(argv)
 
     import torch
@@ -52,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         groups = pf.groups_for(config, loaded, args.seed)
         batch = [padded_batch(g) for g in groups]
 
-        def trunk(capture: bool, hidden: bool, finish: bool = False, hold: bool = True, flash: bool = False):
+        def trunk(capture: bool, hidden: bool, finish: bool = False, hold: bool = True, flash: bool = False,
+                  refs: bool = False):
+            kept: list = []
             with torch.no_grad(), (mock.patch.object(cf, "_sdpa_would_use_cudnn", lambda *a: False) if flash
                                    else contextlib.nullcontext()):
                 for (ids, valid, mask) in batch:
@@ -62,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                             cap._finish = lambda: None  # the statistics are not computed
                         if cap is not None and not hold:
                             cap._hold = cap._hold_planned = lambda *a: None
+                        if cap is not None and refs:
+                            cap._hold = cap._hold_planned = lambda *a: kept.append(a)
                         model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
 
         variants = {
@@ -70,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             "fn+hidden": ("fast", lambda: trunk(False, True)),
             "fn+route": ("fast", lambda: trunk(True, False, hold=False)),
             "fn+route/fa": ("fast", lambda: trunk(True, False, hold=False, flash=True)),
+            "fn+refs": ("fast", lambda: trunk(True, False, refs=True)),
             "fn+capture": ("fast", lambda: trunk(True, False)),
             "capture": ("fast", lambda: trunk(True, True, finish=True)),
             "b": ("fast", lambda: bt.run_fast(loaded, groups, norm_sq)),
+            **{f"b/hold={n}": ("fast", functools.partial(bt.run_fast, loaded, groups, norm_sq, hold_bytes=int(n)))
+               for n in args.hold_bytes.split(",") if n},
         }
         times: dict[str, list[float]] = {k: [] for k in variants}
         host: dict[str, list[float]] = {k: [] for k in variants}
