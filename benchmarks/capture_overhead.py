@@ -10,8 +10,8 @@ and each variant's median difference from the a of its own round (paired):
                  kernel, or sdpa for short prompts) but hold nothing
     fn+route/fa  ... the same with flash attention where cuDNN would run (the lse route's kernel
                  choice: what a host-bound forward pays for cuDNN's launch)
-    fn+refs      ... the same with the layers' queries and keys kept in a plain list instead
-                 (what holding costs beyond its own Python: the memory the forward cannot reuse)
+    fn+refs      fn+route with the layers' queries and keys kept in a plain list (what holding
+                 costs beyond its own Python: the memory the forward cannot reuse)
     fn+capture   ... plus a DiagonalCapture holding the layers' inputs (statistics not computed)
     capture      ... both, and the statistics computed (launch_batch without the results)
     b            launch_batch, its result() and prompt_result, as bench_traces.py's method b
