@@ -28,8 +28,9 @@ model's context, or --max-seconds (extrapolated from the previous length) are sk
 recorded with the reason. b/a: where a and b run in this process (a GPU; --isolate no), a
 and b are then also timed alternately on the same inputs and b/a is the median of those
 pairs' ratios (host speed drifts by tens of percent over a run; alternation cancels it), with
-their quartiles (how much one pair varies on this machine); the ratio of the separate medians
-is kept as "b/a separate runs".
+their quartiles (how much one pair varies on this machine) and a 95% bootstrap interval of that
+median (how far it could move with other pairs on the same host); the ratio of the separate
+medians is kept as "b/a separate runs".
 
     python benchmarks/bench_traces.py                          # smollm2-135m on the CPU
     python benchmarks/bench_traces.py --model random:mistral-7b --dtype bfloat16 --context 65536
@@ -312,7 +313,20 @@ def interleaved(loaded, groups: list[list], repeats: int, max_seconds: float) ->
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), max(ratios)]
     return {"a_times_s": times["a"], "b_times_s": times["b"], "a_median_s": statistics.median(times["a"]),
             "b_median_s": statistics.median(times["b"]), "b/a": statistics.median(ratios), "pairs": len(ratios),
-            "b/a quartiles": [quartiles[0], quartiles[-1]]}
+            "b/a quartiles": [quartiles[0], quartiles[-1]], "b/a median 95% interval": median_interval(ratios)}
+
+
+def median_interval(values: list[float], resamples: int = 4000, seed: int = 0) -> list[float]:
+    """A 95% percentile-bootstrap interval of the median of `values`: how far the run's b/a
+    could move if its pairs were drawn again on the same host (not across hosts)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        return [float(x.min()), float(x.max())] if x.size else [float("nan")] * 2
+    draws = np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))
+    lo, hi = np.quantile(np.median(x[draws], axis=1), [0.025, 0.975])
+    return [float(lo), float(hi)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,12 +466,13 @@ def table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str:
         else:
             note = "; ".join(r.get("notes", []))
             lines.append(f"| {r['n']} | {r['method']} {METHODS[r['method']]} | {r['median_s']:.3f} s | {fmt_mem(r['peak_mem_bytes'])} | {note} |")
-    lines += ["", "| n | b/a (fast / plain) | b/a pairs' quartiles | b/a, separate runs | d/b (notebook / fast) | c/b (eager / fast) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| n | b/a (fast / plain) | b/a median's 95% interval | b/a pairs' quartiles | b/a, separate runs "
+              "| d/b (notebook / fast) | c/b (eager / fast) |", "|---|---|---|---|---|---|---|"]
     for q in ratios:
         f = lambda k: "-" if q.get(k) is None else f"{q[k]:.2f}"  # noqa: E731
         spread = "-" if not q.get("b/a quartiles") else "{:.2f}–{:.2f}".format(*q["b/a quartiles"])
-        lines.append(f"| {q['n']} | {f('b/a')} | {spread} | {f('b/a separate runs')} | {f('d/b')} | {f('c/b')} |")
+        interval = "-" if not q.get("b/a median 95% interval") else "{:.3f}–{:.3f}".format(*q["b/a median 95% interval"])
+        lines.append(f"| {q['n']} | {f('b/a')} | {interval} | {spread} | {f('b/a separate runs')} | {f('d/b')} | {f('c/b')} |")
     return "\n".join(lines)
 
 
@@ -556,6 +571,7 @@ def write_results(out: str | None, info: dict[str, Any], rows: list[dict[str, An
         if il is not None:  # the better estimate where it exists (see `interleaved`)
             q["b/a separate runs"], q["b/a"] = q["b/a"], il["b/a"]
             q["b/a quartiles"] = il.get("b/a quartiles")
+            q["b/a median 95% interval"] = il.get("b/a median 95% interval")
         ratios.append(q)
     text = table(rows, ratios)
     if out:

@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_round.sh profile   # host phases, torch.profiler and cProfile tables (~3 min)
 #   bash benchmarks/gpu_round.sh parts     # device time per statistics step, host cost per capture part (~2 min)
 #   bash benchmarks/gpu_round.sh host      # host_overhead.py on the GPU host's CPU: the proxy's calibration (~30 s)
+#   bash benchmarks/gpu_round.sh short     # a and b, interleaved, 16 and 512 tokens, 150 pairs (~1.5 min)
+#   bash benchmarks/gpu_round.sh launch    # host cost of the statistics launch and the post-forward tail (~1 min)
 #
 # The random twin needs a tokenizer, not a download: SHEAFSCOPE_TWIN_TOKENIZER names a folder
 # with tokenizer files (here .gpu/tok, MiniLM's, copied from the offline package; the
@@ -51,7 +53,12 @@ for part in "$@"; do
         --out "$OUT/overhead.json" | grep -v Loading ;;
     host)
       python benchmarks/host_overhead.py --pairs 500 --out "$OUT/host_overhead.json" | tail -1 ;;
+    short)
+      python benchmarks/bench_traces.py "${TWIN[@]}" --lengths 16,512 --methods ab --repeats 150 --corpus-size 0 \
+        --max-seconds 60 --out "$OUT/ab_short.json" | tail -6 ;;
+    launch)
+      python benchmarks/launch_cost.py --lengths 16,512 --out "$OUT/launch_cost.json" | tail -20 ;;
     *)
-      echo "unknown part '$part' (tok, tests, ab, lengths, corpus, profile, parts, host)" >&2; exit 2 ;;
+      echo "unknown part '$part' (tok, tests, ab, lengths, corpus, profile, parts, host, short, launch)" >&2; exit 2 ;;
   esac
 done
