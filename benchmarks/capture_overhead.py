@@ -15,6 +15,9 @@ and each variant's median difference from the a of its own round (paired):
     fn+capture   ... plus a DiagonalCapture holding the layers' inputs (statistics not computed)
     capture      ... both, and the statistics computed (launch_batch without the results)
     b            launch_batch, its result() and prompt_result, as bench_traces.py's method b
+                 (the tail replayed from a CUDA graph where the shape's addresses repeat)
+    b/op-by-op   b with launch_batch(tail_graph=False): the tail launched op by op, what a
+                 forward pass pays whose shape or addresses did not repeat
     b/hold=N     b with DiagonalCapture(hold_bytes=N): held layers processed whenever they
                  exceed N bytes (--hold-bytes N,M,...)
 
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             "fn+capture": ("fast", lambda: trunk(True, False)),
             "capture": ("fast", lambda: trunk(True, True, finish=True)),
             "b": ("fast", lambda: bt.run_fast(loaded, groups, norm_sq)),
+            "b/op-by-op": ("fast", functools.partial(bt.run_fast, loaded, groups, norm_sq, tail_graph=False)),
             **{f"b/hold={n}": ("fast", functools.partial(bt.run_fast, loaded, groups, norm_sq, hold_bytes=int(n)))
                for n in args.hold_bytes.split(",") if n},
         }

@@ -83,6 +83,7 @@ from sheafscope.diag_stats import (
     to_device,
 )
 from sheafscope import fused_rows as fr
+from sheafscope import tail_graphs
 from sheafscope.errors import SheafscopeError
 
 FAST_ATTENTION = "sheafscope"
@@ -519,6 +520,35 @@ class DiagonalCapture:
             for name in plan.counted:
                 self.kernels[name] += plan.calls
             plan.calls = 0
+
+    def sole_summed_plan(self) -> "_Plan | None":
+        """The plan that served every attention call of this forward pass, where its
+        statistics are one launch of the fused sums kernel over unmasked layers 0..L-1 and
+        nothing else is held, grouped or waiting (tail_graphs replays that launch); else None."""
+        if (len(self._plans) != 1 or self._held or self._pending or self._groups or self.keep_positions
+                or self.valid is not None or fr.disabled is not None):
+            return None
+        plan = next(iter(self._plans.values()))
+        if (plan.route != "fused" or plan.softmax.mask is not None or not plan.qs
+                or plan.qs[0].shape[2] > FUSED_SUMS_MAX_ROWS or plan.layers != list(range(len(plan.layers)))):
+            return None
+        return plan
+
+    def plan_sums(self, plan: "_Plan") -> torch.Tensor:
+        """The fused sums (L * b, h, 2) of a sole summed plan's layers, queued as _finish would
+        queue them (no fallback: a failure raises)."""
+        sm = plan.softmax
+        return fr.fused_stats(plan.qs, plan.ks, None, sm.causal, sm.scale, sums=True)
+
+    def take_plan(self, plan: "_Plan") -> None:
+        """Count a sole summed plan's calls as _finish would and drop its held layers, whose
+        statistics were queued elsewhere (a replayed tail graph): the capture then records
+        none of them."""
+        for name in plan.counted:
+            self.kernels[name] += plan.calls
+        self._seen.update(plan.layers)
+        plan.calls, plan.layers, plan.qs, plan.ks = 0, [], [], []
+        self._held_bytes = 0
 
     def _column(self, c: int) -> list[torch.Tensor]:
         self._finish()
@@ -1353,10 +1383,24 @@ class HiddenMax:
                 attrs["forward"] = saved  # what was there before (e.g. accelerate's wrapper)
         self._saved.clear()
 
-    def final(self, last_hidden_state: torch.Tensor) -> None:
-        """Record the last stream from the trunk's output."""
+    def final(self, last_hidden_state: torch.Tensor, reduce: bool = True) -> None:
+        """Record the last stream from the trunk's output and reduce the held streams (or, with
+        reduce=False, keep them held, for held_streams(), until the maxima are asked for)."""
         self._keep(len(self.blocks), last_hidden_state)
-        self._reduce_held()
+        if reduce:  # before the statistics run: long streams held on would raise the peak
+            self._reduce_held()
+
+    def held_streams(self) -> list[torch.Tensor] | None:
+        """Every stream, in order, where all are still held and every token counts (no
+        `valid`); else None."""
+        held = self._held
+        if self.valid is not None or len(held) != len(self.values) or [i for i, _ in held] != list(range(len(held))):
+            return None
+        return [h for _, h in held]
+
+    def drop_held(self) -> None:
+        """Forget the held streams, whose maxima were queued elsewhere (a replayed tail graph)."""
+        self._held = []
 
     def result(self) -> torch.Tensor:
         """(b, layers + 1) float64 on the CPU."""
@@ -1480,6 +1524,7 @@ class PendingBatch:
     fallbacks: list[str]
     dtype: torch.dtype
     ready: Any = None  # torch.cuda.Event recorded after the copies, or None on the CPU
+    replayed: Any = None  # tail_graphs.Replayed whose outputs sums and hidden are, until read
 
     def result(self, stats: BatchStats | None = None) -> list:
         """One PromptCapture per prompt (waits for the device). Raises NonFiniteError on
@@ -1489,9 +1534,14 @@ class PendingBatch:
         # numpy from here: per prompt, a numpy view costs a fraction of a torch index, and a
         # batch of 32 short prompts on a host-bound GPU notices. np.array copies out of pinned
         # memory: the captures' arrays outlive the batch, and pinned blocks are a scarce
-        # resource that the caching host allocator should get back.
+        # resource that the caching host allocator should get back (or, from a replayed tail
+        # graph, buffers that its next replay overwrites: released once copied).
         sums = np.array(self.sums.numpy(), order="C")
         hidden = self.hidden.to(torch.float64, memory_format=torch.contiguous_format, copy=True).numpy()
+        if self.replayed is not None:
+            self.sums, self.hidden = torch.from_numpy(sums), torch.from_numpy(hidden)
+            self.replayed, replayed = None, self.replayed
+            replayed.release()
         off, sink = masses_from_sums(sums, self.lengths)
         if stats is not None:
             refined = self.refined_known + (0 if self.refined_pending is None else int(self.refined_pending))
@@ -1510,33 +1560,66 @@ class PendingBatch:
 
 @torch.no_grad()
 def launch_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.Tensor],
-                 pad_id: int = 0, **capture_options: Any) -> PendingBatch:
+                 pad_id: int = 0, tail_graph: bool = True, **capture_options: Any) -> PendingBatch:
     """Run prompts (each (1, n_i) token ids on the model's device) as one right-padded batch
     through the trunk (`model.base_model`: no LM head, which nothing here needs) and queue
     their statistics' copy to the host; `PendingBatch.result()` gives one PromptCapture per
     prompt, equal to running it alone: sums run over its own rows only, and right padding
     never changes what a valid row attends to (padding keys are masked; positions still count
-    from 0). capture_options go to DiagonalCapture (kernel, chunk_rows, ...)."""
+    from 0). `tail_graph`: on a GPU, replay the work queued after a plain short forward pass
+    from a CUDA graph where one was captured for it (tail_graphs; the same kernels, so the same
+    numbers). capture_options go to DiagonalCapture (kernel, chunk_rows, ...)."""
     lengths = [int(p.shape[1]) for p in prompts]
     input_ids, valid, attention_mask = padded_batch(prompts, pad_id)
     trunk = getattr(model, "base_model", model)
     options = {"prefix_rows": valid is not None, **capture_options}  # prefix_rows=False: read the mask
+    replayed = None
     with DiagonalCapture(model, valid=valid, keep_positions=False, **options) as cap, \
             HiddenMax(blocks, valid, capture_options.get("hold_bytes")) as hm:
         out = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hm.final(out[0])
-    on_device = cap.mass_sums(lengths)
-    sums = _to_host(on_device)
-    hidden = _to_host(hm.maxima(dtype=None))  # float64 on the host (result()): no conversion kernel
-    known, pending = cap.refined_on_device()
-    pending = None if pending is None else _to_host(pending)
+        plan = cap.sole_summed_plan() if tail_graph and out[0].is_cuda else None
+        hm.final(out[0], reduce=plan is None)
+        if plan is not None:
+            replayed = _replay_tail(cap, hm, plan)
+    if replayed is not None:
+        sums, hidden, known, pending = replayed.sums, replayed.maxima, 0, None
+    else:
+        on_device = cap.mass_sums(lengths)
+        sums = _to_host(on_device)
+        hidden = _to_host(hm.maxima(dtype=None))  # float64 on the host (result()): no conversion kernel
+        known, pending = cap.refined_on_device()
+        pending = None if pending is None else _to_host(pending)
     ready = None
-    if on_device.is_cuda:  # after the last copy: result() waits for this event, not for later batches
+    if out[0].is_cuda:  # after the last copy: result() waits for this event, not for later batches
         ready = torch.cuda.Event()
         ready.record()
     # the capture ends here: its counters and reasons are the batch's; the model's dtype as its
     # output has it (next(model.parameters()) walks the module tree: host time)
-    return PendingBatch(lengths, sums, hidden, known, pending, cap.kernels, cap.fallbacks, out[0].dtype, ready)
+    batch = PendingBatch(lengths, sums, hidden, known, pending, cap.kernels, cap.fallbacks, out[0].dtype, ready,
+                         replayed)
+    if replayed is not None:
+        replayed.own(batch)
+    return batch
+
+
+def _replay_tail(cap: DiagonalCapture, hm: "HiddenMax", plan: _Plan) -> Any:
+    """The tail of a plain short forward pass (`plan`, its sole summed plan: one fused sums
+    launch; the streams' maxima; their copies to the host) replayed from a CUDA graph
+    (tail_graphs), with the capture's counters bumped and its held tensors dropped; None where
+    it runs op by op."""
+    streams = hm.held_streams()
+    if streams is None:
+        return None
+    replayed = tail_graphs.TAILS.replay(plan.qs, plan.ks, streams, lambda: cap.plan_sums(plan),
+                                        plan.softmax.causal, plan.softmax.scale)
+    if replayed is None:
+        if tail_graphs.disabled is not None and tail_graphs.disabled not in cap.fallbacks:
+            cap.fallbacks.append(tail_graphs.disabled)
+        return None
+    cap.take_plan(plan)
+    hm.drop_held()
+    cap.kernels[tail_graphs.KERNEL_NAME] += 1
+    return replayed
 
 
 def capture_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.Tensor],
