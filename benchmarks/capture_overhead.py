@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     pf.add_arguments(ap, repeats=30)
     ap.add_argument("--hold-bytes", default="", help="comma-separated hold budgets: a b/hold=N variant each")
+    ap.add_argument("--variants", default="", help="comma-separated variants to run (default: all; a always runs)")
     args = ap.parse_args(argv)
 
     import torch
@@ -91,7 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             **{f"b/hold={n}": ("fast", functools.partial(bt.run_fast, loaded, groups, norm_sq, hold_bytes=int(n)))
                for n in args.hold_bytes.split(",") if n},
         }
+        if args.variants:
+            chosen = {"a", *args.variants.split(",")}
+            unknown = chosen - set(variants)
+            if unknown:
+                ap.error(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
+            variants = {k: v for k, v in variants.items() if k in chosen}
         times: dict[str, list[float]] = {k: [] for k in variants}
+        replays: dict[str, int] = {k: 0 for k in variants if k.startswith("b")}  # timed runs whose tail replayed
         host: dict[str, list[float]] = {k: [] for k in variants}
         for rep in range(args.repeats + 2):
             for name, (path, fn) in variants.items():
@@ -104,18 +112,20 @@ def main(argv: list[str] | None = None) -> int:
                 if rep >= 2:  # two rounds of warm-up
                     times[name].append(time.perf_counter() - t)
                     host[name].append(t_host - t)
+                    if name in replays:
+                        replays[name] += bool(bt.FAST_STATS.get("kernels", {}).get("tail-graph"))
         # paired: each variant against the a of its own round (the rounds drift alike)
         over_a = {k: statistics.median([t - a for t, a in zip(v, times["a"])]) * 1e3 for k, v in times.items()}
         row = {"config": config, "median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
                "host_median_ms": {k: statistics.median(v) * 1e3 for k, v in host.items()},
-               "over_a_paired_ms": over_a}
+               "over_a_paired_ms": over_a, "tail_graph_replays": replays}
         rows.append(row)
         base = row["median_ms"]["a"]
         print(f"\n=== {config} (median ms over {args.repeats} rounds; wall, over a, ratio, host before the sync, "
               "median of the rounds' differences from their a)")
         for k, ms in row["median_ms"].items():
             print(f"  {k:12s} {ms:8.2f}  {ms - base:+7.2f}  x{ms / base:.3f}  host {row['host_median_ms'][k]:8.2f}  "
-                  f"paired {over_a[k]:+7.2f}")
+                  f"paired {over_a[k]:+7.2f}" + (f"  replayed {replays[k]}/{args.repeats}" if k in replays else ""))
         sys.stdout.flush()
     pf.write_rows(args.out, args, loaded, rows)
     return 0
