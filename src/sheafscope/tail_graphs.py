@@ -4,8 +4,9 @@ On a GPU a forward pass of a few hundred tokens is bound by the host: the device
 Python. After such a forward pass the fast path queues its tail: the fused sums kernel over
 the held layers (`fused_rows.fused_stats`), the residual streams' maxima, and both copies to
 the host. Launched op by op right after a forward pass, whose host work has left the caches
-cold, that costs ~0.45 ms of host time; replayed as one CUDA graph, ~0.15 ms, most of it
-looking the graph up (benchmarks/launch_cost.py, an H200 host).
+cold, that costs ~0.45 ms of host time; replayed as one CUDA graph, ~0.15 ms
+(benchmarks/launch_cost.py, an H200 host). Within a forward pass, with the key and the
+checks, a replay saves ~0.16 ms (benchmarks/capture_overhead.py, b against b/op-by-op).
 
 A graph reads the tensors at the addresses it was captured with. A repeated forward pass of
 one shape makes its queries, keys and residual streams at the same addresses (the caching
@@ -19,9 +20,9 @@ cannot do either while capturing).
 So this pays where one shape repeats: many prompts of one length (fixed-length or truncated
 inputs, a benchmark's repeats), one at a time or in equal-length batches. The allocator settles
 after a few forward passes of one shape and then keeps its addresses; forward passes of other
-shapes in between move them, so a stream of prompts of mixed lengths rarely replays (benchmarks/
-tail_graph_hits.py shows both). A miss costs a few address reads (a pre-key of four), not the
-full key.
+shapes in between move them, so a stream of prompts of mixed lengths rarely replays
+(benchmarks/tail_graph_hits.py shows both). A miss costs a few address reads (a pre-key of
+four), not the full key.
 
 Each graph writes into pinned host buffers of its own. With batches pipelined (batch i + 1
 is launched before batch i's result is read) one set would be overwritten before it is read,
