@@ -94,7 +94,7 @@ class TailGraphs:
     def __init__(self, max_keys: int = MAX_KEYS):
         self.max_keys = max_keys
         self._graphs: OrderedDict[tuple, list[_Slot]] = OrderedDict()
-        self._pres: set[tuple] = set()  # the kept graphs' pre-keys (_pre_key)
+        self._pres: set[tuple] = set()  # the kept graphs' pre-keys (`pre` in replay)
         self._last_pre: tuple | None = None
 
     def clear(self) -> None:
@@ -123,8 +123,9 @@ class TailGraphs:
             self._last_pre = pre
             return None
         tensors = [*qs, *ks, *streams]
-        # the plan gave every layer's queries and keys one shape; the streams' are checked here
-        # the stream too: a graph's replays must queue behind one another (its pool, its outputs)
+        # The plan gave every layer's queries and keys one shape; the streams' sizes are checked
+        # here, and the stream, as a graph's replays must queue behind one another (one pool,
+        # one set of outputs).
         key = (pre, torch.cuda.current_stream(q0.device).cuda_stream, q0.device, q0.dtype, h0.dtype, causal, scale,
                *map(_Tensor.data_ptr, tensors),
                *map(_Tensor.stride, tensors), *map(_Tensor.size, streams), *map(_dtype, tensors))
