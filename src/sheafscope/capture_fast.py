@@ -1595,11 +1595,9 @@ def launch_batch(model: nn.Module, blocks: list[nn.Module], prompts: list[torch.
         ready.record()
     # the capture ends here: its counters and reasons are the batch's; the model's dtype as its
     # output has it (next(model.parameters()) walks the module tree: host time)
-    batch = PendingBatch(lengths, sums, hidden, known, pending, cap.kernels, cap.fallbacks, out[0].dtype, ready,
-                         replayed)
-    if replayed is not None:
-        replayed.own(batch)
-    return batch
+    # a replayed tail's graph stays taken while the batch holds `replayed` (until result())
+    return PendingBatch(lengths, sums, hidden, known, pending, cap.kernels, cap.fallbacks, out[0].dtype, ready,
+                        replayed)
 
 
 def _replay_tail(cap: DiagonalCapture, hm: "HiddenMax", plan: _Plan) -> Any:

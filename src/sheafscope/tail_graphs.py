@@ -26,8 +26,8 @@ four), not the full key.
 
 Each graph writes into pinned host buffers of its own. With batches pipelined (batch i + 1
 is launched before batch i's result is read) one set would be overwritten before it is read,
-so each key has up to two graphs, each owned by the batch that replayed it until that batch's
-result() has copied its numbers out (or the batch is gone); with both owned, the tail runs op
+so each key has up to two graphs, each taken by the batch that replayed it until that batch's
+result() has copied its numbers out (or the batch is gone); with both taken, the tail runs op
 by op.
 
 Only the plain case is graphed: one planned fused route for every layer, sums kept (up to
@@ -38,6 +38,7 @@ long prompts, the lse and dense routes) runs op by op as before.
 from __future__ import annotations
 
 import operator
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ class _Slot:
     sums: torch.Tensor
     maxima: torch.Tensor
     keep: tuple  # device tensors made outside the graph that it reads
-    owner: Any = None  # weakref to the batch reading the outputs, or None
+    owner: Any = None  # weakref to the Replayed whose outputs these are until read, or None
 
     def free(self) -> bool:
         return self.owner is None or self.owner() is None
@@ -74,15 +75,12 @@ class _Slot:
 @dataclass(eq=False)
 class Replayed:
     """A replayed tail: host views of its outputs, as launch_batch would have copied them
-    ((b, layers, heads, 2) sums, (b, streams) maxima), and the slot to release once read."""
+    ((b, layers, heads, 2) sums, (b, streams) maxima). Its slot is taken until release(), or
+    until this object is collected (a batch dropped unread gives its graph back)."""
 
     sums: torch.Tensor
     maxima: torch.Tensor
     slot: _Slot
-
-    def own(self, batch: Any) -> None:
-        """The slot's outputs belong to `batch` until release() (or until it is collected)."""
-        self.slot.owner = weakref.ref(batch)
 
     def release(self) -> None:
         self.slot.owner = None
@@ -96,13 +94,15 @@ class TailGraphs:
         self._graphs: OrderedDict[tuple, list[_Slot]] = OrderedDict()
         self._pres: set[tuple] = set()  # the kept graphs' pre-keys (`pre` in replay)
         self._last_pre: tuple | None = None
+        self._lock = threading.Lock()
 
     def clear(self) -> None:
         """Drop every graph whose outputs no batch is reading."""
-        for key in [k for k, slots in self._graphs.items() if all(s.free() for s in slots)]:
-            del self._graphs[key]
-        self._pres = {k[0] for k in self._graphs}
-        self._last_pre = None
+        with self._lock:
+            for key in [k for k, slots in self._graphs.items() if all(s.free() for s in slots)]:
+                del self._graphs[key]
+            self._pres = {k[0] for k in self._graphs}
+            self._last_pre = None
 
     def replay(self, qs: list[torch.Tensor], ks: list[torch.Tensor], streams: list[torch.Tensor],
                stats: Callable[[], torch.Tensor], causal: bool, scale: float) -> Replayed | None:
@@ -113,6 +113,11 @@ class TailGraphs:
         a capture records."""
         if disabled is not None:
             return None
+        with self._lock:  # threads sharing the cache must not take one slot twice
+            return self._replay(qs, ks, streams, stats, causal, scale)
+
+    def _replay(self, qs: list[torch.Tensor], ks: list[torch.Tensor], streams: list[torch.Tensor],
+                stats: Callable[[], torch.Tensor], causal: bool, scale: float) -> Replayed | None:
         q0, k0, h0 = qs[0], ks[0], streams[0]
         # A few addresses first: where they match neither a kept graph nor the previous forward
         # pass (a new shape, or one the allocator placed elsewhere), this is not a replay, and
@@ -153,7 +158,9 @@ class TailGraphs:
             slots.append(slot)
         slot.graph.replay()
         sums = slot.sums.view(n_layers, b, *slot.sums.shape[1:]).transpose(0, 1)
-        return Replayed(sums, slot.maxima.transpose(0, 1), slot)
+        replayed = Replayed(sums, slot.maxima.transpose(0, 1), slot)
+        slot.owner = weakref.ref(replayed)
+        return replayed
 
     def _new_key(self, key: tuple) -> list[_Slot] | None:
         if len(self._graphs) >= self.max_keys:
