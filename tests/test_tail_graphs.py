@@ -3,8 +3,9 @@
 A replay runs the kernels the op-by-op tail runs, on the tensors of the forward pass at hand,
 so every prompt's numbers must equal the op-by-op path's exactly: for repeated prompts, for
 new prompts of a captured shape, with batches in flight (each replay's outputs are read by
-its own batch only), with NaN appearing after a capture (the replay reads the new forward
-pass), and the plain case only (padded batches run op by op). The op-by-op path is itself
+its own batch only), after a batch dropped unread (its graph is given back), with NaN
+appearing after a capture (the replay reads the new forward pass), and the plain case only
+(padded and long batches run op by op). The op-by-op path is itself
 tested against the eager reference (test_fast_path.py). A shape replays once the allocator has
 settled on its addresses (a few forward passes), so the tests settle a prompt first. They need
 a GPU.
