@@ -8,7 +8,8 @@ appearing after a capture (the replay reads the new forward pass), and the plain
 (padded and long batches run op by op). The op-by-op path is itself
 tested against the eager reference (test_fast_path.py). A shape replays once the allocator has
 settled on its addresses (a few forward passes), so the tests settle a prompt first. They need
-a GPU.
+a GPU. The cache's own rules (when a shape is captured, when a graph is taken and given back,
+what keys it) run on the CPU too, with a stand-in for the capture.
 """
 
 from __future__ import annotations
@@ -171,3 +172,101 @@ def test_cuda_padded_and_long_batches_run_op_by_op(fresh_graphs):
     for _ in range(4):
         _assert_same(capture_batch(model, blocks, [long], stats)[0], want_long, "long")
     assert stats.kernels[REPLAYS] == 0, dict(stats.kernels)
+
+
+# -- the cache's rules, on the CPU (a stand-in for the capture; the numbers are the GPU tests') --
+class _FakeGraph:
+    def __init__(self, out: torch.Tensor):
+        self.out, self.replays = out, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.out.fill_(self.replays)
+
+
+@pytest.fixture()
+def fake_capture(monkeypatch, fresh_graphs):
+    """tail_graphs._capture replaced by one that records its calls and returns a slot whose
+    'graph' stamps its sums with its replay count."""
+    made = []
+
+    def capture(streams, stats, sums_shape, keep):
+        sums = torch.zeros(sums_shape, dtype=torch.float64)
+        slot = tail_graphs._Slot(_FakeGraph(sums), sums, torch.zeros(len(streams), streams[0].shape[0]), keep)
+        made.append(slot)
+        return slot
+
+    monkeypatch.setattr(tail_graphs, "_capture", capture)
+    return made
+
+
+def _tensors(layers: int = 3, n: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    qs = [torch.randn(1, n, 4, 8, generator=g).transpose(1, 2) for _ in range(layers)]
+    ks = [torch.randn(1, n, 2, 8, generator=g).transpose(1, 2) for _ in range(layers)]
+    streams = [torch.randn(1, n, 32, generator=g) for _ in range(layers + 1)]
+    return qs, ks, streams
+
+
+def _replay(graphs, tensors):
+    qs, ks, streams = tensors
+    return graphs.replay(qs, ks, streams, lambda: None, True, 0.125)
+
+
+def test_a_shape_is_captured_on_its_second_sighting_and_taken_until_read(fake_capture, fresh_graphs):
+    """First sighting: op by op. Second: a graph, taken by its Replayed. While both of a key's
+    graphs are taken, op by op; a released or dropped Replayed gives its graph back."""
+    t = _tensors()
+    assert _replay(fresh_graphs, t) is None and not fake_capture
+    first = _replay(fresh_graphs, t)
+    assert first is not None and len(fake_capture) == 1
+    assert first.sums.shape == (1, 3, 4, 2)  # (b, layers, heads, 2), a view of the slot's buffer
+    assert float(first.sums[0, 0, 0, 0]) == 1.0  # the slot's first replay wrote it
+    second = _replay(fresh_graphs, t)
+    assert second is not None and second.slot is not first.slot and len(fake_capture) == 2
+    assert _replay(fresh_graphs, t) is None  # both taken
+    first.release()
+    third = _replay(fresh_graphs, t)
+    assert third is not None and third.slot is fake_capture[0] and len(fake_capture) == 2
+    del second
+    gc.collect()
+    fourth = _replay(fresh_graphs, t)
+    assert fourth is not None and fourth.slot is fake_capture[1]
+    assert fake_capture[1].graph.replays == 2 and fake_capture[0].graph.replays == 2
+
+
+def test_a_graph_replays_only_for_the_tensors_it_read(fake_capture, fresh_graphs):
+    """Other addresses, the same addresses read with other strides, or another scale never
+    replay the graph captured for the first tensors (each may get a graph of its own)."""
+    t = _tensors()
+    _replay(fresh_graphs, t)
+    kept = _replay(fresh_graphs, t)
+    kept.release()
+    qs, ks, streams = t
+    # layer 1's queries: the same memory (same address) read with other strides
+    restrided = [qs[0], qs[1].as_strided(qs[1].shape, (160, 1, 32, 4)), qs[2]]
+    assert restrided[1].data_ptr() == qs[1].data_ptr()
+    calls = [lambda: _replay(fresh_graphs, _tensors(seed=1)),  # new tensors: new addresses
+             lambda: _replay(fresh_graphs, (restrided, ks, streams)),
+             lambda: fresh_graphs.replay(qs, ks, streams, lambda: None, True, 0.5)]  # another scale
+    for call in calls:
+        for _ in range(2):  # also on a second sighting in a row
+            got = call()
+            assert got is None or got.slot is not fake_capture[0]
+            if got is not None:
+                got.release()
+    again = _replay(fresh_graphs, t)
+    assert again is not None and again.slot is fake_capture[0]
+
+
+def test_graphs_off_and_keys_evicted(fake_capture, fresh_graphs, monkeypatch):
+    """With graphs disabled nothing replays; beyond MAX_KEYS shapes the oldest free one goes."""
+    sets = [_tensors(seed=s) for s in range(tail_graphs.MAX_KEYS + 1)]
+    for t in sets:
+        _replay(fresh_graphs, t)
+        _replay(fresh_graphs, t).release()
+    assert len(fake_capture) == tail_graphs.MAX_KEYS + 1
+    assert _replay(fresh_graphs, sets[-1]).slot is fake_capture[-1]
+    assert _replay(fresh_graphs, sets[0]) is None  # evicted: a first sighting again
+    monkeypatch.setattr(tail_graphs, "disabled", "tail graphs off (a test)")
+    assert _replay(fresh_graphs, sets[-1]) is None

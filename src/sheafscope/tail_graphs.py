@@ -131,7 +131,8 @@ class TailGraphs:
         # The plan gave every layer's queries and keys one shape; the streams' sizes are checked
         # here, and the stream, as a graph's replays must queue behind one another (one pool,
         # one set of outputs).
-        key = (pre, torch.cuda.current_stream(q0.device).cuda_stream, q0.device, q0.dtype, h0.dtype, causal, scale,
+        stream = torch.cuda.current_stream(q0.device).cuda_stream if q0.is_cuda else None
+        key = (pre, stream, q0.device, q0.dtype, h0.dtype, causal, scale,
                *map(_Tensor.data_ptr, tensors),
                *map(_Tensor.stride, tensors), *map(_Tensor.size, streams), *map(_dtype, tensors))
         slots = self._graphs.get(key)
