@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from sheafscope import capture_fast as cf
     from sheafscope.capture_fast import DiagonalCapture, HiddenMax, padded_batch
     from sheafscope.restriction import norms_sq
+    from sheafscope.tail_graphs import KERNEL_NAME
 
     loaded = bt.load(args)
     norm_sq = norms_sq(loaded.adapter).numpy()
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                     times[name].append(time.perf_counter() - t)
                     host[name].append(t_host - t)
                     if name in replays:
-                        replays[name] += bool(bt.FAST_STATS.get("kernels", {}).get("tail-graph"))
+                        replays[name] += bool(bt.FAST_STATS.get("kernels", {}).get(KERNEL_NAME))
         # paired: each variant against the a of its own round (the rounds drift alike)
         over_a = {k: statistics.median([t - a for t, a in zip(v, times["a"])]) * 1e3 for k, v in times.items()}
         row = {"config": config, "median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},

@@ -517,9 +517,13 @@ class DiagonalCapture:
         self._process_held(final=True)
         self._flush(keep=0)
         for plan in self._plans.values():
-            for name in plan.counted:
-                self.kernels[name] += plan.calls
-            plan.calls = 0
+            self._count_calls(plan)
+
+    def _count_calls(self, plan: "_Plan") -> None:
+        """Add the calls a plan served to its kernel counters, once."""
+        for name in plan.counted:
+            self.kernels[name] += plan.calls
+        plan.calls = 0
 
     def sole_summed_plan(self) -> "_Plan | None":
         """The plan that served every attention call of this forward pass, where its
@@ -544,10 +548,9 @@ class DiagonalCapture:
         """Count a sole summed plan's calls as _finish would and drop its held layers, whose
         statistics were queued elsewhere (a replayed tail graph): the capture then records
         none of them."""
-        for name in plan.counted:
-            self.kernels[name] += plan.calls
+        self._count_calls(plan)
         self._seen.update(plan.layers)
-        plan.calls, plan.layers, plan.qs, plan.ks = 0, [], [], []
+        plan.layers, plan.qs, plan.ks = [], [], []
         self._held_bytes = 0
 
     def _column(self, c: int) -> list[torch.Tensor]:
@@ -1330,7 +1333,7 @@ class HiddenMax:
                 pass
         if stacked is not None:
             maxima = _max_abs(stacked, dims)
-            if [i for i, _ in held] == list(range(len(self.values))):
+            if self._every_stream(held):
                 self._all = maxima  # every stream, in order: (streams, b[, n]), maxima() needs no second stack
                 return
         else:
@@ -1394,9 +1397,13 @@ class HiddenMax:
         """Every stream, in order, where all are still held and every token counts (no
         `valid`); else None."""
         held = self._held
-        if self.valid is not None or len(held) != len(self.values) or [i for i, _ in held] != list(range(len(held))):
+        if self.valid is not None or not self._every_stream(held):
             return None
         return [h for _, h in held]
+
+    def _every_stream(self, held: list[tuple[int, torch.Tensor]]) -> bool:
+        """Whether `held` is every stream, in order."""
+        return [i for i, _ in held] == list(range(len(self.values)))
 
     def drop_held(self) -> None:
         """Forget the held streams, whose maxima were queued elsewhere (a replayed tail graph)."""
