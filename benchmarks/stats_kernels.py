@@ -19,11 +19,19 @@ CUDA events, the median over --repeats of:
     stats_rows             fused_rows.fused_stats on the held layers where they lie (an offset
                            table, no stack), what the capture runs; stats_rows_unaligned
                            without the table's alignment hint
+    stats_sums             the same with sums=True (per head, summed over the rows): what a
+                           short prompt's tail runs; stats_rows_T, stats_sums_T with the launch
+                           settings T = BMxBNxWARPS[xSTAGES] (--tiles)
+    *_baseline             the stats steps of another commit's fused_rows.py (--baseline-module),
+                           on the same inputs; `vs_baseline` in the JSON is the largest relative
+                           difference of its rows and sums from the current kernel's
     dense                  diag_stats.dense_rows for a batch of 32 prompts of --dense-n tokens
                            times every layer (the corpus's route), once per run; fused_rows
                            for the same batch next to it
 
     python benchmarks/stats_kernels.py --lengths 512,2048,8192 --out stats_kernels.json
+    git show 4c391f6:src/sheafscope/fused_rows.py > /tmp/fused_rows_before.py
+    python benchmarks/stats_kernels.py --lengths 16,512 --baseline-module /tmp/fused_rows_before.py --tiles 64x64x8,32x64x4
 
 Without a GPU it runs on the CPU as a smoke test (wall clock, no attention kernels).
 """
@@ -53,17 +61,67 @@ def held(layers: int, n: int, h: int, n_kv: int, d: int, dtype, device, seed: in
     return qs, ks
 
 
-def stats_steps(qs, ks, mask, scale) -> dict:
-    """fused_stats on held layers, with and without the offset table's alignment hint."""
+def stats_steps(qs, ks, mask, scale, module=fr, suffix: str = "", tiles: tuple[str, ...] = ()) -> dict:
+    """fused_stats on held layers (rows, and sums as a short prompt's tail runs it), with and
+    without the offset table's alignment hint; `module`: a fused_rows module (another commit's,
+    --baseline-module), its steps named with `suffix`; `tiles`: rows and sums again with each of
+    these launch settings, 'BMxBNxWARPS' or 'BMxBNxWARPSxSTAGES' (the current module only)."""
     def unaligned():
-        table = fr._offset_table
-        fr._offset_table = lambda *a: (*table(*a)[:2], 1)
+        table = module._offset_table
+        module._offset_table = lambda *a: (*table(*a)[:2], 1)
         try:
-            fr.fused_stats(qs, ks, mask, mask is None, scale)
+            module.fused_stats(qs, ks, mask, mask is None, scale)
         finally:
-            fr._offset_table = table
+            module._offset_table = table
 
-    return {"stats_rows": lambda: fr.fused_stats(qs, ks, mask, mask is None, scale), "stats_rows_unaligned": unaligned}
+    names = ("BLOCK_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES")
+
+    def with_tiles(tile: str, sums: bool):
+        values = [int(v) for v in tile.split("x")]
+
+        def run():
+            kept = [getattr(module, name) for name in names]
+            for name, value in zip(names, values):
+                setattr(module, name, value)
+            try:
+                module.fused_stats(qs, ks, mask, mask is None, scale, sums=sums)
+            finally:
+                for name, value in zip(names, kept):
+                    setattr(module, name, value)
+        return run
+
+    steps = {"stats_rows": lambda: module.fused_stats(qs, ks, mask, mask is None, scale),
+             "stats_rows_unaligned": unaligned,
+             "stats_sums": lambda: module.fused_stats(qs, ks, mask, mask is None, scale, sums=True)}
+    for tile in tiles:
+        steps[f"stats_rows_{tile}"] = with_tiles(tile, False)
+        steps[f"stats_sums_{tile}"] = with_tiles(tile, True)
+    return {name + suffix: fn for name, fn in steps.items()}
+
+
+def load_baseline(path: str):
+    """A fused_rows.py from another commit (`git show REV:src/sheafscope/fused_rows.py > f.py`),
+    imported as its own module, to time against the current kernel on the same inputs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fused_rows_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def agreement(qs, ks, mask, scale, baseline) -> dict:
+    """Largest relative difference between the current kernel's and the baseline's rows and
+    sums on the same inputs (0.0: equal bit for bit)."""
+    out = {}
+    for name, sums in (("rows", False), ("sums", True)):
+        new = fr.fused_stats(qs, ks, mask, mask is None, scale, sums=sums)
+        old = baseline.fused_stats(qs, ks, mask, mask is None, scale, sums=sums)
+        keep = ~old.isnan()
+        out[name] = float(((new - old).abs() / old.abs().clamp(min=1e-300))[keep].max())
+        out[name + "_nan_equal"] = bool(torch.equal(new.isnan(), old.isnan()))
+    return out
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -102,8 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=8, help="slots per head")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--dense-n", type=int, default=40, help="prompt length of the dense-route batch (0: none)")
+    ap.add_argument("--baseline-module", help="a fused_rows.py from another commit: its stats steps timed too "
+                    "(suffix _baseline), and how far its results differ from the current kernel's")
+    ap.add_argument("--tiles", default="", help="comma-separated launch settings BMxBNxWARPS[xSTAGES] to time "
+                    "the rows and sums at too (fused_rows.BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    baseline = load_baseline(args.baseline_module) if args.baseline_module else None
+    tiles = tuple(t for t in args.tiles.split(",") if t)
     # On a machine without a GPU: a smoke run on the CPU (wall clock; no attention kernels)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = torch.bfloat16
@@ -139,10 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             "slots": slots,
             "record": lambda: torch.where(weights, rows, 0.0).sum(-2),
         }
+        row = {"n": n, "layers": layers, "ms": {}, "host_ms": {}}
         if fr.available(q):
             steps["fused_rows"] = lambda: fr.fused_rows(q, k, None, True, scale)
-            steps.update(stats_steps(qs, ks, None, scale))
-        row = {"n": n, "layers": layers, "ms": {}, "host_ms": {}}
+            steps.update(stats_steps(qs, ks, None, scale, tiles=tiles))
+            if baseline is not None:
+                steps.update(stats_steps(qs, ks, None, scale, baseline, "_baseline"))
+                row["vs_baseline"] = agreement(qs, ks, None, scale, baseline)
         for name, fn in steps.items():
             try:
                 row["ms"][name], row["host_ms"][name] = timed(fn, args.repeats)
@@ -153,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== n={n}, {layers} layers stacked (median of {args.repeats}: device ms, host ms)")
         for name, ms in row["ms"].items():
             host = row["host_ms"][name]
-            print(f"  {name:20s} {'-' if ms is None else f'{ms:8.3f} {host:8.3f}'}")
+            print(f"  {name:26s} {'-' if ms is None else f'{ms:8.3f} {host:8.3f}'}")
+        if "vs_baseline" in row:
+            print(f"  largest relative difference from the baseline: {row['vs_baseline']}")
         del qs, ks, q, k
         torch.cuda.empty_cache()
     if args.dense_n:
@@ -173,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         if fr.available(q):
             steps = {"fused_rows_masked": lambda: fr.fused_rows(q, k, mask[:, None], False, scale),
                      **stats_steps(qs, ks, mask[:, None], scale)}
+            if baseline is not None:
+                steps.update(stats_steps(qs, ks, mask[:, None], scale, baseline, "_baseline"))
             stats = {name: timed(fn, args.repeats) for name, fn in steps.items()}
         rows_out.append({"dense": {"prompts": 32, "n": args.dense_n, "layers": args.layers, "ms": ms, "fused_rows_ms": fused,
                                    "padded_ms": stats}})
