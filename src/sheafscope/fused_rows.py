@@ -14,7 +14,8 @@ what lets this route replace both the lse route's two products and its refinemen
 rows (`diag_stats`): every row is exact here, so nothing is flagged, planned or synchronised.
 With a causal mask and no other, the key tiles wholly below a row tile's first row (after the
 first tile, which holds key 0) take a short path: no masking, and one sum for both
-accumulators (at 2,048 rows a third less device time than masking every tile: stats_kernels.py).
+accumulators. With two pipelining stages that takes a third off the device time at 2,048 rows
+(H200, benchmarks/README.md, eleventh round).
 
 Precision (half-precision q and k): the scores are the exact products of the inputs summed in
 float32 (tensor-core products, as `diag_stats.half_products`), the exponentials and sums
@@ -48,8 +49,8 @@ MAX_HEAD_DIM = 256
 # the kernel one at a time, in batch chunks below it.
 INT32_ELEMENTS = 1 << 31
 # Warps per program (Triton's default) and software-pipelining stages (None: Triton's default).
-# Two stages were the fastest of the settings `benchmarks/stats_kernels.py --tiles` timed on an
-# H200 (Mistral-7B heads, 16 to 2,048 rows; 32-row tiles, 8 warps, 4 stages all slower).
+# Two stages were the fastest, or as fast as any, of the settings `benchmarks/stats_kernels.py
+# --tiles` timed on an H200 (Mistral-7B heads, 512 and 2,048 rows; 32-row tiles, 8 warps slower).
 NUM_WARPS = 4
 NUM_STAGES: int | None = 2
 
