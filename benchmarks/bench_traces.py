@@ -292,9 +292,11 @@ def interleaved(loaded, groups: list[list], repeats: int, max_seconds: float) ->
     throttled host makes the same plain forward vary by tens of percent at short n) then hits
     both alike. b/a is the median of the per-pair ratios."""
     from sheafscope.restriction import norms_sq
+    from sheafscope.tail_graphs import KERNEL_NAME
 
     norm_sq = norms_sq(loaded.adapter).numpy()
     times: dict[str, list[float]] = {"a": [], "b": []}
+    replayed: list[int] = []  # per pair, b's tail graph replays (0 where its tail ran op by op)
     spent = 0.0
     for _ in range(repeats):
         for method in ("a", "b"):
@@ -305,6 +307,7 @@ def interleaved(loaded, groups: list[list], repeats: int, max_seconds: float) ->
             runner(loaded, groups, norm_sq)
             _sync(loaded.device)
             times[method].append(time.perf_counter() - t)
+        replayed.append(FAST_STATS["kernels"].get(KERNEL_NAME, 0))
         spent += times["a"][-1] + times["b"][-1]
         if spent * (1 + 1 / len(times["a"])) > max_seconds:
             break
@@ -313,7 +316,8 @@ def interleaved(loaded, groups: list[list], repeats: int, max_seconds: float) ->
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), max(ratios)]
     return {"a_times_s": times["a"], "b_times_s": times["b"], "a_median_s": statistics.median(times["a"]),
             "b_median_s": statistics.median(times["b"]), "b/a": statistics.median(ratios), "pairs": len(ratios),
-            "b/a quartiles": [quartiles[0], quartiles[-1]], "b/a median 95% interval": median_interval(ratios)}
+            "b/a quartiles": [quartiles[0], quartiles[-1]], "b/a median 95% interval": median_interval(ratios),
+            "b_tail_replays": replayed}
 
 
 def median_interval(values: list[float], resamples: int = 4000, seed: int = 0) -> list[float]:

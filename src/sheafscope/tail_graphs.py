@@ -95,6 +95,7 @@ class TailGraphs:
         self._pres: set[tuple] = set()  # the kept graphs' pre-keys (`pre` in replay)
         self._last_pre: tuple | None = None
         self._lock = threading.Lock()
+        self.captures = 0  # graphs captured by this cache so far (benchmarks count recaptures)
 
     def clear(self) -> None:
         """Drop every graph whose outputs no batch is reading."""
@@ -156,6 +157,7 @@ class TailGraphs:
             slot = _capture(streams, stats, (n_layers * b, q0.shape[1], 2), tables)
             if slot is None:
                 return None
+            self.captures += 1
             slots.append(slot)
         slot.graph.replay()
         sums = slot.sums.view(n_layers, b, *slot.sums.shape[1:]).transpose(0, 1)
