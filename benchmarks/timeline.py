@@ -57,20 +57,24 @@ class Marks:
         self.t0 = time.perf_counter()
         self.mark("start")
 
-    def mark(self, stage: str) -> None:
+    def mark(self, stage: str, device: bool = True) -> None:
+        """Note the host time; with `device`, also record a CUDA event (a few microseconds)."""
         import torch
 
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event = None
+        if device:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
         self.items.append((stage, time.perf_counter() - self.t0, event))
 
     def read(self) -> dict[str, tuple[float, float]]:
-        """stage -> (host ms, device ms) from start (waits for the device)."""
+        """stage -> (host ms, device ms) from start (waits for the device); device NaN for
+        host-only marks."""
         import torch
 
         torch.cuda.synchronize()
         first = self.items[0][2]
-        return {s: (h * 1e3, first.elapsed_time(e)) for s, h, e in self.items}
+        return {s: (h * 1e3, first.elapsed_time(e) if e is not None else float("nan")) for s, h, e in self.items}
 
 
 def instrument(loaded, marks: Marks) -> None:
@@ -104,9 +108,39 @@ def instrument(loaded, marks: Marks) -> None:
     capture_fast.PendingBatch.result = result_marked
 
 
+def host_marks(marks: Marks) -> list[str]:
+    """Host-only marks around the steps between the trunk's return and the end of b (--fine):
+    the last stream's hold, the tail's replay and its lookup, the two context exits, result()."""
+    from sheafscope import capture_fast, tail_graphs
+
+    stages = []
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def marked(*a: Any, **k: Any) -> Any:
+            marks.mark(label + "_in", device=False)
+            try:
+                return inner(*a, **k)
+            finally:
+                marks.mark(label + "_out", device=False)
+
+        setattr(owner, name, marked)
+        stages.extend((label + "_in", label + "_out"))
+
+    wrap(capture_fast.HiddenMax, "final", "hm_final")
+    wrap(capture_fast, "_replay_tail", "replay_tail")
+    wrap(tail_graphs.TailGraphs, "replay", "lookup_replay")
+    wrap(capture_fast.HiddenMax, "__exit__", "hm_exit")
+    wrap(capture_fast.DiagonalCapture, "__exit__", "cap_exit")
+    wrap(capture_fast.PendingBatch, "result", "res")
+    return stages
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     pf.add_arguments(ap, repeats=100)
+    ap.add_argument("--fine", action="store_true", help="also host-only marks around the steps after the trunk")
     args = ap.parse_args(argv)
 
     import torch
@@ -120,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = bt.load(args)
     marks = Marks()
     instrument(loaded, marks)
+    fine = host_marks(marks) if args.fine else []
     norm_sq = norms_sq(loaded.adapter).numpy()
     rows = []
     for config in [c for c in args.configs.split(",") if c]:
@@ -146,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                                "b_replayed_runs": sum(1 for r in replayed if r),
                                "b_graph_captures": sum(captured)}
         for method, got in runs.items():
-            stages = [s for s in STAGES if s in got[0]]
+            stages = [s for s in (*STAGES, *fine) if s in got[0]]
             row[method] = {s: {"host_ms": statistics.median(g[s][0] for g in got),
                                "device_ms": statistics.median(g[s][1] for g in got),
                                "device_lag_ms": statistics.median(g[s][1] - g[s][0] for g in got)}
@@ -165,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{v['host_ms']:8.2f} {v['device_ms']:9.2f} {v['device_lag_ms']:7.2f}" if v else
                              f"{'':8s} {'':9s} {'':7s}")
             print(f"  {s:10s} {cells[0]}   {cells[1]}")
+        for s in sorted(fine, key=lambda s: row["b"].get(s, {}).get("host_ms", 0)):
+            if s in row["b"]:
+                print(f"  {s:14s} b host {row['b'][s]['host_ms']:8.3f}")
         print(f"  b - a at done, median of pairs: {row['b_minus_a_done_ms']:.2f} ms")
         sys.stdout.flush()
     pf.write_rows(args.out, args, loaded, rows)
