@@ -252,3 +252,30 @@ def test_cuda_fused_stats_reads_layers_where_they_lie(dtype, kind):
     given = None if given is None else given.cuda()
     got = fused_stats(qs, ks, given, causal, SCALE)
     assert torch.equal(got, fused_rows(torch.cat(qs), torch.cat(ks), given, causal, SCALE))
+
+
+def _check_table_sums(dtype: torch.dtype, device: str) -> None:
+    """table_sums, with the layers found through a table of offsets from an unrelated base
+    tensor, equals fused_stats' sums of the same layers bit for bit; so does it after the
+    table is rewritten for other layers of the shape (what a replayed tail graph does)."""
+    from sheafscope.fused_rows import table_sums
+
+    base = torch.empty(1, dtype=dtype, device=device)
+    size = base.element_size()
+    first_qs, first_ks = _layers(dtype, device, 3)
+    for qs, ks in ((first_qs, first_ks), (first_qs[::-1], first_ks[::-1])):
+        offsets = [(t.data_ptr() - base.data_ptr()) // size for t in (*qs, *ks)]
+        table = torch.tensor(offsets, dtype=torch.int64, device=device)
+        got = table_sums(qs[0], ks[0], base, table, len(qs), 1, True, SCALE)
+        assert torch.equal(got, fused_stats(qs, ks, None, True, SCALE, sums=True))
+
+
+@interpreted
+def test_table_sums_find_the_layers_through_the_table():
+    _check_table_sums(torch.float16, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_table_sums_find_the_layers_through_the_table(dtype):
+    _check_table_sums(dtype, "cuda")

@@ -1,15 +1,15 @@
 """Replayed tail graphs (tail_graphs.py) against the same tail launched op by op.
 
-A replay runs the kernels the op-by-op tail runs, on the tensors of the forward pass at hand,
-so every prompt's numbers must equal the op-by-op path's exactly: for repeated prompts, for
-new prompts of a captured shape, with batches in flight (each replay's outputs are read by
-its own batch only), after a batch dropped unread (its graph is given back), with NaN
-appearing after a capture (the replay reads the new forward pass), and the plain case only
-(padded and long batches run op by op). The op-by-op path is itself
-tested against the eager reference (test_fast_path.py). A shape replays once the allocator has
-settled on its addresses (a few forward passes), so the tests settle a prompt first. They need
-a GPU. The cache's own rules (when a shape is captured, when a graph is taken and given back,
-what keys it) run on the CPU too, with a stand-in for the capture.
+A replay runs the op-by-op tail's kernels on the tensors of the forward pass at hand, found
+through the graph's table, so every prompt's numbers must equal the op-by-op path's exactly:
+for repeated prompts, for new prompts of a captured shape, with batches in flight (each
+replay's outputs are read by its own batch only), after a batch dropped unread (its graph is
+given back), with NaN appearing after a capture (the replay reads the new forward pass), and
+the plain case only (padded and long batches run op by op). The op-by-op path is itself tested
+against the eager reference (test_fast_path.py). A shape replays from its second forward pass
+on, wherever the allocator puts its tensors. They need a GPU. The cache's own rules (when a
+shape is captured, when a graph is taken and given back, what it is keyed by, what its table
+holds) run on the CPU too, with a stand-in for the capture.
 """
 
 from __future__ import annotations
@@ -37,12 +37,6 @@ def _ids(n: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture()
 def fresh_graphs():
-    # Replays need the allocator to settle on a shape's addresses. In a pool fragmented by
-    # earlier tests (test_fused_rows.py's odd sizes, run first) small blocks may never settle
-    # within a test's runs: each test starts from an empty cache, as a fresh process would.
-    if torch.cuda.is_available():
-        gc.collect()
-        torch.cuda.empty_cache()
     tail_graphs.TAILS.clear()
     tail_graphs.disabled = None
     yield tail_graphs.TAILS
@@ -63,11 +57,10 @@ def _assert_same(got, want, what) -> None:
         np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f"{what}: {f}")
 
 
-def _settle(model, blocks, prompt, want, tries: int = 12) -> None:
-    """Run `prompt` until two runs in a row replay (the allocator settles on its addresses
-    after a few forward passes of one shape), then two in flight (so that both of the shape's
-    graphs exist: capturing one runs its work once, which can move the next forward pass's
-    addresses), then until two in a row replay again. Every run's numbers must equal `want`."""
+def _settle(model, blocks, prompt, want, tries: int = 4) -> None:
+    """Run `prompt` until two runs in a row replay (the second and third: a first sighting runs
+    op by op), then two in flight (so that both of the shape's graphs exist), then until two in
+    a row replay again. Every run's numbers must equal `want`."""
     def streak() -> None:
         run = 0
         for _ in range(tries):
@@ -196,9 +189,10 @@ def fake_capture(monkeypatch, fresh_graphs):
     'graph' stamps its sums with its replay count."""
     made = []
 
-    def capture(streams, stats, sums_shape, keep):
-        sums = torch.zeros(sums_shape, dtype=torch.float64)
-        slot = tail_graphs._Slot(_FakeGraph(sums), sums, torch.zeros(len(streams), streams[0].shape[0]), keep)
+    def capture(q0, k0, h0, layers, count, causal, scale, offsets):
+        sums = torch.zeros((layers * q0.shape[0], q0.shape[1], 2), dtype=torch.float64)
+        slot = tail_graphs._Slot(_FakeGraph(sums), sums, torch.zeros(count, h0.shape[0]), np.zeros_like(offsets),
+                                 1, 1, ())
         made.append(slot)
         return slot
 
@@ -214,9 +208,15 @@ def _tensors(layers: int = 3, n: int = 5, seed: int = 0):
     return qs, ks, streams
 
 
-def _replay(graphs, tensors):
+def _replay(graphs, tensors, scale: float = 0.125):
     qs, ks, streams = tensors
-    return graphs.replay(qs, ks, streams, lambda: None, True, 0.125)
+    return graphs.replay(qs, ks, streams, True, scale)
+
+
+def _places(tensors) -> list[int]:
+    """Where the table must say each tensor lies: elements from the base of its dtype."""
+    qs, ks, streams = tensors
+    return [(t.data_ptr() - tail_graphs._base(t).data_ptr()) // t.element_size() for t in (*qs, *ks, *streams)]
 
 
 def test_a_shape_is_captured_on_its_second_sighting_and_taken_until_read(fake_capture, fresh_graphs):
@@ -241,33 +241,37 @@ def test_a_shape_is_captured_on_its_second_sighting_and_taken_until_read(fake_ca
     assert fake_capture[1].graph.replays == 2 and fake_capture[0].graph.replays == 2
 
 
-def test_a_graph_replays_only_for_the_tensors_it_read(fake_capture, fresh_graphs):
-    """Other addresses, the same addresses read with other strides, or another scale never
-    replay the graph captured for the first tensors (each may get a graph of its own)."""
+def test_a_graph_serves_any_tensors_of_its_layout_through_its_table(fake_capture, fresh_graphs):
+    """New tensors of the captured layout (other addresses) replay the graph, with their
+    places written into its table; the same memory read with other strides, another shape or
+    another scale never replays it."""
     t = _tensors()
     _replay(fresh_graphs, t)
     kept = _replay(fresh_graphs, t)
+    assert list(kept.slot.table) == _places(t)
     kept.release()
+    other = _tensors(seed=1)
+    again = _replay(fresh_graphs, other)
+    assert again is not None and again.slot is fake_capture[0] and list(again.slot.table) == _places(other)
+    again.release()
     qs, ks, streams = t
     # layer 1's queries: the same memory (same address) read with other strides
     restrided = [qs[0], qs[1].as_strided(qs[1].shape, (160, 1, 32, 4)), qs[2]]
     assert restrided[1].data_ptr() == qs[1].data_ptr()
-    calls = [lambda: _replay(fresh_graphs, _tensors(seed=1)),  # new tensors: new addresses
-             lambda: _replay(fresh_graphs, (restrided, ks, streams)),
-             lambda: fresh_graphs.replay(qs, ks, streams, lambda: None, True, 0.5)]  # another scale
-    for call in calls:
+    assert _replay(fresh_graphs, (restrided, ks, streams)) is None  # no one set of strides: never a graph
+    assert _replay(fresh_graphs, (restrided, ks, streams)) is None
+    for call in (lambda: _replay(fresh_graphs, _tensors(n=6)), lambda: _replay(fresh_graphs, t, scale=0.5)):
         for _ in range(2):  # also on a second sighting in a row
             got = call()
             assert got is None or got.slot is not fake_capture[0]
             if got is not None:
                 got.release()
-    again = _replay(fresh_graphs, t)
-    assert again is not None and again.slot is fake_capture[0]
+    assert _replay(fresh_graphs, t).slot is fake_capture[0]
 
 
 def test_graphs_off_and_keys_evicted(fake_capture, fresh_graphs, monkeypatch):
     """With graphs disabled nothing replays; beyond MAX_KEYS shapes the oldest free one goes."""
-    sets = [_tensors(seed=s) for s in range(tail_graphs.MAX_KEYS + 1)]
+    sets = [_tensors(n=5 + s) for s in range(tail_graphs.MAX_KEYS + 1)]
     for t in sets:
         _replay(fresh_graphs, t)
         _replay(fresh_graphs, t).release()

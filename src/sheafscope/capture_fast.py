@@ -538,12 +538,6 @@ class DiagonalCapture:
             return None
         return plan
 
-    def plan_sums(self, plan: "_Plan") -> torch.Tensor:
-        """The fused sums (L * b, h, 2) of a sole summed plan's layers, queued as _finish would
-        queue them (no fallback: a failure raises)."""
-        sm = plan.softmax
-        return fr.fused_stats(plan.qs, plan.ks, None, sm.causal, sm.scale, sums=True)
-
     def take_plan(self, plan: "_Plan") -> None:
         """Count a sole summed plan's calls as _finish would and drop its held layers, whose
         statistics were queued elsewhere (a replayed tail graph): the capture then records
@@ -1615,8 +1609,7 @@ def _replay_tail(cap: DiagonalCapture, hm: "HiddenMax", plan: _Plan) -> Any:
     streams = hm.held_streams()
     if streams is None:
         return None
-    replayed = tail_graphs.TAILS.replay(plan.qs, plan.ks, streams, lambda: cap.plan_sums(plan),
-                                        plan.softmax.causal, plan.softmax.scale)
+    replayed = tail_graphs.TAILS.replay(plan.qs, plan.ks, streams, plan.softmax.causal, plan.softmax.scale)
     if replayed is None:
         if tail_graphs.disabled is not None and tail_graphs.disabled not in cap.fallbacks:
             cap.fallbacks.append(tail_graphs.disabled)

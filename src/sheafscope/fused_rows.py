@@ -119,12 +119,7 @@ def tile_stats(Q, K, QT, KT, M, bi, h, row0, sqb, sqh, sqn, sqd, skb, skh, skn, 
         m_i, total, off, s_first = key_tile(q, k_base, 0, rows, dims, row_ok, m_i, total, off, s_first, skn, skd,
                                             smb, smn, smk, M, bb, N, KV, MB, scale, HAS_MASK, CAUSAL, IEEE, D, BN)
         for start in range(BN, plain_hi, BN):
-            cols = start + tl.arange(0, BN)
-            k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=dims[None, :] < D, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32) * scale
-            else:
-                s = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale
+            s = key_scores(q, k_base, start + tl.arange(0, BN), dims, skn, skd, KV, scale, False, IEEE, D)
             # m_i is finite for every row < N (key 0 came first); a row past N reads q = 0, s = 0
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
@@ -157,12 +152,7 @@ def key_tile(q, k_base, start, rows, dims, row_ok, m_i, total, off, s_first, skn
     # limit, the mask, each row's own key (kept out of off) and key 0 (its score into s_first).
     cols = start + tl.arange(0, BN)
     col_ok = cols < KV
-    k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=col_ok[:, None] & (dims[None, :] < D),
-                other=0.0)
-    if IEEE:  # float32 inputs: full float32 products, not TF32
-        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32) * scale
-    else:
-        s = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale
+    s = key_scores(q, k_base, cols, dims, skn, skd, KV, scale, True, IEEE, D)
     ok = row_ok[:, None] & col_ok[None, :]
     if CAUSAL:
         ok = ok & (cols[None, :] <= rows[:, None])
@@ -178,6 +168,21 @@ def key_tile(q, k_base, start, rows, dims, row_ok, m_i, total, off, s_first, skn
     off = off * alpha + tl.sum(tl.where(cols[None, :] == rows[:, None], 0.0, p), 1)
     s_first = tl.maximum(s_first, tl.max(tl.where(cols[None, :] == 0, s, float("-inf")), 1))
     return m_new, total, off, s_first
+
+
+def key_scores(q, k_base, cols, dims, skn, skd, KV, scale, CHECK_KV: tl.constexpr, IEEE: tl.constexpr,
+               D: tl.constexpr):
+    # Scores (rows, keys) of the tile's rows against keys `cols`: the keys' loads pad the head
+    # dimension to DP with zeros, and with CHECK_KV keys past KV read as zeros too.
+    kmask = dims[None, :] < D
+    if CHECK_KV:
+        kmask = kmask & (cols[:, None] < KV)
+    k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=kmask, other=0.0)
+    if IEEE:  # float32 inputs: full float32 products, not TF32
+        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32)
+    else:
+        s = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
+    return s * scale
 
 
 def rows_kernel(Q, K, QT, KT, M, OUT, sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smn, smk, sob, soh, son,
@@ -233,12 +238,13 @@ def sums_kernel(Q, K, QT, KT, M, OUT, W, sqb, sqh, sqn, sqd, skb, skh, skn, skd,
 def _kernels() -> tuple[Any, Any]:
     """The compiled (rows, sums) kernels (under TRITON_INTERPRET=1, set before Triton is
     imported, Triton's interpreter runs them on CPU tensors: the tests' way to run them without
-    a GPU). The kernels call tile_stats (and it key_tile) by their global names, which must then be JIT functions."""
-    global triton, tl, tile_stats, key_tile
+    a GPU). The kernels call tile_stats (it key_tile, both key_scores) by their global names, which must then be JIT
+    functions."""
+    global triton, tl, tile_stats, key_tile, key_scores
     import triton
     import triton.language as tl
 
-    tile_stats, key_tile = triton.jit(tile_stats), triton.jit(key_tile)
+    tile_stats, key_tile, key_scores = triton.jit(tile_stats), triton.jit(key_tile), triton.jit(key_scores)
     return triton.jit(rows_kernel), triton.jit(sums_kernel)
 
 
@@ -309,6 +315,21 @@ def fused_stats(qs: list[torch.Tensor], ks: list[torch.Tensor], mask: torch.Tens
     return out
 
 
+def table_sums(q: torch.Tensor, k: torch.Tensor, base: torch.Tensor, table: torch.Tensor, layers: int, align: int,
+               causal: bool, scale: float) -> torch.Tensor:
+    """`fused_stats(..., sums=True)` with no mask of `layers` layers shaped and strided as q
+    (b, h, n, d) and k (b, h_kv, n, d), wherever they lie: `table` (int64 on their device) holds
+    the queries' offsets in elements from `base` (a tensor of their dtype), then the keys'; every
+    offset a multiple of `align`. Only the table's values say where the layers are, so a CUDA
+    graph of this launch serves any forward pass of the shape once its table is refilled
+    (tail_graphs). (L * b, h, 2) float64, as fused_stats."""
+    b, h = q.shape[0], q.shape[1]
+    out = torch.empty((layers * b, h, 2), dtype=torch.float64, device=q.device)
+    _Launch(None, causal, scale, b, sums=True).launch(q, k, out, None, table[:layers], table[layers:2 * layers],
+                                                       align, base=base)
+    return out
+
+
 _dtype = operator.attrgetter("dtype")
 
 
@@ -356,9 +377,11 @@ class _Launch:
     sums: bool = False  # sums_kernel (per head, over the counted rows) rather than rows_kernel
 
     def launch(self, q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, valid: torch.Tensor | None = None,
-               q_table: torch.Tensor | None = None, k_table: torch.Tensor | None = None, align: int = 1) -> None:
+               q_table: torch.Tensor | None = None, k_table: torch.Tensor | None = None, align: int = 1,
+               base: torch.Tensor | None = None) -> None:
         """One kernel launch: q and k stacked, or (with the tables) layer 0 of layers shaped
-        and strided alike, at the tables' offsets from it. `valid`: bool (elements, n), rows adjacent,
+        and strided alike, at the tables' offsets from it (from `base` where given: then q and k
+        only give the layers' shape and strides). `valid`: bool (elements, n), rows adjacent,
         the rows that count (sums only)."""
         table = q_table is not None
         B, h = out.shape[0], out.shape[1]
@@ -372,7 +395,8 @@ class _Launch:
         dp = max(16, 1 << (d - 1).bit_length())
         common = dict(TABLE=table, HAS_MASK=self.mask is not None, CAUSAL=bool(self.causal),
                       IEEE=q.dtype == torch.float32, ALIGN=align, D=d, DP=dp, BM=BLOCK_M, BN=BLOCK_N)
-        inputs = (q, k, q_table if table else q, k_table if table else k, m, out)
+        inputs = (q if base is None else base, k if base is None else base, q_table if table else q,
+                  k_table if table else k, m, out)
         strides = (*q.stride(), *k.stride(), *m_strides, out.stride(0), out.stride(1))
         sizes = (h, h // n_kv, n, kv, self.nb, mb, float(self.scale))
         if self.sums:
