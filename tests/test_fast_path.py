@@ -207,6 +207,33 @@ def test_tiny_model_outputs_unchanged(name):
             assert (got - want).abs().max() <= RTOL * want.abs().max(), label
 
 
+# transformers' sdpa function refuses gemma2's logit soft-capping: no sdpa twin to compare with
+SDPA_FAMILIES = [n for n in FAMILIES if n != "gemma2"]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", SDPA_FAMILIES)
+def test_planned_calls_equal_sdpa_bit_for_bit(name, padded):
+    """Inside a capture, the layers a plan serves call sdpa's kernel themselves where
+    transformers' sdpa function would only add checks (capture_fast._direct_gqa; the others go
+    through that function): every hidden state equals the sdpa model's bit for bit, causal,
+    grouped, windowed and padded alike."""
+    sdpa, fast = build_tiny(name, attn_implementation="sdpa"), build_tiny(name, attn_implementation=FAST_ATTENTION)
+    ids = torch.cat([_ids(19, 3), _ids(19, 4)]) if padded else _ids(19, 3)
+    mask = None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, 12:] = 0
+    kw = dict(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    with torch.no_grad():
+        want = sdpa(**kw)
+        with DiagonalCapture(fast, fused_rows=False):
+            got = fast(**kw)
+    assert len(got.hidden_states) == len(want.hidden_states)
+    for layer, (g, w) in enumerate(zip(got.hidden_states, want.hidden_states)):
+        assert torch.equal(g, w), f"{name}: stream {layer}"
+
+
 @pytest.mark.parametrize("route", sorted(ROUTES))
 @pytest.mark.parametrize("name", FAMILIES)
 def test_padded_batch_equals_prompts_alone(name, route):

@@ -68,6 +68,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from sheafscope.capture_eager import PromptCapture, check_finite
 from sheafscope.diag_stats import (
@@ -328,6 +329,9 @@ class _Plan:
     counted: tuple[str, ...]
     nbytes: int  # bytes held per call: its queries and keys
     keyed_mask: Any  # the mask object whose id keys the plan, kept so that its id is not reused
+    # sdpa's enable_gqa for the calls the plan serves, which then call sdpa themselves (what
+    # transformers' sdpa function would decide for them: `_direct_gqa`), or None: through it
+    gqa: bool | None = None
     calls: int = 0  # calls served; their counters join DiagonalCapture.kernels when the capture finishes
     layers: list[int] = field(default_factory=list)  # held calls, not yet processed
     qs: list[torch.Tensor] = field(default_factory=list)
@@ -1128,8 +1132,13 @@ def sheafscope_attention(
                     getattr(module, "is_causal", None))
         plan = capture._plans.get(plan_key)
         if plan is not None:
-            out = _sdpa_forward(module, query, key, value, plan.sdpa_mask, dropout=0.0, scaling=plan.scale,
-                                is_causal=plan.causal, **kwargs)[0]
+            if plan.gqa is not None:  # the kernel call transformers' sdpa function makes, without its checks
+                out = F.scaled_dot_product_attention(query, key, value, attn_mask=plan.sdpa_mask, dropout_p=0.0,
+                                                     scale=plan.scale, is_causal=plan.causal,
+                                                     enable_gqa=plan.gqa).transpose(1, 2).contiguous()
+            else:
+                out = _sdpa_forward(module, query, key, value, plan.sdpa_mask, dropout=0.0, scaling=plan.scale,
+                                    is_causal=plan.causal, **kwargs)[0]
             capture._hold_planned(plan, module, query, key)
             return out, None
     else:
@@ -1183,7 +1192,9 @@ def sheafscope_attention(
         softmax = _Softmax(stats_mask, stats_causal, scale, softcap, position_bias, n, causal_module)
         if plan_key is not None:
             plan = capture._plans[plan_key] = _Plan(route, softmax, sdpa_mask, causal, scale, counted,
-                                                    query.nbytes + key.nbytes, attention_mask)
+                                                    query.nbytes + key.nbytes, attention_mask,
+                                                    _direct_gqa(module, query, key, value, sdpa_mask, softcap,
+                                                                position_bias))
             capture._hold_planned(plan, module, query, key)
         else:
             for name in counted:
@@ -1197,6 +1208,29 @@ def sheafscope_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def _direct_gqa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any,
+                softcap: float | None, position_bias: torch.Tensor | None) -> bool | None:
+    """For calls like this one, transformers' sdpa function (`_sdpa`) ends in one kernel call,
+    `scaled_dot_product_attention(query, key, value, mask, scale, is_causal, enable_gqa)`, and the
+    output's transpose: the enable_gqa it passes, so that planned calls can make that call
+    themselves (its checks cost a host-bound GPU forward pass ~10 us per layer). None where it
+    would do more (repeat or pack grouped heads, a position bias, a single query row, a device
+    with its own rules): those calls go through it."""
+    if softcap is not None or position_bias is not None or query.shape[2] < 2 or query.device.type not in ("cuda", "cpu"):
+        return None
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
+        return None
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups == 1 and key.shape[1] == query.shape[1]:
+        return False
+    if groups > 1 and _use_gqa_in_sdpa is not None:
+        try:
+            return True if _use_gqa_in_sdpa(mask, key, value) else None
+        except TypeError:  # another transformers' signature: let its function decide
+            return None
+    return None
+
+
 def _sdpa(module, query, key, value, mask, dropout, scale, causal, kwargs) -> torch.Tensor:
     """The attention output (b, n, h, d) exactly as attn_implementation="sdpa" computes it."""
     if isinstance(mask, LazyMask):
@@ -1206,6 +1240,7 @@ def _sdpa(module, query, key, value, mask, dropout, scale, causal, kwargs) -> to
 
 
 _sdpa_forward: Any = None  # transformers' sdpa attention function (register() imports it)
+_use_gqa_in_sdpa: Any = None  # its choice of sdpa's enable_gqa (register() imports it)
 
 
 def _dense_bias(capture: DiagonalCapture, mask: Any, causal: bool, n: int, kv_len: int,
@@ -1437,8 +1472,13 @@ def register() -> str:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface
 
-    global _sdpa_forward
+    global _sdpa_forward, _use_gqa_in_sdpa
     _sdpa_forward = sdpa_attention_forward
+    try:
+        from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
+    except ImportError:  # moved: grouped-query calls go through sdpa_attention_forward (correct, slower)
+        use_gqa_in_sdpa = None
+    _use_gqa_in_sdpa = use_gqa_in_sdpa
     AttentionInterface.register(FAST_ATTENTION, sheafscope_attention)
     AttentionMaskInterface.register(FAST_ATTENTION, lazy_sdpa_mask)
     return FAST_ATTENTION
