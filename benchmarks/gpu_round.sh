@@ -31,7 +31,7 @@ for part in "$@"; do
       cp "$src"/{tokenizer.json,tokenizer_config.json,vocab.txt,special_tokens_map.json,config.json} .gpu/tok/
       grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude ;;
     tests)
-      python -m pytest -q tests/test_fast_path.py tests/test_diag_stats.py tests/test_fused_rows.py tests/test_tail_graphs.py -k cuda 2>&1 | tail -5 | tee "$OUT/pytest_cuda.txt" ;;
+      python -m pytest -q tests/test_fast_path.py tests/test_diag_stats.py tests/test_fused_rows.py tests/test_tail_graphs.py tests/test_table_maxima.py -k cuda 2>&1 | tail -5 | tee "$OUT/pytest_cuda.txt" ;;
     ab)
       python benchmarks/bench_traces.py "${TWIN[@]}" --lengths 16,512,2048,8192 --methods ab --repeats 50 \
         --corpus-size 1000 --corpus-repeats 13 --max-seconds 60 --out "$OUT/ab.json" | tail -12 ;;
