@@ -24,6 +24,7 @@ run: $(STAMP)
 	$(VENV)/bin/sheafscope run --out results/offline
 
 test: $(STAMP)
+	@bash scripts/ensure_chromium.sh
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
