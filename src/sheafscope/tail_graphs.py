@@ -150,7 +150,10 @@ class TailGraphs:
             slots.append(slot)
         if (offsets[:2 * layers] % slot.align_qk).any() or (offsets[2 * layers:] % slot.align_h).any():
             return None  # placed less aligned than the kernels were compiled for
-        slot.table[:] = offsets  # free: its last replay's copy of the table was read before its result
+        # The slot is free: its last replay was read (result() waited for it), or its batch was
+        # dropped; then, if that replay's copy of the table has yet to run, it reads these
+        # offsets, and its outputs are overwritten by this replay's, queued after it.
+        slot.table[:] = offsets
         slot.graph.replay()
         b = q0.shape[0]
         sums = slot.sums.view(layers, b, *slot.sums.shape[1:]).transpose(0, 1)
