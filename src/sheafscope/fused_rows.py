@@ -33,7 +33,7 @@ import importlib.util
 import operator
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -351,14 +351,20 @@ def _offset_table(qs: list[torch.Tensor], ks: list[torch.Tensor]) -> tuple[torch
     if found is None:
         if len(_TABLES) >= 64:
             _TABLES.clear()
-        align = max(1, 16 // size)
-        align = align if all(o % align == 0 for o in offsets) else 1
+        align = offset_alignment(offsets, size)
         table = to_device(torch.tensor(offsets, dtype=torch.int64), device)
         found = _TABLES[key] = (table[:len(qs)], table[len(qs):], align)  # the views too: slicing is an op call
     return found
 
 
 _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def offset_alignment(offsets: Iterable[int], element_size: int) -> int:
+    """The largest 16-byte alignment, in elements, that every offset keeps (1 if some do not):
+    what a table launch may promise the kernel (ALIGN), so that its loads stay wide."""
+    align = max(1, 16 // element_size)
+    return align if all(o % align == 0 for o in offsets) else 1
 
 
 def _options() -> dict[str, int]:

@@ -214,12 +214,6 @@ def _offsets(tensors: list[torch.Tensor], split: int, qk_base: torch.Tensor, h_b
     return rel // sizes
 
 
-def _alignment(offsets: np.ndarray, element_size: int) -> int:
-    """The largest 16-byte alignment all offsets keep, in elements (1 if some do not)."""
-    align = max(1, 16 // element_size)
-    return align if not (offsets % align).any() else 1
-
-
 def _capture(q0: torch.Tensor, k0: torch.Tensor, h0: torch.Tensor, layers: int, count: int, causal: bool,
              scale: float, offsets: np.ndarray) -> _Slot | None:
     """Capture, as one graph, the table's copy to the device, the sums of `layers` layers
@@ -232,8 +226,8 @@ def _capture(q0: torch.Tensor, k0: torch.Tensor, h0: torch.Tensor, layers: int, 
     global disabled
     device = q0.device
     qk_base, h_base = _base(q0), _base(h0)
-    align_qk = _alignment(offsets[:2 * layers], q0.element_size())
-    align_h = _alignment(offsets[2 * layers:], h0.element_size())
+    align_qk = fused_rows.offset_alignment(offsets[:2 * layers], q0.element_size())
+    align_h = fused_rows.offset_alignment(offsets[2 * layers:], h0.element_size())
     host_table = torch.empty(len(offsets), dtype=torch.int64, pin_memory=True)
     table = host_table.numpy()
     table[:] = offsets
