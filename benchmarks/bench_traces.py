@@ -134,7 +134,7 @@ def run_fast(loaded, groups: list[list], norm_sq, **capture_options) -> None:
 
 def run_eager(loaded, groups: list[list], norm_sq) -> None:
     from sheafscope.analysis import prompt_result
-    from sheafscope.capture_eager import capture_eager
+    from sheafscope.capture.eager import capture_eager
 
     layers = loaded.adapter.geometry.n_layers
     for group in groups:
@@ -227,7 +227,7 @@ def measure(loaded, method: str, groups: list[list], repeats: int, max_seconds: 
     max_seconds, at least one). Memory is measured during the warm-up."""
     import torch
 
-    from sheafscope.restriction import norms_sq
+    from sheafscope.measures.restriction import norms_sq
 
     runner, path = RUNNERS[method]
     set_path(loaded, path)
@@ -291,7 +291,7 @@ def interleaved(loaded, groups: list[list], repeats: int, max_seconds: float) ->
     measured on their own (so both are warm): drift in the machine's speed (a busy or
     throttled host makes the same plain forward vary by tens of percent at short n) then hits
     both alike. b/a is the median of the per-pair ratios."""
-    from sheafscope.restriction import norms_sq
+    from sheafscope.measures.restriction import norms_sq
     from sheafscope.tail_graphs import KERNEL_NAME
 
     norm_sq = norms_sq(loaded.adapter).numpy()

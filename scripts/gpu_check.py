@@ -21,8 +21,8 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from sheafscope.adapters import adapter_class, adapter_for  # noqa: E402
-from sheafscope.capture_eager import capture_eager  # noqa: E402
+from sheafscope.models.adapters import adapter_class, adapter_for  # noqa: E402
+from sheafscope.capture.eager import capture_eager  # noqa: E402
 from sheafscope.capture_fast import FAST_ATTENTION, capture_batch  # noqa: E402
 from tiny_models import TINY_CONFIGS, build_tiny  # noqa: E402
 

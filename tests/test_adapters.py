@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from sheafscope.adapters import ADAPTERS, adapter_for, supported_model_types
+from sheafscope.models.adapters import ADAPTERS, adapter_for, supported_model_types
 from sheafscope.errors import UnsupportedArchitectureError
 from tiny_models import TINY_CONFIGS, build_tiny
 from valuecheck import value_vector_errors

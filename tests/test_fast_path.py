@@ -23,11 +23,11 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from sheafscope import analyze, fused_rows, load_model
 from sheafscope import capture_fast as cf
-from sheafscope.adapters import adapter_class, adapter_for
-from sheafscope.capture_eager import capture_eager
+from sheafscope.models.adapters import adapter_class, adapter_for
+from sheafscope.capture.eager import capture_eager
 from sheafscope.capture_fast import FAST_ATTENTION, BatchStats, DiagonalCapture, capture_batch
 from sheafscope.errors import NonFiniteError
-from sheafscope.loading import attention_implementation
+from sheafscope.models.loading import attention_implementation
 from tiny_models import TINY_CONFIGS, build_tiny
 
 RTOL = 1e-5
@@ -462,7 +462,7 @@ def test_unsupported_family_loads_eager_and_says_why(tmp_path, offline_model, na
     assert res.info["attention_path"] == loaded.attention_path
     # A load path that cannot look at the family first (a GGUF file) gets the fast
     # implementation, and is switched afterwards, although the model refuses the switch.
-    from sheafscope.loading import LoadedModel, _settle_attention
+    from sheafscope.models.loading import LoadedModel, _settle_attention
 
     late = LoadedModel(build_tiny(name, attn_implementation=FAST_ATTENTION), tok, "late", "late", "gguf-file")
     _settle_attention(late, "fast")

@@ -8,7 +8,7 @@ import transformers
 
 from sheafscope import load_model, offline
 from sheafscope.errors import ConfigError, UnknownModelError
-from sheafscope.loading import classify_spec
+from sheafscope.models.loading import classify_spec
 from tiny_models import build_tiny
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sheafscope.lstar import lstar_block, lstar_diff, lstar_gradient, lstar_sign_change
+from sheafscope.measures.lstar import lstar_block, lstar_diff, lstar_gradient, lstar_sign_change
 
 
 def test_gradient_definition_is_zero_based_argmax_of_abs_gradient():

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from sheafscope import analyze, load_model, offline
-from sheafscope.adapters import dense_weight
+from sheafscope.models.adapters import dense_weight
 from tiny_models import TINY_CONFIGS
 from valuecheck import value_vector_errors
 

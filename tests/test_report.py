@@ -1,4 +1,4 @@
-"""Tests of sheafscope.figures and sheafscope.report on a synthetic run directory.
+"""Tests of sheafscope.outputs.figures and sheafscope.outputs.report on a synthetic run directory.
 
 The synthetic run has three tiny models (two ok, one failed). Every summary number is computed
 here from the fake per-prompt traces, so the files are mutually consistent the way a real run's
@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sheafscope.figures import FIGURE_STEMS, predicted_lstar, write_all_figures
-from sheafscope.report import write_report
+from sheafscope.outputs.figures import FIGURE_STEMS, predicted_lstar, write_all_figures
+from sheafscope.outputs.report import write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACT_DIR = Path(__file__).resolve().parents[1] / "test-artifacts"

@@ -108,7 +108,7 @@ def test_offdiag_from_diagonal_equals_explicit_mass(smollm2_layer):
 def test_offdiag_mass_in_float32_matches_float64_recomputation():
     """The pipeline's float32 masses against the same tiny model run in float64."""
     from tiny_models import build_tiny
-    from sheafscope.capture_eager import capture_eager
+    from sheafscope.capture.eager import capture_eager
 
     ids = torch.tensor([[3, 9, 27, 81, 11, 33, 99, 5]])
     m32 = build_tiny("mistral")
@@ -123,9 +123,9 @@ def test_legacy_trace_full_pairs_the_head_averaged_attention_with_head_0s_norm()
     matrix times the FIRST head's ||W_V||^2 only. Rebuilt from the model's own attention
     matrices (mean over heads, then the off-diagonal entries summed), with every head given a
     different norm, so that any other head, or a mean of the norms, fails."""
-    from sheafscope.adapters import adapter_for
+    from sheafscope.models.adapters import adapter_for
     from sheafscope.analysis import prompt_result
-    from sheafscope.capture_eager import capture_eager
+    from sheafscope.capture.eager import capture_eager
     from tiny_models import build_tiny
 
     model = build_tiny("llama")

@@ -1,4 +1,4 @@
-"""Tests for sheafscope.stats.
+"""Tests for sheafscope.outputs.stats.
 
 Expected values are computed here by plain arithmetic (or by an independent
 numpy routine such as ``np.linalg.pinv``), never copied from the module's output.
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sheafscope.stats import (
+from sheafscope.outputs.stats import (
     FORMULA_COEFFICIENTS,
     FormulaFit,
     baseline_half,

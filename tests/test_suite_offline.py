@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sheafscope import stats
+from sheafscope.outputs import stats
 from sheafscope.cli import main
-from sheafscope.lstar import lstar_diff, lstar_gradient
+from sheafscope.measures.lstar import lstar_diff, lstar_gradient
 from sheafscope.suites import list_suites, load_suite
 
 

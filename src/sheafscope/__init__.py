@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load_model", "analyze", "LoadedModel", "ModelResult"]
 
 _LAZY = {
-    "load_model": "sheafscope.loading",
-    "LoadedModel": "sheafscope.loading",
+    "load_model": "sheafscope.models.loading",
+    "LoadedModel": "sheafscope.models.loading",
     "analyze": "sheafscope.analysis",
     "ModelResult": "sheafscope.analysis",
 }

@@ -1,7 +1,7 @@
 """Per-model analysis: prompts in, per-head masses, traces and L* out.
 
-Capture (what runs inside the forward pass) lives in capture_*.py; this module turns
-captured numbers into traces and L*, and knows nothing about architectures.
+Capture (what runs inside the forward pass) lives in capture/; this module turns captured
+numbers into traces and L*, and knows nothing about architectures.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from sheafscope.capture_eager import PromptCapture, capture_eager
-from sheafscope.errors import ConfigError, PromptError, SheafscopeError
-from sheafscope.loading import LoadedModel
-from sheafscope.lstar import lstar_block
-from sheafscope.restriction import norms_sq
+from sheafscope.capture import PromptCapture, Target, path_for
+from sheafscope.capture.batching import capture_all
+from sheafscope.errors import PromptError
+from sheafscope.models.loading import LoadedModel
+from sheafscope.measures.lstar import lstar_block
+from sheafscope.measures.restriction import norms_sq
 
 log = logging.getLogger(__name__)
 
@@ -169,104 +170,44 @@ def prompt_result(text: str, cap: PromptCapture, truncated: bool, norm_sq: np.nd
                         cap.first_token_mass, cap.max_abs_hidden)
 
 
-# Automatic batching: prompts per forward pass to start with, and a cap on padded tokens per
-# batch (long prompts run alone rather than starting 32-wide and halving down through OOMs).
-AUTO_BATCH = {"cuda": 32, "cpu": 8}
-AUTO_BATCH_TOKENS = {"cuda": 65536, "cpu": 8192}
-
-
-@dataclass
-class _Item:
-    index: int  # position in the prompt list
-    ids: torch.Tensor  # (1, n)
-    truncated: bool
-
-
-def _capture_fast_all(loaded: LoadedModel, items: list[_Item], batch_size: int | None,
-                      progress: Callable[[int], None] | None) -> tuple[dict[int, PromptCapture], dict[str, Any]]:
-    """Fast-path captures of every item, batched longest first (little padding), halving the
-    batch on CUDA out-of-memory and retrying. Returns captures by item index and what ran.
-
-    Batch i + 1 is launched before batch i's numbers are collected (capture_fast.launch_batch),
-    so that a GPU never idles while the host waits for and converts a batch's results."""
-    from sheafscope.capture_fast import BatchStats, launch_batch
-
-    dev = loaded.device.type
-    size = batch_size or AUTO_BATCH.get(dev, 8)
-    budget = None if batch_size else AUTO_BATCH_TOKENS.get(dev, 8192)
-    order = sorted(items, key=lambda it: -it.ids.shape[1])
-    stats = BatchStats()
-    pad_id = getattr(loaded.tokenizer, "pad_token_id", None) or 0
-    out: dict[int, PromptCapture] = {}
-    largest, backoffs, i = 0, 0, 0
-    pending = None  # (items, PendingBatch) launched and not yet collected
-
-    def collect() -> None:
-        batch, launched = pending
-        for it, cap in zip(batch, launched.result(stats)):
-            out[it.index] = cap
-        if progress:
-            progress(len(batch))
-
-    while i < len(order):
-        n_first = order[i].ids.shape[1]  # the longest of this batch
-        take = min(size, max(1, budget // n_first)) if budget else size
-        batch = order[i : i + take]
-        try:
-            launched = launch_batch(loaded.model, loaded.adapter.blocks, [it.ids for it in batch], pad_id)
-        except torch.OutOfMemoryError:
-            if len(batch) == 1:
-                raise SheafscopeError(
-                    f"out of {dev} memory on one prompt of {n_first} tokens with {loaded.spec}: "
-                    "pass --max-tokens to truncate long prompts, or use a smaller --dtype"
-                ) from None
-            size, backoffs = max(1, len(batch) // 2), backoffs + 1
-            log.warning("out of memory with %d prompts of up to %d tokens; retrying with %d", len(batch), n_first, size)
-            if dev == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        if pending is not None:
-            collect()
-        pending = (batch, launched)
-        largest = max(largest, len(batch))
-        i += len(batch)
-    if pending is not None:
-        collect()
-    info = {
-        "batch_size": largest,
-        "batch_size_requested": batch_size if batch_size else "auto",
-        "oom_backoffs": backoffs,
-        "fast_kernels": dict(stats.kernels),
-        "fast_fallbacks": stats.fallbacks,
-        "fast_rows_recomputed": stats.refined_rows,
-    }
-    return out, info
+def target_of(loaded: LoadedModel) -> Target:
+    """What the capture needs of a loaded model: its trunk, blocks and attention modules."""
+    adapter = loaded.adapter
+    return Target(
+        model=loaded.model.base_model,
+        blocks=list(adapter.blocks),
+        attention_modules=[adapter.attention(layer) for layer in range(adapter.geometry.n_layers)],
+        causal=adapter.geometry.causal,
+        fast_supported=adapter.fast_path_supported,
+        pad_id=getattr(loaded.tokenizer, "pad_token_id", None) or 0,
+    )
 
 
 def analyze(
     loaded: LoadedModel,
     prompts: Iterable[str],
     *,
+    attention: str = "fast",
     restriction_map: str = "raw_wv",
     max_tokens: int | None = None,
     progress: Callable[[int], None] | None = None,
-    batch_size: int | None = None,
+    batch_tokens: int | None = None,
 ) -> ModelResult:
     """Measure every prompt on one model: masses, traces, L* (all definitions), formula.
 
-    A model loaded with attention="fast" runs prompts in right-padded batches of `batch_size`
-    (None: automatic, halved on CUDA out-of-memory); every prompt's numbers equal those of
-    running it alone. Otherwise the eager reference path runs one prompt at a time.
+    attention: "fast" (statistics captured inside the forward pass, prompts in right-padded
+    batches of about `batch_tokens` tokens, halved on out-of-memory; every prompt's numbers
+    equal those of running it alone) or "eager" (the reference: explicit attention matrices,
+    one prompt at a time). Families whose attention transformers' interface cannot see (BLOOM)
+    always run eager, and `attention_path` says why.
     Prompts that cannot be measured (one token, longer than the context) are skipped with a
     warning in the result; if none is left, PromptError. NaN/Inf raises NonFiniteError.
     `progress(k)` is called as k more prompts are done.
     """
-    from sheafscope.capture_fast import is_fast
-
     t0 = time.time()
     texts = validate_prompts(prompts)
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, not {batch_size}")
+    target = target_of(loaded)
+    path = path_for(target, attention)
     norm_sq = norms_sq(loaded.adapter, restriction_map).numpy()
     g = loaded.adapter.geometry
     items, warnings = [], []
@@ -277,21 +218,13 @@ def analyze(
             if progress:
                 progress(1)
         else:
-            items.append(_Item(i, ids, truncated))
+            items.append((i, ids, truncated))
     if not items:
         raise PromptError(f"no prompt could be measured on {loaded.spec}: " + "; ".join(warnings))
-    fast = is_fast(loaded.model)
-    if fast:
-        caps, run_info = _capture_fast_all(loaded, items, batch_size, progress)
-        path = "fast"
-    else:
-        caps, run_info = {}, {"batch_size": 1, "batch_size_requested": batch_size if batch_size else "auto"}
-        for it in items:
-            caps[it.index] = capture_eager(loaded.model, it.ids, g.n_layers)
-            if progress:
-                progress(1)
-        path = loaded.attention_path if loaded.attention_path.startswith("eager") else "eager"
-    results = [prompt_result(texts[it.index], caps[it.index], it.truncated, norm_sq) for it in items]
+    caps, run_info = capture_all(target, [ids[0] for _, ids, _ in items], path, batch_tokens, progress)
+    results = [prompt_result(texts[i], cap, truncated, norm_sq) for (i, _, truncated), cap in zip(items, caps)]
+    if path != attention:
+        path = f"eager (fallback: {loaded.adapter.fast_path_note or loaded.adapter.family + ' is not supported by the fast path'})"
     info = model_info(loaded, restriction_map, path)
     info.update(run_info)
     res = ModelResult(info, norm_sq, results, {}, warnings)

@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-tokens", type=int, help="truncate longer prompts to this many tokens (recorded per prompt)")
     r.add_argument("--attention", choices=["fast", "eager"], default="fast",
                    help="fast: attention diagonals captured inside the forward pass (default); eager: explicit n x n matrices (reference)")
-    r.add_argument("--batch-size", type=int, help="prompts per forward pass (default: automatic, backs off on out-of-memory)")
+    r.add_argument("--batch-tokens", type=int,
+                   help="padded tokens per forward pass; prompts of like length share a batch (default: 4096 on the CPU, "
+                        "65536 on a GPU; halved on out-of-memory)")
     r.add_argument("--force", action="store_true", help="recompute models already complete in --out")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -59,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_models() -> int:
-    from sheafscope.catalog import catalog
+    from sheafscope.models.catalog import catalog
 
     print(f"{'name':<20} {'kind':<10} {'family':<16} {'L':>3} {'H':>3} {'KV':>3}  lab / hub id")
     for name, e in catalog().items():
@@ -106,7 +108,7 @@ def print_summary(models: list[dict], out_dir: Path) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from sheafscope.analysis import validate_prompts
-    from sheafscope.loading import classify_spec
+    from sheafscope.models.loading import classify_spec
     from sheafscope.prompts import load_prompts
     from sheafscope.runner import ModelEntry, RunOptions, run
     from sheafscope.suites import load_suite
@@ -125,7 +127,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     validate_prompts(prompts)
     opts = RunOptions(dtype=args.dtype, device=args.device, restriction_map=args.restriction_map, max_tokens=args.max_tokens,
                       revision=args.revision, quantize=args.quantize, seed=args.seed, init=args.init,
-                      attention=args.attention, batch_size=args.batch_size)
+                      attention=args.attention, batch_tokens=args.batch_tokens)
     out = Path(args.out)
     print(f"sheafscope {__version__}: {len(entries)} model(s) x {len(prompts)} prompt(s) ({label}) -> {out}", file=sys.stderr)
     outcome = run(entries, prompts, opts, out, prompt_source=label, force=args.force, show_progress=not args.no_progress,
@@ -138,7 +140,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from sheafscope.report import write_report
+    from sheafscope.outputs.report import write_report
 
     d = Path(args.dir)
     if not (d / "results.json").exists():

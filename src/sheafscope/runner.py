@@ -23,7 +23,7 @@ from typing import Any
 
 from sheafscope import __version__
 from sheafscope.errors import SheafscopeError
-from sheafscope.io import atomic_write_json, read_json
+from sheafscope.outputs.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class RunOptions:
     seed: int = 0
     init: str = "pretrained"
     attention: str = "fast"  # "fast" (diagonal capture inside the forward pass) or "eager" (reference)
-    batch_size: int | None = None  # None: automatic
+    batch_tokens: int | None = None  # padded tokens per forward pass; None: the device default
 
 
 
@@ -74,8 +74,8 @@ def environment() -> dict[str, Any]:
 
 
 def definitions(restriction_map: str) -> dict[str, Any]:
-    from sheafscope.lstar import DEFINITIONS, FORMULA_TEXT
-    from sheafscope.restriction import RESTRICTION_MAPS
+    from sheafscope.measures.lstar import DEFINITIONS, FORMULA_TEXT
+    from sheafscope.measures.restriction import RESTRICTION_MAPS
 
     return {
         "offdiag_mass": "n - sum_i A_h[i,i] = sum_{i != j} A_h[i,j] (rows of A sum to 1); A_h the row-softmax attention of head h",
@@ -111,14 +111,14 @@ def run_one(entry: ModelEntry, prompts: list[str], options: RunOptions, progress
     import torch
 
     from sheafscope.analysis import analyze
-    from sheafscope.loading import load_model
+    from sheafscope.models.loading import load_model
 
     loaded = None
     try:
         loaded = load_model(entry.spec, init=options.init, seed=options.seed, dtype=options.dtype, device=options.device,
-                            revision=options.revision, quantize=options.quantize, attention=options.attention)
-        result = analyze(loaded, prompts, restriction_map=options.restriction_map, max_tokens=options.max_tokens,
-                         progress=progress, batch_size=options.batch_size)
+                            revision=options.revision, quantize=options.quantize)
+        result = analyze(loaded, prompts, attention=options.attention, restriction_map=options.restriction_map, max_tokens=options.max_tokens,
+                         progress=progress, batch_tokens=options.batch_tokens)
         out = result.to_dict()
         out["metadata"] = {**out.get("metadata", {}), **entry.metadata}
         return out
@@ -208,17 +208,17 @@ def run(
 
 def write_outputs(out_dir: Path, header: dict[str, Any], results: list[dict[str, Any]]) -> None:
     """results.json, summary.csv and analysis.json from the per-model entries."""
-    from sheafscope.summarize import analysis_block, summary_frame
+    from sheafscope.outputs.summarize import analysis_block, summary_frame
 
     atomic_write_json(out_dir / "results.json", {**header, "models": results})
     summary = summary_frame(results)
-    from sheafscope.io import atomic_write_text
+    from sheafscope.outputs.io import atomic_write_text
 
     atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     atomic_write_json(out_dir / "analysis.json", analysis_block(results, summary))
     try:  # figures and report are derived views: a plotting problem must not lose the numbers
-        from sheafscope.figures import write_all_figures
-        from sheafscope.report import write_report
+        from sheafscope.outputs.figures import write_all_figures
+        from sheafscope.outputs.report import write_report
 
         write_all_figures(out_dir)
         write_report(out_dir)

@@ -27,16 +27,32 @@ def offdiag_mass(attn: torch.Tensor) -> torch.Tensor:
     return a.masked_fill(eye, 0.0).sum(dim=(-1, -2))
 
 
-def offdiag_mass_from_diagonal(diag_logit: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """n - sum_i A[i,i] from the diagonal scores s_ii and row log-sum-exps, without any n x n.
+def row_stats_from_scores(scores: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics of softmax rows, exactly: scores (..., kv) as the softmax sees them (masked
+    keys at -inf), own (...,) the column of each row's own token.
 
-    1 - A[i,i] = -expm1(s_ii - lse_i) keeps full precision where A[i,i] is close to 1.
-    `valid` (..., n) masks out padding positions.
+    Returns (1 - A[i,i], A[i,0]). The off-diagonal mass is summed from the off-diagonal
+    entries (all >= 0), so it keeps full precision where A[i,i] is close to 1 (D6).
     """
-    off = -torch.expm1((diag_logit.double() - lse.double()).clamp(max=0.0))
-    if valid is not None:
-        off = off * valid.to(off.dtype)
-    return off.sum(dim=-1)
+    e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    total = e.sum(dim=-1)
+    off = e.scatter(-1, own[..., None], 0.0).sum(dim=-1) / total
+    return off, e[..., 0] / total
+
+
+def row_stats_from_lse(own_score: torch.Tensor, first_score: torch.Tensor,
+                       lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same statistics from a row's log-sum-exp, without the row: (1 - A[i,i], A[i,0]) =
+    (-expm1(s_ii - lse_i), exp(s_i0 - lse_i)).
+
+    The rounding of lse_i is absolute, so 1 - A[i,i] from it is trustworthy only where it is
+    not small: `LSE_TRUSTED_FROM` is the smallest value a caller may keep without recomputing
+    the row exactly.
+    """
+    return -torch.expm1((own_score - lse).clamp(max=0.0)), torch.exp(first_score - lse)
+
+
+LSE_TRUSTED_FROM = 0.5
 
 
 def notebook001_quantity(attn: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,154 @@
+"""The fast path: attention statistics recorded inside the model's own forward pass.
+
+For query row i, with s_ij the scores exactly as the model's softmax sees them and lse_i their
+log-sum-exp, 1 - A[i,i] = -expm1(s_ii - lse_i) and A[i,0] = exp(s_i0 - lse_i) (sheaf.py). The
+fused kernels return lse_i beside their output, so a layer's statistics cost two row-wise dot
+products and no n x n matrix. Rows the lse cannot be trusted with (A_ii > 1/2) are recomputed
+exactly after the forward pass; small problems and what no kernel computes (soft-capping, a
+position bias) get exact statistics for every row from blocks of scores (kernels.py).
+
+`attention` below is registered in transformers' AttentionInterface as FAST_ATTENTION. It
+records only inside a `Recorder` (found through a ContextVar, so nothing leaks between models
+or threads); elsewhere it is transformers' sdpa.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import nn
+
+from sheafscope.capture.kernels import attention_with_lse, block_statistics
+from sheafscope.capture.scores import Scores, stat_dtype
+from sheafscope.errors import SheafscopeError
+from sheafscope.sheaf import LSE_TRUSTED_FROM, row_stats_from_lse
+
+FAST_ATTENTION = "sheafscope"
+# Up to this many scores per call (batch x heads x rows x keys), every row is computed
+# exactly: cheaper than planning which rows to recompute.
+EXACT_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 21}
+# Held queries and keys (for recomputing flagged rows) beyond this many bytes are processed
+# mid-forward, so that long prompts do not keep every layer's q and k alive.
+HOLD_BYTES = {"cpu": 1 << 28, "cuda": 1 << 30}
+
+_ACTIVE: ContextVar["Recorder | None"] = ContextVar("sheafscope_recorder", default=None)
+
+
+class Recorder:
+    """The statistics of one forward pass, by layer: (b, h, n) tensors on the layer's device."""
+
+    def __init__(self, layer_of: dict[int, int], valid: torch.Tensor):
+        self.layer_of = layer_of  # id(attention module) -> layer index
+        self.valid = valid  # (b, n) bool: rows that are real tokens
+        self.off: dict[int, torch.Tensor] = {}
+        self.first: dict[int, torch.Tensor] = {}
+        self.held: list[tuple[int, torch.Tensor, torch.Tensor, Scores]] = []
+        self.ran: Counter = Counter()
+        self.fallbacks: list[str] = []
+
+    def __enter__(self) -> "Recorder":
+        self._token = _ACTIVE.set(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.reset(self._token)
+
+    def record(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scores: Scores) -> torch.Tensor:
+        """The attention output (b, h, n, d_v); the layer's statistics are kept."""
+        layer = self.layer_of.get(id(module))
+        if layer is None:
+            raise SheafscopeError(f"attention module {type(module).__name__} is not one of the model's layers")
+        if layer in self.off:
+            raise SheafscopeError("one capture saw two forward passes; capture one batch per forward pass")
+        out = None
+        if scores.softcap is None and scores.bias is None:
+            try:
+                out, lse, kernel = attention_with_lse(q, k, v, scores)
+                self.ran[kernel] += 1
+            except RuntimeError as e:
+                self._fallback(f"fused kernel failed on {q.device.type}: {str(e).splitlines()[0][:160]}")
+        else:
+            self._fallback("logit soft-capping" if scores.softcap is not None else "a position bias")
+        if out is None:  # no kernel: output and exact statistics from blocks of scores
+            out, off, first = block_statistics(q, k, v, scores)
+        elif q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= EXACT_ELEMENTS.get(q.device.type, 0):
+            _, off, first = block_statistics(q, k, None, scores)
+            self.ran["exact-rows"] += 1
+        else:
+            off, first = row_stats_from_lse(scores.at_keys(q, k, None), scores.at_keys(q, k, 0), lse.to(stat_dtype(q)))
+            self.held.append((layer, q, k, scores))
+            if sum(t.nbytes + u.nbytes for _, t, u, _ in self.held) > HOLD_BYTES.get(q.device.type, 0):
+                self.refine()
+        self.off[layer], self.first[layer] = off, first
+        return out
+
+    def _fallback(self, why: str) -> None:
+        self.ran["chunked"] += 1
+        if why not in self.fallbacks:
+            self.fallbacks.append(why)
+
+    def refine(self) -> None:
+        """Recompute exactly the valid rows of held layers whose lse statistics are untrusted:
+        one wait for the device per device the held layers live on."""
+        held, self.held = self.held, []
+        by_device: dict[torch.device, list] = {}
+        for entry in held:
+            by_device.setdefault(entry[1].device, []).append(entry)
+        for device, entries in by_device.items():
+            valid = self.valid.to(device)[:, None, :]
+            flags = torch.stack([(self.off[layer] < LSE_TRUSTED_FROM) & valid for layer, *_ in entries])
+            hits = flags.nonzero().cpu()
+            for j, (layer, q, k, scores) in enumerate(entries):
+                rows = hits[hits[:, 0] == j, 1:].to(device)
+                if len(rows) == 0:
+                    continue
+                bi, hi, ii = rows.unbind(1)
+                off, first = scores.exact_rows(q, k, bi, hi, ii)
+                self.off[layer][bi, hi, ii] = off.to(self.off[layer].dtype)
+                self.first[layer][bi, hi, ii] = first.to(self.first[layer].dtype)
+                self.ran["rows-recomputed"] += len(rows)
+
+
+def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+              is_causal: bool | None = None, softcap: float | None = None,
+              position_bias: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function: query (b, h, n, d), key and value
+    (b, h_kv, n_kv, d) in, output (b, n, h, d) out, as sdpa; no weights."""
+    for sink in ("s_aux", "sinks"):
+        if kwargs.get(sink) is not None:
+            raise SheafscopeError(f"{FAST_ATTENTION} attention does not implement attention sinks ({sink}); "
+                                  "analyze this model with attention='eager'")
+    recorder = _ACTIVE.get()
+    if recorder is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if dropout and module.training:
+        raise SheafscopeError("attention statistics are measured in eval mode: call model.eval()")
+    n, kv = query.shape[2], key.shape[2]
+    if n != kv:
+        raise SheafscopeError(f"attention statistics need one full forward pass (queries {n} != keys {kv}); "
+                              "pass use_cache=False")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # sdpa's rule: a mask says everything; without one, is_causal applies.
+    causal = bool(n > 1 and attention_mask is None and causal)
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    scores = Scores(scale, causal, attention_mask, softcap, position_bias)
+    out = recorder.record(module, query, key, value, scores)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register the attention function and its mask builder (sdpa's) with transformers."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FAST_ATTENTION, attention)
+    AttentionMaskInterface.register(FAST_ATTENTION, sdpa_mask)
+    return FAST_ATTENTION

@@ -1,0 +1,86 @@
+"""One right-padded batch through the fast path: the forward pass, then its numbers per prompt.
+
+Right padding with no mask is exact for causal models: a real token's row sees only earlier
+keys, all real, so no padding mask is built and the fused kernels run as on one prompt.
+Bidirectional models (BERT) get the padding mask. Rows at padded positions are never counted.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from sheafscope.capture import BatchCapture, PromptCapture, Target, check_finite
+from sheafscope.capture.fast import Recorder
+from sheafscope.errors import SheafscopeError
+
+
+def _keep_stream(streams: list[torch.Tensor], module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook on a block: the max |h| of each position of its input stream."""
+    h = args[0] if args else kwargs["hidden_states"]
+    streams.append(torch.linalg.vector_norm(h, ord=torch.inf, dim=-1))
+
+
+class Pending:
+    """A batch whose forward pass has run (or is queued on the device); `result` reads it."""
+
+    def __init__(self, target: Target, recorder: Recorder, streams: list[torch.Tensor], lengths: list[int],
+                 dtype: torch.dtype):
+        self.target, self.recorder, self.streams = target, recorder, streams
+        self.lengths, self.dtype = lengths, dtype
+
+    def result(self) -> BatchCapture:
+        rec = self.recorder
+        rec.refine()
+        layers = self.target.n_layers
+        if len(rec.off) != layers:
+            raise SheafscopeError(
+                f"the fast path saw the attention of {len(rec.off)} of {layers} layers: this model's attention "
+                "does not run through transformers' attention interface; analyze it with attention='eager'")
+        device = rec.off[0].device
+        valid = rec.valid.to(device)
+        off = torch.stack([rec.off[layer].to(device) for layer in range(layers)])  # (L, b, h, n)
+        first = torch.stack([rec.first[layer].to(device) for layer in range(layers)])
+        later = valid.clone()
+        later[:, 0] = False  # the first-token mass is averaged over rows i >= 1
+        off_mass = torch.where(valid[None, :, None], off, 0.0).sum(-1)
+        first_mass = torch.where(later[None, :, None], first, 0.0).sum(-1) / later.sum(-1)[None, :, None]
+        streams = torch.stack([s.to(device, torch.float64) for s in self.streams])  # (L + 1, b, n)
+        maxima = torch.where(valid[None], streams, -torch.inf).amax(-1)
+        off_mass, first_mass, maxima = (t.cpu().numpy() for t in (off_mass, first_mass, maxima))
+        check_finite("the residual stream or attention", maxima, self.dtype)
+        check_finite("the attention statistics", off_mass, self.dtype)
+        prompts = [PromptCapture(n, off_mass[:, b], first_mass[:, b], maxima[:, b]) for b, n in enumerate(self.lengths)]
+        return BatchCapture(prompts, rec.ran, rec.fallbacks)
+
+
+@torch.no_grad()
+def launch(target: Target, prompts: list[torch.Tensor]) -> Pending:
+    """Run one right-padded forward pass of `prompts` (1-D token ids) under a Recorder."""
+    lengths = [int(p.shape[-1]) for p in prompts]
+    device = prompts[0].device
+    n = max(lengths)
+    ids = torch.full((len(prompts), n), target.pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, : lengths[b]] = p.reshape(-1)
+    valid = torch.arange(n, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    padded = min(lengths) < n
+    mask = valid.long() if padded and not target.causal else None
+    layer_of = {id(m): layer for layer, m in enumerate(target.attention_modules)}
+    recorder = Recorder(layer_of, valid)
+    streams: list[torch.Tensor] = []
+    hooks = [block.register_forward_pre_hook(partial(_keep_stream, streams), with_kwargs=True)
+             for block in target.blocks]
+    try:
+        with recorder:
+            out = target.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    last = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    streams.append(torch.linalg.vector_norm(last, ord=torch.inf, dim=-1))
+    dtype = next(target.model.parameters()).dtype
+    return Pending(target, recorder, streams, lengths, dtype)

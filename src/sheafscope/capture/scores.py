@@ -1,0 +1,114 @@
+"""What one attention call's softmax sees, and the exact statistics of its rows.
+
+`Scores` holds how a call turns queries and keys into scores (scale, soft-capping, position
+bias, causal flag, mask), so that any row can be recomputed exactly after the call: the
+chunked route computes blocks of rows, the refinement single rows the log-sum-exp route
+cannot be trusted with. Shapes: q (b, h, n, d), k (b, h_kv, kv, d); heads are grouped as
+transformers groups them (query head h reads key head h // (h / h_kv)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sheafscope.sheaf import row_stats_from_scores
+
+# Rows recomputed per step: bounds the gathered keys (rows x kv x d) in memory.
+ROW_STEP_ELEMENTS = 1 << 24
+
+
+def stat_dtype(q: torch.Tensor) -> torch.dtype:
+    """Scores for statistics: float64, except half-precision models on a GPU (float32 there:
+    float64 arithmetic would cost more than the forward pass)."""
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return torch.float64
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One attention call's score rule. `mask` is transformers' (b|1, 1|h, n, kv) boolean
+    (True: attend) or additive mask; `bias` an additive position bias (b|1, h, n, kv)."""
+
+    scale: float
+    causal: bool
+    mask: torch.Tensor | None = None
+    softcap: float | None = None
+    bias: torch.Tensor | None = None
+
+    def _finish(self, s: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor,
+                select: tuple) -> torch.Tensor:
+        """Soft-cap, bias and mask scores s (..., kv) of query rows `rows` against `keys`;
+        `select` indexes the mask and bias (b, h, rows) to the same leading shape."""
+        if self.softcap is not None:
+            s = torch.tanh(s / self.softcap) * self.softcap
+        if self.bias is not None:
+            s = s + _take(self.bias, select).to(s.dtype)
+        if self.causal:
+            s = s.masked_fill(keys[None, :] > rows[:, None], -torch.inf)
+        if self.mask is not None:
+            m = _take(self.mask, select)
+            s = s.masked_fill(~m, -torch.inf) if m.dtype == torch.bool else s + m.to(s.dtype)
+        return s
+
+    def block(self, q: torch.Tensor, k: torch.Tensor, q0: int, q1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Scores (b, h, q1 - q0, kv) of query rows q0..q1-1 against every key."""
+        b, h, _, d = q.shape
+        g = h // k.shape[1]
+        qb = q[:, :, q0:q1].to(dtype).reshape(b, k.shape[1], g * (q1 - q0), d)
+        s = (qb @ k.to(dtype).transpose(-1, -2)).reshape(b, h, q1 - q0, -1) * self.scale
+        rows = torch.arange(q0, q1, device=q.device)
+        keys = torch.arange(k.shape[2], device=q.device)
+        full = (slice(None), slice(None), slice(q0, q1))
+        return self._finish(s, rows, keys, full)
+
+    def rows(self, q: torch.Tensor, k: torch.Tensor, bi: torch.Tensor, hi: torch.Tensor, ii: torch.Tensor,
+             dtype: torch.dtype) -> torch.Tensor:
+        """Scores (m, kv) of the m query rows (bi, hi, ii)."""
+        g = q.shape[1] // k.shape[1]
+        qr = q[bi, hi, ii].to(dtype)[:, None, :]  # (m, 1, d)
+        kr = k[bi, hi // g].to(dtype)  # (m, kv, d)
+        s = (qr @ kr.transpose(-1, -2))[:, 0] * self.scale
+        keys = torch.arange(k.shape[2], device=q.device)
+        return self._finish(s, ii, keys, (bi, hi, ii))
+
+    def exact_rows(self, q: torch.Tensor, k: torch.Tensor, bi: torch.Tensor, hi: torch.Tensor,
+                   ii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 - A_ii, A_i0) of the rows (bi, hi, ii), exactly, in steps of bounded memory."""
+        dtype = stat_dtype(q)
+        step = max(1, ROW_STEP_ELEMENTS // max(1, k.shape[2] * k.shape[3]))
+        off, first = [], []
+        for r0 in range(0, len(ii), step):
+            sel = slice(r0, r0 + step)
+            o, f = row_stats_from_scores(self.rows(q, k, bi[sel], hi[sel], ii[sel], dtype), ii[sel])
+            off.append(o)
+            first.append(f)
+        if not off:
+            empty = torch.zeros(0, dtype=dtype, device=q.device)
+            return empty, empty
+        return torch.cat(off), torch.cat(first)
+
+    def at_keys(self, q: torch.Tensor, k: torch.Tensor, key: torch.Tensor | None) -> torch.Tensor:
+        """Every row's score (b, h, n) against one key: its own (key None) or key 0.
+
+        For the log-sum-exp route, which applies neither soft-capping nor a position bias."""
+        b, h, n, d = q.shape
+        dtype = stat_dtype(q)
+        g = h // k.shape[1]
+        qg = q.to(dtype).view(b, k.shape[1], g, n, d)
+        kk = k[:, :, :n] if key is None else k[:, :, :1]
+        s = (qg * kk.to(dtype)[:, :, None]).sum(-1).reshape(b, h, n) * self.scale
+        if self.mask is not None:
+            m = self.mask.diagonal(dim1=-2, dim2=-1) if key is None else self.mask[..., 0]
+            s = s.masked_fill(~m, -torch.inf) if m.dtype == torch.bool else s + m.to(dtype)
+        return s
+
+
+def _take(t: torch.Tensor, select: tuple) -> torch.Tensor:
+    """t (b|1, h|1, n, kv) indexed by select (over b, h, rows), broadcasting its size-1 axes."""
+    bi, hi, ii = select
+    if isinstance(bi, slice):
+        return t[:, :, ii]
+    return t[bi if t.shape[0] > 1 else 0, hi if t.shape[1] > 1 else 0, ii]

@@ -1,0 +1,38 @@
+"""GPT-2: fused `c_attn` is a Conv1D with weight (in, out) = (D, 3D), columns [Q | K | V]."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sheafscope.models.adapters.base import Adapter
+
+
+class GPT2Adapter(Adapter):
+    family = "gpt2"
+    model_types = ("gpt2",)
+    blocks_paths = ("transformer.h", "h")
+    attention_path = "attn"
+    norm_path = "ln_1"
+
+    def value_weight(self, layer: int) -> torch.Tensor:
+        g = self.geometry
+        d = g.n_heads * g.head_dim
+        w = self.attention(layer).c_attn.weight.detach().float()  # Conv1D: (in, out)
+        return w[:, 2 * d : 3 * d].T.reshape(g.n_heads, g.head_dim, g.d_model)
+
+    def value_bias(self, layer: int) -> torch.Tensor | None:
+        g = self.geometry
+        d = g.n_heads * g.head_dim
+        return self.attention(layer).c_attn.bias.detach().float()[2 * d : 3 * d].view(g.n_heads, g.head_dim)
+
+    def output_weight(self, layer: int) -> torch.Tensor:
+        g = self.geometry
+        w = self.attention(layer).c_proj.weight.detach().float().T  # Conv1D (in, out) -> (out, in)
+        return w.reshape(g.d_model, g.n_heads, g.head_dim).permute(1, 0, 2)
+
+    def value_input_module(self, layer: int) -> nn.Module:
+        return self.attention(layer).c_attn
+
+    def output_module(self, layer: int) -> nn.Module:
+        return self.attention(layer).c_proj

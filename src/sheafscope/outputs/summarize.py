@@ -1,0 +1,157 @@
+"""From per-model results to the summary table and the cross-model statistics.
+
+Every number here is computed from the traces in results.json, never typed in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sheafscope.outputs import stats
+from sheafscope.measures.lstar import lstar_gradient
+
+SINK_THRESHOLD = 0.5
+LAYER_DEFINITIONS = {
+    "sink_layer": f"first layer whose first-token attention mass (mean over heads, query positions i >= 1 and prompts) "
+                  f"reaches {SINK_THRESHOLD}; empty if none",
+    "massive_activation_layer": "layer l (0-based) whose output has the largest jump of max|hidden| over its input: "
+                                "argmax_l M[l+1] / M[l], M the prompt-mean max |hidden state| (M[0] = embeddings)",
+}
+
+# Notebook 000's REFERENCE_RESULTS (mean multi-head trace, fp16 on the hub models). The Pythia
+# rows were produced with rows 2*hidden: of query_key_value as "W_V", which is not W_V (D1).
+REFERENCE_TRACES = {
+    "openai-community/gpt2": (62696.0, "notebook 000 reference"),
+    "EleutherAI/pythia-160m": (18887.0, "notebook 000 reference, produced with the wrong value slice (D1)"),
+    "EleutherAI/pythia-410m": (11326.0, "notebook 000 reference, produced with the wrong value slice (D1)"),
+    "facebook/opt-125m": (2368.0, "notebook 000 reference"),
+}
+
+N_BOOT = 1000
+
+
+def sink_layer(model: dict[str, Any]) -> int | None:
+    mass = np.mean([np.asarray(p["first_token_mass"]).mean(axis=1) for p in model["prompts"]], axis=0)
+    hits = np.flatnonzero(mass >= SINK_THRESHOLD)
+    return int(hits[0]) if hits.size else None
+
+
+def massive_activation_layer(model: dict[str, Any]) -> int | None:
+    m = np.mean([p["max_abs_hidden"] for p in model["prompts"]], axis=0)
+    if m.size < 2:
+        return None
+    ratio = m[1:] / np.maximum(m[:-1], 1e-30)
+    return int(np.argmax(ratio))
+
+
+def _row(model: dict[str, Any]) -> dict[str, Any]:
+    meta = model.get("metadata") or {}
+    base = {
+        "model": model["spec"],
+        "spec": model["spec"],
+        "lab": meta.get("lab", "unknown"),
+        "behavior": meta.get("behavior"),
+        "gain": meta.get("gain"),
+        "init": model.get("init"),
+        "status": model.get("status"),
+        "error": (model.get("error") or {}).get("message"),
+    }
+    if model.get("status") != "ok":
+        return base
+    traces = np.array([p["layer_trace"] for p in model["prompts"]])  # (prompts, layers)
+    n_layers, n_heads = model["n_layers"], model["n_heads"]
+    mt, mt_lo, mt_hi = stats.bootstrap_ci(traces, lambda t: float(t.mean()), n_boot=N_BOOT)
+    lg, lg_lo, lg_hi = stats.bootstrap_ci(traces, lambda t: float(lstar_gradient(t.mean(axis=0))), n_boot=N_BOOT)
+    ls = model["lstar"]
+    f = ls["formula"]
+    per_prompt = np.asarray(ls["diff"]["per_prompt"], dtype=float)
+    _, ld_lo, ld_hi = stats.bootstrap_ci(per_prompt, lambda x: float(x.mean()), n_boot=N_BOOT)
+    return {
+        **base,
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "n_kv_heads": model.get("n_kv_heads"),
+        "n_prompts": len(model["prompts"]),
+        "mean_trace": mt,
+        "mean_trace_ci_low": mt_lo,
+        "mean_trace_ci_high": mt_hi,
+        "lstar_gradient": ls["gradient"]["value"],
+        "lstar_gradient_ci_low": lg_lo,
+        "lstar_gradient_ci_high": lg_hi,
+        "lstar_diff_mean": ls["diff"]["mean"],
+        "lstar_diff_std": ls["diff"]["std"],
+        "lstar_diff_ci_low": ld_lo,
+        "lstar_diff_ci_high": ld_hi,
+        "lstar_sign_change": ls["sign_change"]["value"],
+        "lstar_ratio": ls["gradient"]["value"] / n_layers,
+        "lstar_predicted": f["predicted"],
+        "exceeds_L": f["exceeds_L"],
+        "error_pct": f["error_pct"],
+        "sink_layer": sink_layer(model),
+        "massive_activation_layer": massive_activation_layer(model),
+    }
+
+
+def summary_frame(models: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per model (failed models keep their row, with the error)."""
+    return pd.DataFrame([_row(m) for m in models])
+
+
+def analysis_block(models: list[dict[str, Any]], summary: pd.DataFrame) -> dict[str, Any]:
+    """MAPE by lab, verdict, refit with leave-one-lab-out CV and baselines, reference
+    comparison and twin-vs-trained, over the models that ran. Random-init twins are
+    controls: they are kept out of the formula's statistics."""
+    out: dict[str, Any] = {"layer_definitions": LAYER_DEFINITIONS, "warnings": []}
+    ok = summary[summary["status"] == "ok"] if "status" in summary else summary.iloc[0:0]
+    trained = ok[ok["init"] != "random"]
+    if len(trained):
+        df = pd.DataFrame({
+            "model": trained["model"], "lab": trained["lab"], "L": trained["n_layers"], "H": trained["n_heads"],
+            "lstar_empirical": trained["lstar_diff_mean"],
+        })
+        out["mape"] = stats.mape_by_lab(df)
+        out["mape"]["empirical_definition"] = "diff (notebook 001)"
+        if df["lab"].nunique() >= 2 and len(df) >= 2:
+            out["compare"] = stats.compare_models(df).reset_index().to_dict(orient="records")
+            out["cross_validation"] = _jsonable(stats.leave_one_group_out(df))
+        fit = stats.fit_formula(df["L"], df["H"], df["lstar_empirical"])
+        out["refit_in_sample"] = {"coef": list(map(float, fit.coef)), "rank": int(fit.rank), "n": int(fit.n),
+                                  "residual_rms": float(fit.residual_rms)}
+    for _, r in ok.iterrows():
+        if r.get("exceeds_L"):
+            out["warnings"].append(f"{r['model']}: the formula predicts L* = {r['lstar_predicted']:.1f} > L = {r['n_layers']} (D10)")
+    by_id = {m.get("model_id"): m for m in models if m.get("status") == "ok" and m.get("init") != "random"}
+    out["reference_comparison"] = [
+        {"model": mid, "reference_trace": ref, "measured_trace": by_id[mid]["mean_trace"], "note": note}
+        for mid, (ref, note) in REFERENCE_TRACES.items() if mid in by_id
+    ]
+    twins = {m["model_id"]: m for m in models if m.get("status") == "ok" and m.get("init") == "random"}
+    out["twin_vs_trained"] = [
+        {"model_id": mid, "trained_lstar_diff": by_id[mid]["lstar"]["diff"]["mean"],
+         "twin_lstar_diff": t["lstar"]["diff"]["mean"], "trained_lstar_gradient": by_id[mid]["lstar"]["gradient"]["value"],
+         "twin_lstar_gradient": t["lstar"]["gradient"]["value"]}
+        for mid, t in twins.items() if mid in by_id
+    ]
+    failed = summary[summary["status"] != "ok"] if "status" in summary else summary.iloc[0:0]
+    for _, r in failed.iterrows():
+        out["warnings"].append(f"{r['model']} failed: {r['error']}")
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, pd.DataFrame):
+        return obj.to_dict(orient="records")
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if hasattr(obj, "__dataclass_fields__"):
+        return _jsonable(obj.__dict__)
+    return obj
