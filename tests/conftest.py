@@ -14,10 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SHEAFSCOPE_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Without a GPU, Triton's interpreter runs the fused-rows kernel on CPU tensors (read when
-# Triton is imported, so set before anything imports it).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 _LOADED: dict[str, object] = {}
@@ -25,12 +21,12 @@ _LOADED: dict[str, object] = {}
 
 @pytest.fixture(scope="session")
 def offline_model():
-    """offline_model(alias) -> LoadedModel, float32 eager, cached for the session."""
+    """offline_model(alias) -> LoadedModel, float32, cached for the session."""
     from sheafscope import load_model
 
     def get(alias: str):
         if alias not in _LOADED:
-            _LOADED[alias] = load_model(alias, device="cpu", dtype="float32", attention="eager")
+            _LOADED[alias] = load_model(alias, device="cpu", dtype="float32")
         return _LOADED[alias]
 
     return get

@@ -27,7 +27,7 @@ def quantized_and_reference(tmp_path_factory):
     model.save_pretrained(path)
     transformers.AutoTokenizer.from_pretrained(str(offline.model_dir("minilm-l6"))).save_pretrained(path)
     # eager: the value-vector check reads the model's own attention matrices
-    q = load_model(str(path), device="cpu", dtype="float32", quantize="4bit", attention="eager")
+    q = load_model(str(path), device="cpu", dtype="float32", quantize="4bit")
     return q, model
 
 

@@ -13,7 +13,8 @@ from sheafscope.sheaf import (
     kronecker_spectrum,
     notebook001_quantity,
     offdiag_mass,
-    offdiag_mass_from_diagonal,
+    row_stats_from_lse,
+    row_stats_from_scores,
     sheaf_trace,
 )
 
@@ -25,8 +26,13 @@ LAYER, HEAD = 7, 4
 def smollm2_layer(offline_model):
     loaded = offline_model("smollm2-135m")
     ids = loaded.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        out = loaded.model(input_ids=ids, output_attentions=True, use_cache=False)
+    before = loaded.model.config._attn_implementation
+    loaded.model.set_attn_implementation("eager")  # the explicit matrices
+    try:
+        with torch.no_grad():
+            out = loaded.model(input_ids=ids, output_attentions=True, use_cache=False)
+    finally:
+        loaded.model.set_attn_implementation(before)
     attn = out.attentions[LAYER][0, HEAD].double().numpy()
     wv = loaded.adapter.head_value_weights(LAYER)[HEAD].double().numpy()
     return loaded, attn, wv, out
@@ -92,29 +98,44 @@ def test_notebook001_quantity_is_rounding_noise(smollm2_layer):
     assert torch.allclose(offdiag_mass(a16), offdiag_mass(a32), rtol=2e-2)
 
 
-def test_offdiag_from_diagonal_equals_explicit_mass(smollm2_layer):
-    """The lse form used by the fast path: 1 - A_ii = -expm1(s_ii - lse_i)."""
-    _, attn, _, _ = smollm2_layer
+def test_row_statistics_from_scores_and_from_lse_equal_the_explicit_matrix():
+    """Both definitions of a row's statistics (exact from its scores, and -expm1(s_ii - lse_i)
+    from its log-sum-exp) against the explicit softmax matrix, float64."""
     rng = np.random.default_rng(0)
     scores = torch.tensor(rng.normal(size=(3, 6, 6)) * 4)
     causal = torch.ones(6, 6, dtype=torch.bool).tril()
     scores = scores.masked_fill(~causal, float("-inf"))
     a = torch.softmax(scores, dim=-1)
+    own = torch.arange(6).expand(3, 6)
+    off, first = row_stats_from_scores(scores, own)
+    np.testing.assert_allclose(off.sum(-1).numpy(), offdiag_mass(a).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(first.numpy(), a[..., 0].numpy(), rtol=1e-12)
     lse = torch.logsumexp(scores, dim=-1)
-    diag = scores.diagonal(dim1=-2, dim2=-1)
-    np.testing.assert_allclose(offdiag_mass_from_diagonal(diag, lse).numpy(), offdiag_mass(a).numpy(), rtol=1e-12)
+    off_lse, first_lse = row_stats_from_lse(scores.diagonal(dim1=-2, dim2=-1), scores[..., 0], lse)
+    np.testing.assert_allclose(off_lse.sum(-1).numpy(), offdiag_mass(a).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(first_lse.numpy(), a[..., 0].numpy(), rtol=1e-12)
+
+
+def test_row_statistics_from_scores_keep_precision_where_a_head_attends_to_itself():
+    """D6 at the row level: where A_ii = 1 - 1e-12, 1 - A_ii comes out to full relative
+    precision, not as the rounding noise of 1 - (something near 1)."""
+    scores = torch.tensor([[0.0, -30.0, -float("inf")], [-40.0, 0.0, -float("inf")]], dtype=torch.float64)
+    off, _ = row_stats_from_scores(scores, torch.tensor([0, 1]))
+    want = torch.tensor([np.exp(-30.0) / (1 + np.exp(-30.0)), np.exp(-40.0) / (1 + np.exp(-40.0))], dtype=torch.float64)
+    np.testing.assert_allclose(off.numpy(), want.numpy(), rtol=1e-12)
 
 
 def test_offdiag_mass_in_float32_matches_float64_recomputation():
     """The pipeline's float32 masses against the same tiny model run in float64."""
     from tiny_models import build_tiny
-    from sheafscope.capture.eager import capture_eager
+    from sheafscope.analysis import target_of
+    from sheafscope.capture import capture
 
-    ids = torch.tensor([[3, 9, 27, 81, 11, 33, 99, 5]])
+    ids = torch.tensor([3, 9, 27, 81, 11, 33, 99, 5])
     m32 = build_tiny("mistral")
     m64 = build_tiny("mistral").double()
-    c32 = capture_eager(m32, ids, 2).offdiag_mass
-    c64 = capture_eager(m64, ids, 2).offdiag_mass
+    c32 = capture(target_of(m32), [ids], "eager").prompts[0].offdiag_mass
+    c64 = capture(target_of(m64), [ids], "eager").prompts[0].offdiag_mass
     np.testing.assert_allclose(c32, c64, rtol=1e-5)
 
 
@@ -124,8 +145,8 @@ def test_legacy_trace_full_pairs_the_head_averaged_attention_with_head_0s_norm()
     matrices (mean over heads, then the off-diagonal entries summed), with every head given a
     different norm, so that any other head, or a mean of the norms, fails."""
     from sheafscope.models.adapters import adapter_for
-    from sheafscope.analysis import prompt_result
-    from sheafscope.capture.eager import capture_eager
+    from sheafscope.analysis import prompt_result, target_of
+    from sheafscope.capture import capture
     from tiny_models import build_tiny
 
     model = build_tiny("llama")
@@ -134,7 +155,7 @@ def test_legacy_trace_full_pairs_the_head_averaged_attention_with_head_0s_norm()
     norm_sq = np.random.default_rng(0).uniform(1.0, 9.0, size=(layers, model.config.num_attention_heads))
     with torch.no_grad():
         attentions = model(ids, output_attentions=True).attentions
-    got = prompt_result("", capture_eager(model, ids, layers), False, norm_sq).legacy_trace_full
+    got = prompt_result("", capture(target_of(model), [ids[0]], "eager").prompts[0], False, norm_sq).legacy_trace_full
     off_diagonal = ~torch.eye(ids.shape[1], dtype=torch.bool)
     want = [float(a[0].double().mean(dim=0)[off_diagonal].sum()) * norm_sq[layer, 0] for layer, a in enumerate(attentions)]
     np.testing.assert_allclose(got, want, rtol=1e-12)

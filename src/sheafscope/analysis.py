@@ -17,6 +17,7 @@ import torch
 from sheafscope.capture import PromptCapture, Target, path_for
 from sheafscope.capture.batching import capture_all
 from sheafscope.errors import PromptError
+from sheafscope.models.adapters import adapter_for
 from sheafscope.models.loading import LoadedModel
 from sheafscope.measures.lstar import lstar_block
 from sheafscope.measures.restriction import norms_sq
@@ -170,16 +171,17 @@ def prompt_result(text: str, cap: PromptCapture, truncated: bool, norm_sq: np.nd
                         cap.first_token_mass, cap.max_abs_hidden)
 
 
-def target_of(loaded: LoadedModel) -> Target:
-    """What the capture needs of a loaded model: its trunk, blocks and attention modules."""
-    adapter = loaded.adapter
+def target_of(model: torch.nn.Module, pad_id: int = 0) -> Target:
+    """What the capture needs of a transformers model: its trunk, blocks and attention modules
+    (found by the family's adapter)."""
+    adapter = adapter_for(model)
     return Target(
-        model=loaded.model.base_model,
+        model=model.base_model,
         blocks=list(adapter.blocks),
         attention_modules=[adapter.attention(layer) for layer in range(adapter.geometry.n_layers)],
         causal=adapter.geometry.causal,
         fast_supported=adapter.fast_path_supported,
-        pad_id=getattr(loaded.tokenizer, "pad_token_id", None) or 0,
+        pad_id=pad_id,
     )
 
 
@@ -206,7 +208,7 @@ def analyze(
     """
     t0 = time.time()
     texts = validate_prompts(prompts)
-    target = target_of(loaded)
+    target = target_of(loaded.model, getattr(loaded.tokenizer, "pad_token_id", None) or 0)
     path = path_for(target, attention)
     norm_sq = norms_sq(loaded.adapter, restriction_map).numpy()
     g = loaded.adapter.geometry

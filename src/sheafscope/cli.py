@@ -16,9 +16,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sheafscope import __version__
 from sheafscope.errors import SheafscopeError
+from sheafscope.measures.restriction import RESTRICTION_MAPS
+
+if TYPE_CHECKING:
+    from sheafscope.measures.lstar import LStarDefinition
 
 EXIT_OK, EXIT_MODEL_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -42,8 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--revision", help="hub revision (branch, tag or commit)")
     r.add_argument("--quantize", choices=["4bit", "8bit"], help="load hub/local weights through bitsandbytes")
-    r.add_argument("--restriction-map", default="raw_wv", choices=["raw_wv", "raw_wv_norm", "ov", "ov_norm"],
-                   help="the map on each edge: raw W_V (notebooks), OV circuit, optionally norm-folded")
+    r.add_argument("--restriction-map", default="raw_wv", choices=list(RESTRICTION_MAPS),
+                   help="the map on each edge (default: %(default)s); "
+                        + "; ".join(f"{m.name}: {m.definition}" for m in RESTRICTION_MAPS.values()))
     r.add_argument("--max-tokens", type=int, help="truncate longer prompts to this many tokens (recorded per prompt)")
     r.add_argument("--attention", choices=["fast", "eager"], default="fast",
                    help="fast: attention diagonals captured inside the forward pass (default); eager: explicit n x n matrices (reference)")
@@ -83,26 +89,41 @@ def _cmd_suites() -> int:
     return EXIT_OK
 
 
+def _lstar_cell(d: LStarDefinition, block: dict | None) -> str:
+    if block is None:  # a resumed run's model computed before the definition existed
+        return "-"
+    if d.over == "prompts":
+        return f"{block['mean']:.1f}±{block['std']:.1f}"
+    return "-" if block["value"] is None else str(block["value"])
+
+
 def print_summary(models: list[dict], out_dir: Path) -> None:
+    from sheafscope.measures.lstar import DEFINITIONS, EMPIRICAL
+
+    defs = list(DEFINITIONS.values())
+    widths = [max(len(d.name) + 2, 11 if d.over == "prompts" else 6) for d in defs]
     print()
-    hdr = f"{'model':<28} {'family':<9} {'L':>3} {'H':>3} {'mean trace':>12} {'L*grad':>6} {'L*diff':>11} {'L*sign':>6} {'pred':>6} {'err%':>6}  status"
+    lstar_hdr = " ".join(f"{'L*' + d.name:>{w}}" for d, w in zip(defs, widths))
+    hdr = f"{'model':<28} {'family':<9} {'L':>3} {'H':>3} {'mean trace':>12} {lstar_hdr} {'pred':>6} {'err%':>6}  status"
     print(hdr)
     print("-" * len(hdr))
     for m in models:
         if m.get("status") != "ok":
-            print(f"{m['spec']:<28} {'':<9} {'':>3} {'':>3} {'':>12} {'':>6} {'':>11} {'':>6} {'':>6} {'':>6}  FAILED: {m['error']['message']}")
+            blank = " ".join(" " * w for w in widths)
+            print(f"{m['spec']:<28} {'':<9} {'':>3} {'':>3} {'':>12} {blank} {'':>6} {'':>6}  FAILED: {m['error']['message']}")
             continue
         ls = m["lstar"]
         f = ls["formula"]
-        sign = ls["sign_change"]["value"]
         pred = f"{f['predicted']:.1f}" + ("!" if f["exceeds_L"] else "")
-        diff = f"{ls['diff']['mean']:.1f}±{ls['diff']['std']:.1f}"
+        cells = " ".join(f"{_lstar_cell(d, ls.get(d.name)):>{w}}" for d, w in zip(defs, widths))
         print(f"{m['spec']:<28} {m['family']:<9} {m['n_layers']:>3} {m['n_heads']:>3} {m['mean_trace']:>12.4g} "
-              f"{ls['gradient']['value']:>6} {diff:>11} {str(sign if sign is not None else '-'):>6} {pred:>6} {f['error_pct']:>6.1f}  ok")
+              f"{cells} {pred:>6} {f['error_pct']:>6.1f}  ok")
         for w in m.get("warnings", []):
             print(f"    warning: {w}")
-    print("\nL*grad: 0-based argmax|gradient| (notebook 000); L*diff: mean±std of per-prompt argmax|diff|+1 (notebook 001);")
-    print("L*sign: + to - sign change of the gradient (v3); pred: the formula, '!' where it exceeds L (D10); err%: |pred-diff|/L.")
+    print()
+    for d in defs:
+        print(f"L*{d.name}: {d.definition} ({d.source})")
+    print(f"pred: the formula, '!' where it exceeds L (D10); err%: |pred - L*{EMPIRICAL}| / L.")
     print(f"Results: {out_dir}/results.json, summary.csv, analysis.json")
 
 

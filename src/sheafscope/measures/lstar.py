@@ -2,11 +2,16 @@
 
 The notebooks use two different definitions and the author's published v3 run a third; they
 give different numbers on the same traces, so results always say which one they are.
+
+Adding a definition is one function (a layer trace -> a layer) and one entry in DEFINITIONS:
+results.json, summary.csv, the report, the figures and the CLI table take it from there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
@@ -14,35 +19,8 @@ from sheafscope.outputs import stats
 
 FORMULA_TEXT = "L* = L * (0.11 + 0.012 L + 4.9 / H)"
 
-
-@dataclass(frozen=True)
-class LStarDefinition:
-    name: str
-    definition: str
-    source: str
-
-
-DEFINITIONS: dict[str, LStarDefinition] = {
-    d.name: d
-    for d in [
-        LStarDefinition(
-            "gradient",
-            "argmax_l |np.gradient(T)[l]|, T the prompt-mean multi-head layer trace; 0-based layer index",
-            "notebook 000 (H4 v2 extended)",
-        ),
-        LStarDefinition(
-            "diff",
-            "per prompt argmax_l |T[l+1] - T[l]| + 1 (np.diff, 1-based boundary), then mean and std over prompts",
-            "notebook 001 (cross-heritage v2)",
-        ),
-        LStarDefinition(
-            "sign_change",
-            "first l >= 1 where np.gradient(T) changes sign from + (at l-1) to <= 0 (at l), T the prompt-mean "
-            "layer trace; none if it never does",
-            "the author's v3 run (l_star_sign_change_20260106_111315.json)",
-        ),
-    ]
-}
+# The definition the formula is tested against: notebook 001 fitted and scored it on its own.
+EMPIRICAL = "diff"
 
 
 def lstar_gradient(mean_layer_trace: np.ndarray) -> int:
@@ -73,38 +51,106 @@ def lstar_sign_change(mean_layer_trace: np.ndarray) -> int | None:
     return None
 
 
-def predict_lstar(n_layers: int, n_heads: int) -> float:
-    """The formula under test (notebook 001's predict_l_star_v3)."""
-    return float(stats.predict_lstar(n_layers, n_heads))
+@dataclass(frozen=True)
+class LStarDefinition:
+    """One L* definition: `layer` picks a layer from one layer trace, `over` says which traces.
+
+    over="mean_trace": L* = layer(prompt-mean trace), stored as {"value"}, None where there is none.
+    over="prompts": layer(trace) of every prompt, stored as {"per_prompt", "mean", "std"}; here
+    `layer` must give a layer for every trace.
+    """
+
+    name: str
+    definition: str
+    source: str
+    layer: Callable[[np.ndarray], int | None]
+    over: Literal["mean_trace", "prompts"] = "mean_trace"
+
+    @property
+    def value_key(self) -> str:
+        """Key of this definition's L* in its results.json block."""
+        return "mean" if self.over == "prompts" else "value"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Its summary.csv columns: L* (then its std over prompts), then the bootstrap CI."""
+        p = f"lstar_{self.name}"
+        value = (f"{p}_mean", f"{p}_std") if self.over == "prompts" else (p,)
+        return (*value, f"{p}_ci_low", f"{p}_ci_high")
+
+    def block(self, layer_traces: np.ndarray) -> dict[str, Any]:
+        """lstar[name] of results.json from a (prompts, layers) array of multi-head traces."""
+        traces = np.asarray(layer_traces, dtype=np.float64)
+        if self.over == "prompts":
+            per_prompt = [self.layer(t) for t in traces]
+            return {
+                "per_prompt": per_prompt,
+                "mean": float(np.mean(per_prompt)),
+                "std": float(np.std(per_prompt)),  # population std, as notebook 001 (np.std)
+                "definition": self.definition,
+            }
+        return {"value": self.layer(traces.mean(axis=0)), "definition": self.definition}
+
+    def summary(self, block: dict[str, Any], layer_traces: np.ndarray, n_boot: int) -> dict[str, Any]:
+        """Its summary.csv columns of one model, the CI a percentile bootstrap over prompts."""
+        if self.over == "prompts":
+            values = [block["mean"], block["std"]]
+            samples = np.asarray(block["per_prompt"], dtype=float)
+            _, lo, hi = stats.bootstrap_ci(samples, lambda x: float(x.mean()), n_boot=n_boot)
+        else:
+            values = [block["value"]]
+            # Resamples with no L* (None) are left out of the interval by bootstrap_ci (NaN).
+            _, lo, hi = stats.bootstrap_ci(np.asarray(layer_traces, dtype=np.float64),
+                                           lambda t: _number(self.layer(t.mean(axis=0))), n_boot=n_boot)
+        return dict(zip(self.columns, [*values, lo, hi]))
+
+
+def _number(layer: int | None) -> float:
+    return np.nan if layer is None else float(layer)
+
+
+DEFINITIONS: dict[str, LStarDefinition] = {
+    d.name: d
+    for d in [
+        LStarDefinition(
+            "gradient",
+            "argmax_l |np.gradient(T)[l]|, T the prompt-mean multi-head layer trace; 0-based layer index",
+            "notebook 000 (H4 v2 extended)",
+            lstar_gradient,
+        ),
+        LStarDefinition(
+            "diff",
+            "per prompt argmax_l |T[l+1] - T[l]| + 1 (np.diff, 1-based boundary), then mean and std over prompts",
+            "notebook 001 (cross-heritage v2)",
+            lstar_diff,
+            over="prompts",
+        ),
+        LStarDefinition(
+            "sign_change",
+            "first l >= 1 where np.gradient(T) changes sign from + (at l-1) to <= 0 (at l), T the prompt-mean "
+            "layer trace; none if it never does",
+            "the author's v3 run (l_star_sign_change_20260106_111315.json)",
+            lstar_sign_change,
+        ),
+    ]
+}
 
 
 def lstar_block(layer_traces: np.ndarray, n_layers: int, n_heads: int) -> dict:
     """All L* definitions and the formula on a (prompts, layers) array of multi-head traces."""
-    traces = np.asarray(layer_traces, dtype=np.float64)
-    mean = traces.mean(axis=0)
-    per_prompt = [lstar_diff(t) for t in traces]
-    diff_mean = float(np.mean(per_prompt))
-    predicted = predict_lstar(n_layers, n_heads)
-    return {
-        "gradient": {"value": lstar_gradient(mean), "definition": DEFINITIONS["gradient"].definition},
-        "diff": {
-            "per_prompt": per_prompt,
-            "mean": diff_mean,
-            "std": float(np.std(per_prompt)),  # population std, as notebook 001 (np.std)
-            "definition": DEFINITIONS["diff"].definition,
-        },
-        "sign_change": {"value": lstar_sign_change(mean), "definition": DEFINITIONS["sign_change"].definition},
-        "formula": {
-            "text": FORMULA_TEXT,
-            "L": n_layers,
-            "H": n_heads,
-            "predicted": predicted,
-            # D10: the formula can predict a layer past the last one; say so, never clip.
-            "exceeds_L": bool(predicted > n_layers),
-            "empirical": diff_mean,
-            "error_pct": abs(predicted - diff_mean) / n_layers * 100.0,
-            "error_definition": "|predicted - empirical| / L * 100, empirical = diff mean (notebook 001)",
-        },
+    out: dict[str, Any] = {d.name: d.block(layer_traces) for d in DEFINITIONS.values()}
+    emp = DEFINITIONS[EMPIRICAL]
+    empirical = out[emp.name][emp.value_key]
+    predicted = float(stats.predict_lstar(n_layers, n_heads))
+    out["formula"] = {
+        "text": FORMULA_TEXT,
+        "L": n_layers,
+        "H": n_heads,
+        "predicted": predicted,
+        # D10: the formula can predict a layer past the last one; say so, never clip.
+        "exceeds_L": bool(predicted > n_layers),
+        "empirical": empirical,
+        "error_pct": abs(predicted - empirical) / n_layers * 100.0,
+        "error_definition": f"|predicted - empirical| / L * 100, empirical = {emp.name} {emp.value_key} ({emp.source})",
     }
-
-
+    return out

@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-
-from sheafscope.models.adapters import Adapter
 from sheafscope.errors import ConfigError
+
+# The CLI lists these maps in its --help: importing them must not import torch.
+if TYPE_CHECKING:
+    import torch
+
+    from sheafscope.models.adapters import Adapter
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ def get_restriction_map(name: str) -> RestrictionMap:
 
 def norms_sq(adapter: Adapter, name: str = "raw_wv") -> torch.Tensor:
     """||R_h||_F^2 for every layer and head: (n_layers, n_heads), float64. Once per model."""
+    import torch
+
     rmap = get_restriction_map(name)
     with torch.no_grad():
         return torch.stack([rmap.norm_sq(adapter, layer).cpu() for layer in range(adapter.geometry.n_layers)])

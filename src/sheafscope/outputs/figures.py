@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from sheafscope.measures import lstar
 from sheafscope.outputs import stats
 
 __all__ = [
@@ -60,6 +61,9 @@ _FALLBACK_PALETTE: tuple[str, ...] = (
 _UNKNOWN_LAB = "unknown"
 _DPI = 120
 _THRESHOLD_PCT = 10.0
+# Dash patterns of the L* lines in the layer profiles, one per definition in registry order;
+# black throughout because the lab colours are taken by the mean lines.
+_LSTAR_DASHES: tuple[Any, ...] = ("-.", (0, (6, 2)), (0, (1, 1.5)), (0, (6, 1.5, 1, 1.5, 1, 1.5)), (0, (3, 3)))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -171,9 +175,8 @@ def _clean_summary(summary: pd.DataFrame | None) -> pd.DataFrame:
         df = df[~df["status"].map(_is_failed)]
     numeric = [
         "n_layers", "n_heads", "mean_trace", "mean_trace_ci_low", "mean_trace_ci_high",
-        "lstar_gradient", "lstar_gradient_ci_low", "lstar_gradient_ci_high", "lstar_diff_mean",
-        "lstar_diff_std", "lstar_sign_change", "lstar_ratio", "lstar_predicted", "error_pct",
-        "sink_layer", "massive_activation_layer", "gain",
+        *(c for d in lstar.DEFINITIONS.values() for c in d.columns),
+        "lstar_ratio", "lstar_predicted", "error_pct", "sink_layer", "massive_activation_layer", "gain",
     ]
     for col in numeric:
         if col in df.columns:
@@ -377,28 +380,30 @@ def _lstar_ratio(df: pd.DataFrame) -> pd.Series | None:
 def plot_cross_heritage(summary: pd.DataFrame | None, out_dir: Path | str) -> list[Path]:
     """Notebook 001's two panels (stem ``cross_heritage``).
 
-    (1) predicted L* against empirical L* (``lstar_diff_mean`` ± ``lstar_diff_std``) with the
-    y = x diagonal; models whose prediction exceeds L get a hollow red ring. (2) error % by lab:
-    bar = lab mean, black dots = models, orange dashed 10 % threshold.
+    (1) predicted L* against empirical L* (definition ``lstar.EMPIRICAL``, ± its std over prompts
+    where it has one) with the y = x diagonal; models whose prediction exceeds L get a hollow red
+    ring. (2) error % by lab: bar = lab mean, black dots = models, orange dashed 10 % threshold.
     """
     df = _clean_summary(summary)
     colours = lab_colour_map(df["_lab"] if len(df) else [])
     fig = _new_figure(13, 5.5)
     ax1, ax2 = fig.subplots(1, 2)
 
-    need = {"lstar_predicted", "lstar_diff_mean"}
-    if len(df) and need <= set(df.columns):
-        d1 = df[df["lstar_predicted"].notna() & df["lstar_diff_mean"].notna()]
+    emp = lstar.DEFINITIONS[lstar.EMPIRICAL]
+    emp_col = emp.columns[0]
+    # Only a definition taken over prompts has a std column (the one after its L*).
+    std_col = emp.columns[1] if emp.over == "prompts" else None
+    if len(df) and {"lstar_predicted", emp_col} <= set(df.columns):
+        d1 = df[df["lstar_predicted"].notna() & df[emp_col].notna()]
     else:
         d1 = pd.DataFrame()
     if len(d1):
-        x = d1["lstar_diff_mean"].to_numpy(dtype=float)
+        x = d1[emp_col].to_numpy(dtype=float)
         y = d1["lstar_predicted"].to_numpy(dtype=float)
-        xerr = (d1["lstar_diff_std"].fillna(0).to_numpy(dtype=float)
-                if "lstar_diff_std" in d1.columns else None)
+        xerr = d1[std_col].fillna(0).to_numpy(dtype=float) if std_col in d1.columns else None
         ax1.errorbar(x, y, xerr=xerr, fmt="none", ecolor="grey", capsize=2, lw=0.8, zorder=1)
         for lab, grp in d1.groupby("_lab"):
-            ax1.scatter(grp["lstar_diff_mean"], grp["lstar_predicted"], color=colours[lab],
+            ax1.scatter(grp[emp_col], grp["lstar_predicted"], color=colours[lab],
                         s=50, edgecolor="black", lw=0.5, zorder=3, label=lab)
         for xi, yi, name in zip(x, y, d1["_label"]):
             ax1.annotate(name, (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7)
@@ -411,7 +416,7 @@ def plot_cross_heritage(summary: pd.DataFrame | None, out_dir: Path | str) -> li
         ax1.plot([lo, hi], [lo, hi], color="black", ls="--", lw=0.9, label="y = x")
         ax1.set_xlim(lo, hi)
         ax1.set_ylim(lo, hi)
-        ax1.set_xlabel("empirical L* (diff definition, prompt mean ± std)")
+        ax1.set_xlabel(f"empirical L* ({emp.name} definition{', prompt mean ± std' if std_col else ''})")
         ax1.set_ylabel("predicted L* = L(0.11 + 0.012L + 4.9/H)")
         ax1.legend(fontsize=7, loc="upper left")
     else:
@@ -449,8 +454,8 @@ def plot_layer_profiles(
 ) -> list[Path]:
     """Small multiples of each model's layer trace (stem ``layer_profiles``).
 
-    Thin grey lines are single prompts, the bold line their mean; vertical lines mark L*
-    (gradient), the attention-sink layer and the massive-activation layer where the model's
+    Thin grey lines are single prompts, the bold line their mean; vertical lines mark L* (one
+    per definition), the attention-sink layer and the massive-activation layer where the model's
     result or the optional ``summary`` row provides them.
     """
     models = [m for m in _ok_models(results) if _prompt_layer_traces(m).size]
@@ -469,8 +474,9 @@ def plot_layer_profiles(
         _empty_axes(axes[0], "no successful model with per-prompt traces")
 
     # Neutral colours + distinct line styles: lab colours are already used by the mean lines.
+    definitions = list(lstar.DEFINITIONS.values())
     markers = (
-        ("L* (gradient)", "black", "-."),
+        *((f"L* ({d.name})", "black", _LSTAR_DASHES[i % len(_LSTAR_DASHES)]) for i, d in enumerate(definitions)),
         ("attention sink", "#2C3E50", "--"),
         ("massive activation", "#7F8C8D", ":"),
     )
@@ -486,7 +492,7 @@ def plot_layer_profiles(
             ax.set_yscale("log")
         row = by_spec.get(str(m.get("spec")), {})
         positions = (
-            _first_finite(_get(m, "lstar", "gradient", "value"), row.get("lstar_gradient")),
+            *(_first_finite(_get(m, "lstar", d.name, d.value_key), row.get(d.columns[0])) for d in definitions),
             _first_finite(m.get("sink_layer"), _get(m, "diagnostics", "sink_layer"), row.get("sink_layer")),
             _first_finite(m.get("massive_activation_layer"),
                           _get(m, "diagnostics", "massive_activation_layer"),

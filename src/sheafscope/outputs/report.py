@@ -23,11 +23,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sheafscope.measures import lstar
+
 from .figures import FIGURE_STEMS, write_all_figures
 
 __all__ = ["write_report", "main"]
 
 NOT_AVAILABLE = "not available"
+_EMPIRICAL = lstar.DEFINITIONS[lstar.EMPIRICAL]
 
 _FIGURE_CAPTIONS: dict[str, str] = {
     "extended_panels": (
@@ -36,21 +39,17 @@ _FIGURE_CAPTIONS: dict[str, str] = {
         "prediction at each model's (L, H)."
     ),
     "cross_heritage": (
-        "Notebook 001 panels: (1) predicted against empirical L* (diff definition, mean ± std) "
-        "with y = x; red rings mark predictions beyond L. (2) Error % of L by lab, bars = lab "
-        "mean, dots = models, dashed line = 10 % threshold."
+        f"Notebook 001 panels: (1) predicted against empirical L* ({_EMPIRICAL.name} definition"
+        f"{', mean ± std' if _EMPIRICAL.over == 'prompts' else ''}) with y = x; red rings mark "
+        "predictions beyond L. (2) Error % of L by lab, bars = lab mean, dots = models, dashed "
+        "line = 10 % threshold."
     ),
     "layer_profiles": (
         "Per-model layer trace: grey = single prompts, bold = mean; vertical lines mark L* "
-        "(gradient), attention-sink and massive-activation layers where known."
+        f"({', '.join(lstar.DEFINITIONS)}), attention-sink and massive-activation layers where known."
     ),
 }
 
-# Summary columns that hold layer indices or counts: shown without decimals.
-_INT_COLUMNS = {
-    "n_layers", "n_heads", "lstar_gradient", "lstar_gradient_ci_low", "lstar_gradient_ci_high",
-    "lstar_sign_change", "sink_layer", "massive_activation_layer", "n", "n_exceeds_L",
-}
 _PCT_KEYS = {"error_pct", "mape_of_L", "mape_of_lstar", "mape"}
 
 # Minimal CSS: readable tables, wide tables scroll instead of breaking the layout.
@@ -129,8 +128,6 @@ def _fmt_number(value: float, key: str = "") -> str:
         return "∞" if value > 0 else "−∞"
     if key in _PCT_KEYS:
         return f"{value:.1f} %"
-    if key in _INT_COLUMNS and float(value).is_integer():
-        return str(int(value))
     if float(value).is_integer() and abs(value) < 1e6:
         return str(int(value))
     mag = abs(value)

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sheafscope.measures import lstar
 from sheafscope.outputs import stats
-from sheafscope.measures.lstar import lstar_gradient
 
 SINK_THRESHOLD = 0.5
 LAYER_DEFINITIONS = {
@@ -64,11 +64,12 @@ def _row(model: dict[str, Any]) -> dict[str, Any]:
     traces = np.array([p["layer_trace"] for p in model["prompts"]])  # (prompts, layers)
     n_layers, n_heads = model["n_layers"], model["n_heads"]
     mt, mt_lo, mt_hi = stats.bootstrap_ci(traces, lambda t: float(t.mean()), n_boot=N_BOOT)
-    lg, lg_lo, lg_hi = stats.bootstrap_ci(traces, lambda t: float(lstar_gradient(t.mean(axis=0))), n_boot=N_BOOT)
     ls = model["lstar"]
     f = ls["formula"]
-    per_prompt = np.asarray(ls["diff"]["per_prompt"], dtype=float)
-    _, ld_lo, ld_hi = stats.bootstrap_ci(per_prompt, lambda x: float(x.mean()), n_boot=N_BOOT)
+    lstar_columns: dict[str, Any] = {}
+    for d in lstar.DEFINITIONS.values():
+        if d.name in ls:  # results written before a definition was added lack it
+            lstar_columns.update(d.summary(ls[d.name], traces, N_BOOT))
     return {
         **base,
         "n_layers": n_layers,
@@ -78,14 +79,8 @@ def _row(model: dict[str, Any]) -> dict[str, Any]:
         "mean_trace": mt,
         "mean_trace_ci_low": mt_lo,
         "mean_trace_ci_high": mt_hi,
-        "lstar_gradient": ls["gradient"]["value"],
-        "lstar_gradient_ci_low": lg_lo,
-        "lstar_gradient_ci_high": lg_hi,
-        "lstar_diff_mean": ls["diff"]["mean"],
-        "lstar_diff_std": ls["diff"]["std"],
-        "lstar_diff_ci_low": ld_lo,
-        "lstar_diff_ci_high": ld_hi,
-        "lstar_sign_change": ls["sign_change"]["value"],
+        **lstar_columns,
+        # Notebook 000's L*/L, on its own definition.
         "lstar_ratio": ls["gradient"]["value"] / n_layers,
         "lstar_predicted": f["predicted"],
         "exceeds_L": f["exceeds_L"],
@@ -108,12 +103,13 @@ def analysis_block(models: list[dict[str, Any]], summary: pd.DataFrame) -> dict[
     ok = summary[summary["status"] == "ok"] if "status" in summary else summary.iloc[0:0]
     trained = ok[ok["init"] != "random"]
     if len(trained):
+        emp = lstar.DEFINITIONS[lstar.EMPIRICAL]
         df = pd.DataFrame({
             "model": trained["model"], "lab": trained["lab"], "L": trained["n_layers"], "H": trained["n_heads"],
-            "lstar_empirical": trained["lstar_diff_mean"],
+            "lstar_empirical": trained[emp.columns[0]],  # the definition's L* column
         })
         out["mape"] = stats.mape_by_lab(df)
-        out["mape"]["empirical_definition"] = "diff (notebook 001)"
+        out["mape"]["empirical_definition"] = f"{emp.name} ({emp.source})"
         if df["lab"].nunique() >= 2 and len(df) >= 2:
             out["compare"] = stats.compare_models(df).reset_index().to_dict(orient="records")
             out["cross_validation"] = _jsonable(stats.leave_one_group_out(df))
@@ -130,15 +126,19 @@ def analysis_block(models: list[dict[str, Any]], summary: pd.DataFrame) -> dict[
     ]
     twins = {m["model_id"]: m for m in models if m.get("status") == "ok" and m.get("init") == "random"}
     out["twin_vs_trained"] = [
-        {"model_id": mid, "trained_lstar_diff": by_id[mid]["lstar"]["diff"]["mean"],
-         "twin_lstar_diff": t["lstar"]["diff"]["mean"], "trained_lstar_gradient": by_id[mid]["lstar"]["gradient"]["value"],
-         "twin_lstar_gradient": t["lstar"]["gradient"]["value"]}
+        {"model_id": mid, **{f"{who}_lstar_{d.name}": _lstar_value(m, d)
+                             for d in lstar.DEFINITIONS.values() for who, m in (("trained", by_id[mid]), ("twin", t))}}
         for mid, t in twins.items() if mid in by_id
     ]
     failed = summary[summary["status"] != "ok"] if "status" in summary else summary.iloc[0:0]
     for _, r in failed.iterrows():
         out["warnings"].append(f"{r['model']} failed: {r['error']}")
     return out
+
+
+def _lstar_value(model: dict[str, Any], d: lstar.LStarDefinition) -> float | None:
+    # None where the model's results predate the definition (a resumed run keeps old models).
+    return (model["lstar"].get(d.name) or {}).get(d.value_key)
 
 
 def _jsonable(obj: Any) -> Any:
