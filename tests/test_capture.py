@@ -234,13 +234,20 @@ def test_offline_fast_equals_eager(offline_model, alias, route):
 
 
 @pytest.mark.integration
-def test_offline_qwen_fast_equals_a_float64_recomputation(offline_model, route):
+def test_offline_qwen_fast_equals_a_float64_recomputation(route, monkeypatch):
     """Qwen2.5's attention logits reach ~1500 (large q/k biases), so one float32 rounding of a
     logit moves A by ~1e-4: no two float32 computations agree to 1e-5 on every head. Checked
-    instead: the float64 model's fast path against its eager path, to 1e-6."""
+    instead in float64: the fast path against eager attention with its softmax kept in float64
+    (transformers' eager softmax is float32 even in a float64 model), to 1e-6."""
     loaded = load_model("qwen2.5-coder-0.5b", device="cpu", dtype="float32")
     loaded.model.double()
     got = analyze(loaded, PROMPTS[:3], attention="fast")
+    softmax = torch.nn.functional.softmax
+
+    def float64_softmax(x, dim=None, _stacklevel=3, dtype=None):
+        return softmax(x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype)
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", float64_softmax)
     want = analyze(loaded, PROMPTS[:3], attention="eager")
     _assert_close(got.prompts, want.prompts, rtol=1e-6)
 
