@@ -1,19 +1,17 @@
 #!/usr/bin/env python
 """Benchmark: sheafscope's fast path against a plain forward, the eager path and the notebooks.
 
-Four methods on one model and the same token ids (benchmarks/README.md says more):
-  a  plain forward of the trunk (model.base_model) with sdpa attention, in the right-padded
-     batches token_batches forms for the fast path (no mask for causal models);
-  b  sheafscope fast: capture_all(target, ids, "fast") and prompt_result per prompt;
-  c  sheafscope eager: capture_all(target, ids, "eager") and prompt_result per prompt;
-  d  notebook 000's method: eager attention with output_attentions and output_hidden_states,
-     one prompt at a time, the value weights copied to the CPU per prompt and layer, each
-     head's trace from its full attention matrix with .sum().item() and .trace().item().
-Workloads: one prompt of n random token ids per --lengths entry, a corpus of --corpus-size
-prompts of 8-40 random ids, and real prompt sets (--prompts) tokenised by the model.
+Four methods, one model, the same token ids (benchmarks/README.md has the details):
+  a  plain forward of the trunk (model.base_model), sdpa attention, in the right-padded batches
+     token_batches forms for the fast path (no mask for causal models);
+  b  sheafscope fast: capture_all(target, ids, "fast"), then prompt_result per prompt;
+  c  sheafscope eager: capture_all(target, ids, "eager"), then prompt_result per prompt;
+  d  notebook 000's method: eager attention with output_attentions and output_hidden_states one
+     prompt at a time, value weights copied to the CPU per prompt and layer, each head's trace
+     from its full attention matrix with .sum().item() and .trace().item().
 
     python benchmarks/bench_traces.py --out /tmp/cpu.json
-    python benchmarks/bench_traces.py --model random:mistral-7b --context 65536 --out gpu.json
+    python benchmarks/bench_traces.py --model random:mistral-7b --context 65536 --out /tmp/gpu.json
 """
 
 from __future__ import annotations
@@ -49,33 +47,37 @@ METHODS = {"a": "plain forward (sdpa)", "b": "sheafscope fast", "c": "sheafscope
 LENGTHS = {"cpu": "16,512,2048", "cuda": "16,512,2048,8192,32768,65536"}
 CORPUS = {"cpu": 200, "cuda": 1000}
 PROMPT_FILES = {"mixed": HERE / "prompts" / "mixed.txt"}
-WARM_PROMPTS = 4  # c and d (one prompt at a time) warm up on, and extrapolate from, the longest few
+WARM_PROMPTS = 4  # c and d on many prompts: warm up on, and extrapolate from, the longest few
 
 
 class Methods:
     """The four methods on one loaded model; each takes a list of 1-D token-id tensors."""
 
     def __init__(self, loaded, batch_tokens: int | None):
-        self.loaded, self.target, self.batch_tokens = loaded, capture_target(loaded), batch_tokens
+        self.loaded, self.batch_tokens = loaded, batch_tokens
+        pad_id = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+        # target_of(loaded) per the interface; the redesign's working tree has target_of(model, pad_id)
+        first = next(iter(inspect.signature(target_of).parameters))
+        self.target = target_of(loaded) if first == "loaded" else target_of(loaded.model, pad_id)
         self.budget = batch_tokens or BATCH_TOKENS.get(loaded.device.type, BATCH_TOKENS["cpu"])
         self.norm_sq = norms_sq(loaded.adapter, "raw_wv").numpy()  # once per model, never timed
         self.capture_info: dict = {}  # capture_all's info from the last run of b
 
     def attention(self, method: str) -> None:
-        """sdpa for a, eager for d; b and c: capture_all installs its own and restores this."""
+        """sdpa for a, eager for d (b and c: capture_all installs its own, then restores this)."""
         self.loaded.model.set_attn_implementation("eager" if method == "d" else "sdpa")
 
     @torch.no_grad()
     def a(self, prompts: list[torch.Tensor]) -> None:
         lengths = [len(p) for p in prompts]
         for batch in token_batches(lengths, self.budget):
-            n = max(lengths[i] for i in batch)
-            ids = torch.full((len(batch), n), self.target.pad_id, dtype=torch.long, device=prompts[0].device)
+            lens = [lengths[i] for i in batch]
+            ids = torch.full((len(batch), max(lens)), self.target.pad_id, dtype=torch.long, device=prompts[0].device)
             for row, i in enumerate(batch):
                 ids[row, : lengths[i]] = prompts[i]
-            mask = None
-            if not self.target.causal and min(lengths[i] for i in batch) < n:
-                mask = (torch.arange(n, device=ids.device)[None] < torch.tensor([lengths[i] for i in batch], device=ids.device)[:, None]).long()
+            mask = None  # causal: right padding cannot reach real tokens' rows
+            if not self.target.causal and min(lens) < max(lens):
+                mask = (torch.arange(max(lens), device=ids.device)[None] < torch.tensor(lens, device=ids.device)[:, None]).long()
             self.loaded.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
 
     def b(self, prompts: list[torch.Tensor]) -> None:
@@ -90,9 +92,9 @@ class Methods:
 
     @torch.no_grad()
     def d(self, prompts: list[torch.Tensor]) -> None:
-        """notebook 000: extract_multihead_attention_W_V, then analyze_model_extended's layer loop.
-        Heads are sliced per KV head (the right slices for separate v_proj); on fused-QKV
-        layouts the slices are the notebook's wrong ones (D1/D2): a cost baseline only."""
+        """notebook 000's extract_multihead_attention_W_V and analyze_model_extended layer loop.
+        Heads are sliced per KV head (right for separate v_proj; on fused QKV these are the
+        notebook's wrong slices, D1/D2): a cost baseline, its numbers are not used."""
         model, adapter = self.loaded.model, self.loaded.adapter
         g = adapter.geometry
         for p in prompts:
@@ -100,18 +102,10 @@ class Methods:
             per_layer = []
             for layer in range(g.n_layers):
                 w = adapter.value_input_module(layer).weight.data.float().cpu()
-                per_layer.append([w[g.kv_head(h) * g.head_dim:(g.kv_head(h) + 1) * g.head_dim] for h in range(g.n_heads)])
-            for layer, attn in enumerate(out.attentions):
-                heads = per_layer[layer]
+                per_layer.append([w[g.kv_head(h) * g.head_dim : (g.kv_head(h) + 1) * g.head_dim] for h in range(g.n_heads)])
+            for attn, heads in zip(out.attentions, per_layer):
                 notebook_trace(attn[0].mean(dim=0), heads[0])  # trace_full (D8)
                 sum(notebook_trace(attn[0][h], heads[h]) for h in range(attn.shape[1]))  # trace_mh
-
-
-def capture_target(loaded):
-    """target_of(loaded), or target_of(model, pad_id) (its signature in the redesign's working tree)."""
-    if next(iter(inspect.signature(target_of).parameters)) == "loaded":
-        return target_of(loaded)
-    return target_of(loaded.model, getattr(loaded.tokenizer, "pad_token_id", None) or 0)
 
 
 def notebook_trace(attention: torch.Tensor, w_v: torch.Tensor) -> float:
@@ -120,18 +114,16 @@ def notebook_trace(attention: torch.Tensor, w_v: torch.Tensor) -> float:
     return (attention.sum().item() - attention.trace().item()) * w_v_frobenius_sq
 
 
-# -- timing and memory ---------------------------------------------------------------------------
 def timed(fn, prompts: list[torch.Tensor], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
     fn(prompts)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t
 
 
-def proc_status_kib(key: str) -> int:
+def status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
@@ -139,7 +131,7 @@ def proc_status_kib(key: str) -> int:
 class PeakMemory:
     """Peak bytes in use during a run above those in use before it: on a GPU the allocator's
     peak; on Linux the resident-set high-water mark (VmHWM), reset through /proc/self/clear_refs
-    after freed heap memory is returned (malloc_trim); None where neither is available."""
+    once freed heap memory is returned (malloc_trim); None where neither exists."""
 
     def __init__(self, device: torch.device):
         self.device, self.base = device, None
@@ -153,7 +145,7 @@ class PeakMemory:
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
             Path("/proc/self/clear_refs").write_text("5")
-            self.base = proc_status_kib("VmRSS") * 1024
+            self.base = status_kib("VmRSS") * 1024
         except (OSError, StopIteration):
             pass
 
@@ -162,25 +154,24 @@ class PeakMemory:
             return None
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) - self.base
-        return proc_status_kib("VmHWM") * 1024 - self.base
+        return status_kib("VmHWM") * 1024 - self.base
 
 
 def measure(methods: Methods, method: str, prompts: list[torch.Tensor], args) -> dict:
-    """Warm-up (memory taken during it), then timed runs until --repeats or --max-seconds."""
+    """A warm-up run (memory taken during it), then timed runs until --repeats or --max-seconds."""
     device, fn = methods.loaded.device, getattr(methods, method)
     methods.attention(method)
     one_by_one = method in "cd" and len(prompts) > WARM_PROMPTS
     warm = sorted(prompts, key=len, reverse=True)[:WARM_PROMPTS] if one_by_one else prompts
     mem = PeakMemory(device)
-    t_warm = timed(fn, warm, device)
-    out = {"warmup_s": t_warm, "peak_mem_bytes": mem.peak(), "notes": []}
+    out = {"warmup_s": timed(fn, warm, device), "peak_mem_bytes": mem.peak(), "notes": []}
+    times: list[float] = []
     if one_by_one:  # the longest prompts, warm: an upper bound on one pass
         predicted = timed(fn, warm, device) * len(prompts) / len(warm)
         if predicted > args.max_seconds:
             return {"skipped": f"one pass predicted {predicted:.0f} s > --max-seconds {args.max_seconds:g}"}
-    times: list[float] = []
-    if not one_by_one and t_warm > args.max_seconds:
-        times, out["notes"] = [t_warm], ["the warm-up run took longer than --max-seconds: its time is reported"]
+    elif out["warmup_s"] > args.max_seconds:
+        times, out["notes"] = [out["warmup_s"]], ["the warm-up took longer than --max-seconds: its time is reported"]
     while len(times) < args.repeats:
         if times and sum(times) + statistics.median(times) > args.max_seconds:
             out["notes"].append(f"{len(times)} of {args.repeats} repeats within --max-seconds")
@@ -188,34 +179,27 @@ def measure(methods: Methods, method: str, prompts: list[torch.Tensor], args) ->
         times.append(timed(fn, prompts, device))
     out.update(times_s=times, median_s=statistics.median(times))
     if method == "b":
-        out["capture"] = dict(methods.capture_info)  # kernel counts, batching, fallbacks
+        out["capture"] = dict(methods.capture_info)  # kernel counts per pass, batching, fallbacks
     return out
 
 
-def median_interval(x: list[float], resamples: int = 4000) -> list[float]:
-    """95% percentile-bootstrap interval of the median of x."""
-    v = np.asarray(x, dtype=np.float64)
-    if v.size < 2:
-        return [float(v.min()), float(v.max())]
-    draws = np.random.default_rng(0).integers(0, v.size, size=(resamples, v.size))
-    return [float(q) for q in np.quantile(np.median(v[draws], axis=1), [0.025, 0.975])]
-
-
 def interleaved(methods: Methods, prompts: list[torch.Tensor], args) -> dict:
-    """a and b timed in alternation, so that drift in the device's speed hits both alike."""
+    """a and b timed in alternation (drift in the device's speed hits both alike); b/a is the
+    median of the pairs' ratios, with a 95% percentile-bootstrap interval of that median."""
     device, ta, tb = methods.loaded.device, [], []
     while len(ta) < args.pairs and (not ta or (sum(ta) + sum(tb)) * (1 + 1 / len(ta)) <= args.max_seconds):
         methods.attention("a")
         ta.append(timed(methods.a, prompts, device))
         tb.append(timed(methods.b, prompts, device))
-    ratios = [b / a for a, b in zip(ta, tb)]
-    return {"pairs": len(ratios), "a_s": ta, "b_s": tb, "b/a": statistics.median(ratios), "b/a_95": median_interval(ratios)}
+    r = np.array(tb) / np.array(ta)
+    draws = np.median(r[np.random.default_rng(0).integers(0, len(r), (4000, len(r)))], axis=1)
+    return {"pairs": len(r), "a_s": ta, "b_s": tb, "b/a": float(np.median(r)),
+            "b/a_95": [float(q) for q in np.quantile(draws, [0.025, 0.975])]}
 
 
-# -- workloads and checks ------------------------------------------------------------------------
 def workloads(loaded, args) -> list[dict]:
     device, limit = loaded.device, loaded.context_length
-    top = min(loaded.model.get_input_embeddings().weight.shape[0], 32000)  # ids 10.. avoid special tokens
+    top = min(loaded.model.get_input_embeddings().weight.shape[0], 32000)  # ids from 10: past special tokens
     out = []
     for n in [int(x) for x in args.lengths.split(",") if x.strip()]:
         ids = torch.randint(10, top, (n,), generator=torch.Generator().manual_seed(args.seed + n))
@@ -228,40 +212,32 @@ def workloads(loaded, args) -> list[dict]:
                     "prompts": [torch.randint(10, top, (n,), generator=g).to(device) for n in lengths]})
     for name in filter(None, (s.strip() for s in args.prompts.split(","))):
         texts, label = load_prompts(PROMPT_FILES.get(name, name))
-        prompts, notes = [], []
-        for i, text in enumerate(texts):
-            ids, _, warning = tokenize(loaded, text, None)
-            if warning:
-                notes.append(f"prompt {i + 1}: {warning}")
-            else:
-                prompts.append(ids[0])
-        out.append({"workload": name, "source": label, "prompts": prompts, "notes": notes,
-                    "skip": None if prompts else "no prompt could be tokenised"})
+        tokenised = [tokenize(loaded, text, None) for text in texts]  # as analyze: unusable prompts skipped
+        prompts = [ids[0] for ids, _, warning in tokenised if not warning]
+        out.append({"workload": name, "source": label, "prompts": prompts, "skip": None if prompts else "no usable prompt",
+                    "notes": [f"prompt {i + 1}: {w}" for i, (_, _, w) in enumerate(tokenised) if w]})
     for w in out:
         lens = [len(p) for p in w["prompts"]]
         w.update(n_prompts=len(lens), tokens=sum(lens), min_len=min(lens, default=0), max_len=max(lens, default=0))
     return out
 
 
-def available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-
-
 def precheck(loaded, w: dict, method: str, last: dict, args) -> str | None:
-    """Why a configuration would obviously not fit or exceed --max-seconds, or None."""
+    """Why a configuration would obviously not fit or would exceed --max-seconds, or None."""
     if w["skip"]:
         return w["skip"]
     n, g = w["max_len"], loaded.adapter.geometry
-    if method in "cd":  # every layer's (heads, n, n) attention kept, plus float32 softmax work
+    if method in "cd":  # every layer's (heads, n, n) attention is kept, plus float32 softmax work
         need = g.n_layers * g.n_heads * n * n * loaded.dtype.itemsize + 3 * g.n_heads * n * n * 4
-        if need > 0.8 * available_bytes(loaded.device):
-            return f"needs ~{need / 2**30:.0f} GiB for attention matrices, {available_bytes(loaded.device) / 2**30:.0f} GiB free"
+        if loaded.device.type == "cuda":
+            free = torch.cuda.mem_get_info(loaded.device)[0]
+        else:
+            free = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+        if need > 0.8 * free:
+            return f"needs ~{need / 2**30:.0f} GiB for attention matrices, {free / 2**30:.0f} GiB free"
     if w["n_prompts"] == 1 and method in last and last[method][0] >= 1024:
-        n0, t0 = last[method]
-        if t0 * (n / n0) ** 2 > args.max_seconds:  # quadratic from n >= 1024: an upper bound
+        n0, t0 = last[method]  # quadratic from n >= 1024: an upper bound
+        if t0 * (n / n0) ** 2 > args.max_seconds:
             return f"predicted {t0 * (n / n0) ** 2:.0f} s (from {t0:.1f} s at n={n0}) > --max-seconds {args.max_seconds:g}"
     return None
 
@@ -269,54 +245,49 @@ def precheck(loaded, w: dict, method: str, last: dict, args) -> str | None:
 def environment(loaded, args) -> dict:
     def git(*cmd: str) -> str | None:
         try:
-            return subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(["git", *cmd], cwd=HERE.parent, capture_output=True, text=True, check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return None
 
-    dev = loaded.device
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
-    if dev.type == "cpu" and Path("/proc/cpuinfo").exists():
+    dev, name = loaded.device, platform.processor() or platform.machine()
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    elif Path("/proc/cpuinfo").exists():
         name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), name)
-    status = git("status", "--porcelain", "--", "src")
+    dirty = git("status", "--porcelain", "--", "src")
     return {"sheafscope": sheafscope.__version__, "git_commit": git("rev-parse", "HEAD"),
-            "src_uncommitted_changes": None if status is None else bool(status),
+            "src_uncommitted_changes": None if dirty is None else bool(dirty), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "device": str(dev), "device_name": name, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "model": loaded.spec, "dtype": str(loaded.dtype).removeprefix("torch."), "geometry": vars(loaded.adapter.geometry),
-            "context_length": loaded.context_length, "batch_tokens": args.batch_tokens or BATCH_TOKENS.get(dev.type, BATCH_TOKENS["cpu"]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "context_length": loaded.context_length,
+            "batch_tokens": args.batch_tokens or BATCH_TOKENS.get(dev.type, BATCH_TOKENS["cpu"])}
 
 
 def ratios(w: dict) -> dict:
     t = {m: r["median_s"] for m, r in w["results"].items() if "median_s" in r}
     out = {k: (t[x] / t[y] if x in t and y in t else None) for k, (x, y) in {"b/a": "ba", "c/b": "cb", "d/b": "db"}.items()}
-    if "interleaved" in w:
-        out["b/a separate medians"], out["b/a"] = out["b/a"], w["interleaved"]["b/a"]
-        out["b/a_95"] = w["interleaved"]["b/a_95"]
+    if "interleaved" in w:  # the better b/a where it exists
+        out.update({"b/a separate medians": out["b/a"], "b/a": w["interleaved"]["b/a"], "b/a_95": w["interleaved"]["b/a_95"]})
     return out
 
 
 def table(done: list[dict]) -> str:
-    lines = [f"{'workload':<14} {'prompts':>7} {'tokens':>7} " + " ".join(f"{m + ' s':>9}" for m in "abcd")
-             + f" {'b/a':>20} {'c/b':>7} {'d/b':>7}"]
-    reasons = []
+    lines, reasons = [f"{'workload':<14}{'prompts':>8}{'tokens':>8}" + "".join(f"{m + ' s':>10}" for m in "abcd")
+                      + f"{'b/a':>22}{'c/b':>8}{'d/b':>8}"], []
     for w in done:
         cells = []
         for m in "abcd":
             r = w["results"].get(m)
-            if r is None:
-                cells.append("-")
-            elif "skipped" in r:
-                reasons.append(f"{w['workload']} {m}: {r['skipped']}")
-                cells.append(f"skip[{len(reasons)}]")
-            else:
-                cells.append(f"{r['median_s']:.4f}")
+            if r is not None and "skipped" in r:
+                reasons.append(f"[{len(reasons) + 1}] {w['workload']} {m}: {r['skipped']}")
+            cells.append("-" if r is None else f"skip[{len(reasons)}]" if "skipped" in r else f"{r['median_s']:.4f}")
         q = w["ratios"]
-        ba = "-" if q["b/a"] is None else f"{q['b/a']:.3f}" + (" [{:.3f}-{:.3f}]".format(*q["b/a_95"]) if "b/a_95" in q else "")
         f = lambda k: "-" if q[k] is None else f"{q[k]:.2f}"  # noqa: E731
-        lines.append(f"{w['workload']:<14} {w['n_prompts']:>7} {w['tokens']:>7} " + " ".join(f"{c:>9}" for c in cells)
-                     + f" {ba:>20} {f('c/b'):>7} {f('d/b'):>7}")
-    return "\n".join(lines + [f"[{i}] {r}" for i, r in enumerate(reasons, 1)])
+        ba = "-" if q["b/a"] is None else f"{q['b/a']:.3f}" + (" [{:.3f}-{:.3f}]".format(*q["b/a_95"]) if "b/a_95" in q else "")
+        lines.append(f"{w['workload']:<14}{w['n_prompts']:>8}{w['tokens']:>8}" + "".join(f"{c:>10}" for c in cells)
+                     + f"{ba:>22}{f('c/b'):>8}{f('d/b'):>8}")
+    return "\n".join(lines + reasons)
 
 
 def main() -> int:
@@ -326,24 +297,23 @@ def main() -> int:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 CPU, bfloat16 GPU)")
     p.add_argument("--lengths", default=None, help=f"one random prompt per length (default CPU {LENGTHS['cpu']}; GPU {LENGTHS['cuda']})")
     p.add_argument("--corpus-size", type=int, default=None, help="prompts of 8-40 random ids (default CPU 200, GPU 1000; 0: none)")
-    p.add_argument("--prompts", default="notebooks,research-v1,mixed", help="prompt sets: built-in names, 'mixed', or files; '' for none")
+    p.add_argument("--prompts", default="notebooks,research-v1,mixed", help="prompt sets: built-in names, 'mixed', or files ('': none)")
     p.add_argument("--methods", default="abcd", help="subset of abcd")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
     p.add_argument("--pairs", type=int, default=15, help="GPU: interleaved a/b pairs per workload")
     p.add_argument("--max-seconds", type=float, default=300.0, help="time budget per configuration")
     p.add_argument("--context", type=int, default=None, help="max_position_embeddings of a random twin")
-    p.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch for a and b (default BATCH_TOKENS)")
+    p.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch for a and b (default: BATCH_TOKENS)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the JSON here (rewritten after every workload)")
+    p.add_argument("--out", default=None, help="JSON file, rewritten after every workload")
     args = p.parse_args()
 
     loaded = sheafscope.load_model(args.model, device=args.device, dtype=args.dtype,
                                    config_overrides={"max_position_embeddings": args.context} if args.context else None)
     dev = loaded.device.type
-    args.lengths = args.lengths if args.lengths is not None else LENGTHS.get(dev, LENGTHS["cpu"])
-    args.corpus_size = args.corpus_size if args.corpus_size is not None else CORPUS.get(dev, CORPUS["cpu"])
-    methods = Methods(loaded, args.batch_tokens)
-    env = environment(loaded, args)
+    args.lengths = LENGTHS.get(dev, LENGTHS["cpu"]) if args.lengths is None else args.lengths
+    args.corpus_size = CORPUS.get(dev, CORPUS["cpu"]) if args.corpus_size is None else args.corpus_size
+    methods, env = Methods(loaded, args.batch_tokens), environment(loaded, args)
     print(f"{env['model']} {env['dtype']} on {env['device_name']}, torch {env['torch']}, transformers {env['transformers']}, "
           f"commit {(env['git_commit'] or '?')[:10]}", flush=True)
     methods.attention("a")
@@ -364,19 +334,20 @@ def main() -> int:
             if "median_s" in r and w["n_prompts"] == 1:
                 last[m] = (w["max_len"], r["median_s"])
             mem = r.get("peak_mem_bytes")
-            print(f"  {w['workload']:<14} {m} {METHODS[m]:<21} " + (r["skipped"] if "skipped" in r else
-                  f"{r['median_s']:.4f} s" + ("" if mem is None else f", peak +{mem / 2**20:.0f} MiB")), flush=True)
+            print(f"  {w['workload']:<14} {m} {METHODS[m]:<21} " + (r["skipped"] if "skipped" in r else f"{r['median_s']:.4f} s"
+                  + ("" if mem is None else f", peak +{mem / 2**20:.0f} MiB")), flush=True)
         if dev == "cuda" and all("median_s" in w["results"].get(m, {}) for m in "ab"):
-            w["interleaved"] = interleaved(methods, w["prompts"], args)
+            try:
+                w["interleaved"] = interleaved(methods, w["prompts"], args)
+            except torch.OutOfMemoryError:
+                w.setdefault("notes", []).append("interleaved a/b timing: out of memory")
         w["ratios"] = ratios(w)
         done.append({k: v for k, v in w.items() if k != "prompts"})
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"environment": env, "args": vars(args), "methods": METHODS,
                                                   "workloads": done, "table": table(done)}, indent=1, default=str))
-    print("\n" + table(done))
-    if args.out:
-        print(f"\nwrote {args.out}")
+    print("\n" + table(done) + (f"\n\nwrote {args.out}" if args.out else ""))
     return 0
 
 

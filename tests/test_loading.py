@@ -6,7 +6,8 @@ import pytest
 import torch
 import transformers
 
-from sheafscope import load_model, offline
+from sheafscope import load_model
+from sheafscope.models import offline
 from sheafscope.errors import ConfigError, UnknownModelError
 from sheafscope.models.loading import classify_spec
 from tiny_models import build_tiny

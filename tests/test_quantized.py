@@ -11,7 +11,8 @@ import pytest
 import torch
 import transformers
 
-from sheafscope import analyze, load_model, offline
+from sheafscope import analyze, load_model
+from sheafscope.models import offline
 from sheafscope.models.adapters import dense_weight
 from tiny_models import TINY_CONFIGS
 from valuecheck import value_vector_errors

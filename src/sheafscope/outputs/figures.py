@@ -61,9 +61,10 @@ _FALLBACK_PALETTE: tuple[str, ...] = (
 _UNKNOWN_LAB = "unknown"
 _DPI = 120
 _THRESHOLD_PCT = 10.0
-# Dash patterns of the L* lines in the layer profiles, one per definition in registry order;
-# black throughout because the lab colours are taken by the mean lines.
-_LSTAR_DASHES: tuple[Any, ...] = ("-.", (0, (6, 2)), (0, (1, 1.5)), (0, (6, 1.5, 1, 1.5, 1, 1.5)), (0, (3, 3)))
+# Dash patterns of the L* lines in the layer profiles, one per definition in registry order:
+# black because the lab colours are taken by the mean lines, and none of them the sink's "--"
+# or the massive activation's ":".
+_LSTAR_DASHES: tuple[Any, ...] = ("-.", (0, (6, 1.5, 1, 1.5, 1, 1.5)), (0, (10, 3)), (0, (3, 1, 1, 1)), (0, (1, 1)))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -514,7 +515,8 @@ def plot_layer_profiles(
     handles = [Line2D([], [], color="grey", lw=0.6, label="single prompt"),
                Line2D([], [], color="black", lw=2.2, label="prompt mean (lab colour)")]
     handles += [Line2D([], [], color=c, ls=s, lw=1.5, label=lbl) for lbl, c, s in markers if lbl in used]
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
+    # Rows of at most four: one L* entry per definition would run past a narrow figure.
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
     fig.suptitle("Per-model layer trace profiles", fontsize=12)
     return _save(fig, out_dir, "layer_profiles")
 
