@@ -28,11 +28,16 @@ def value_vector_errors(model, adapter, input_ids, weights=None) -> list[float]:
             lambda m, a, k, layer=layer: xs.__setitem__(layer, _first_tensor(a, k)), with_kwargs=True))
         hooks.append(adapter.output_module(layer).register_forward_pre_hook(
             lambda m, a, k, layer=layer: ctxs.__setitem__(layer, _first_tensor(a, k)), with_kwargs=True))
+    before = model.config._attn_implementation
+    if before != "eager":  # the explicit matrices
+        model.set_attn_implementation("eager")
     try:
         out = model(input_ids=input_ids, output_attentions=True, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
+        if before != "eager":
+            model.set_attn_implementation(before)
     errors = []
     for layer in range(g.n_layers):
         x = xs[layer][0].double()  # (n, d_model)
