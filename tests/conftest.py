@@ -30,3 +30,13 @@ def offline_model():
         return _LOADED[alias]
 
     return get
+
+
+def pytest_collection_modifyitems(items):
+    """Tests in files that mix kinds are told apart by what they load: a real offline model
+    makes a test an integration test, tiny in-memory twins a unit test."""
+    kinds = {"unit", "integration", "gpu"}
+    for item in items:
+        if not kinds & {m.name for m in item.iter_markers()}:
+            offline = "offline_model" in getattr(item, "fixturenames", ())
+            item.add_marker(pytest.mark.integration if offline else pytest.mark.unit)

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.integration
 import torch
 import transformers
 

@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.unit
+
 from sheafscope import cli
 from sheafscope.measures import lstar
 from sheafscope.measures.lstar import DEFINITIONS, LStarDefinition, lstar_block

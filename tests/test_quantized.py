@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 
 import pytest
+
+pytestmark = pytest.mark.integration
 import torch
 import transformers
 

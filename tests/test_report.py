@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.integration
+
 from sheafscope.outputs.figures import FIGURE_STEMS, predicted_lstar, write_all_figures
 from sheafscope.outputs.report import write_report
 

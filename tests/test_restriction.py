@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+
+pytestmark = pytest.mark.unit
 import torch
 
 from sheafscope.measures.restriction import RESTRICTION_MAPS, norms_sq

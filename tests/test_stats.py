@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.unit
+
 from sheafscope.outputs.stats import (
     FORMULA_COEFFICIENTS,
     FormulaFit,

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.integration
+
 from sheafscope.outputs import stats
 from sheafscope.cli import main
 from sheafscope.measures.lstar import lstar_diff, lstar_gradient
