@@ -123,9 +123,9 @@ def timed(fn, prompts: list[torch.Tensor], device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def status_kib(key: str) -> int:
+def status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 
 class PeakMemory:
@@ -134,27 +134,24 @@ class PeakMemory:
     once freed heap memory is returned (malloc_trim); None where neither exists."""
 
     def __init__(self, device: torch.device):
-        self.device, self.base = device, None
+        self.cuda, self.base = device.type == "cuda", None
         gc.collect()
-        if device.type == "cuda":
+        if self.cuda:
             torch.cuda.empty_cache()
-            torch.cuda.synchronize()
-            self.base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
             return
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
             Path("/proc/self/clear_refs").write_text("5")
-            self.base = status_kib("VmRSS") * 1024
+            self.base = status_bytes("VmRSS")
         except (OSError, StopIteration):
             pass
 
     def peak(self) -> int | None:
         if self.base is None:
             return None
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) - self.base
-        return status_kib("VmHWM") * 1024 - self.base
+        return (torch.cuda.max_memory_allocated() if self.cuda else status_bytes("VmHWM")) - self.base
 
 
 def measure(methods: Methods, method: str, prompts: list[torch.Tensor], args) -> dict:

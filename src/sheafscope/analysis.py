@@ -17,7 +17,7 @@ import torch
 from sheafscope.capture import PromptCapture, Target, path_for
 from sheafscope.capture.batching import capture_all
 from sheafscope.errors import PromptError
-from sheafscope.models.adapters import adapter_for
+from sheafscope.models.adapters import Adapter, adapter_for
 from sheafscope.models.loading import LoadedModel
 from sheafscope.measures.lstar import lstar_block
 from sheafscope.measures.restriction import norms_sq
@@ -171,10 +171,10 @@ def prompt_result(text: str, cap: PromptCapture, truncated: bool, norm_sq: np.nd
                         cap.first_token_mass, cap.max_abs_hidden)
 
 
-def target_of(model: torch.nn.Module, pad_id: int = 0) -> Target:
+def target_of(model: torch.nn.Module, pad_id: int = 0, adapter: Adapter | None = None) -> Target:
     """What the capture needs of a transformers model: its trunk, blocks and attention modules
-    (found by the family's adapter)."""
-    adapter = adapter_for(model)
+    (found by the family's adapter, built here unless given)."""
+    adapter = adapter or adapter_for(model)
     return Target(
         model=model.base_model,
         blocks=list(adapter.blocks),
@@ -208,7 +208,7 @@ def analyze(
     """
     t0 = time.time()
     texts = validate_prompts(prompts)
-    target = target_of(loaded.model, getattr(loaded.tokenizer, "pad_token_id", None) or 0)
+    target = target_of(loaded.model, getattr(loaded.tokenizer, "pad_token_id", None) or 0, loaded.adapter)
     path = path_for(target, attention)
     norm_sq = norms_sq(loaded.adapter, restriction_map).numpy()
     g = loaded.adapter.geometry

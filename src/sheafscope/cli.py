@@ -128,7 +128,6 @@ def print_summary(models: list[dict], out_dir: Path) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from sheafscope.analysis import validate_prompts
     from sheafscope.models.loading import classify_spec
     from sheafscope.prompts import load_prompts
     from sheafscope.runner import ModelEntry, RunOptions, run
@@ -145,7 +144,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for e in entries:  # an unknown name fails now, not after an hour of other models
         classify_spec(e.spec, args.init)
     prompts, label = load_prompts(prompt_source)
-    validate_prompts(prompts)
     opts = RunOptions(dtype=args.dtype, device=args.device, restriction_map=args.restriction_map, max_tokens=args.max_tokens,
                       revision=args.revision, quantize=args.quantize, seed=args.seed, init=args.init,
                       attention=args.attention, batch_tokens=args.batch_tokens)

@@ -14,7 +14,6 @@ import logging
 import platform
 import re
 import sys
-import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -193,11 +192,9 @@ def run(
                 log.info("%s: complete in %s, skipped", entry.spec, path)
                 results.append(done)
                 continue
-        t0 = time.time()
         with tqdm(total=len(prompts), desc=f"  {entry.spec}", unit="prompt", disable=disable, leave=False, position=1) as bar:
             out = run_one(entry, prompts, options, progress=bar.update)
         out["fingerprint"] = fp
-        out["elapsed_s"] = time.time() - t0
         atomic_write_json(path, out)
         if out["status"] != "ok":
             tqdm.write(f"FAILED {entry.spec}: {out['error']['message']}", file=sys.stderr)
