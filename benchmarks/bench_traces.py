@@ -174,7 +174,8 @@ def measure(methods: Methods, method: str, prompts: list[torch.Tensor], args) ->
             out["notes"].append(f"{len(times)} of {args.repeats} repeats within --max-seconds")
             break
         times.append(timed(fn, prompts, device))
-    out.update(times_s=times, median_s=statistics.median(times))
+    # a busy CPU slows torch's threads many-fold: the load average says whether that happened
+    out.update(times_s=times, median_s=statistics.median(times), loadavg_1min=os.getloadavg()[0])
     if method == "b":
         out["capture"] = dict(methods.capture_info)  # kernel counts per pass, batching, fallbacks
     return out
