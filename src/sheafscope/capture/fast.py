@@ -79,7 +79,7 @@ class Recorder:
             _, off, first = block_statistics(q, k, None, scores)
             self.ran["exact-rows"] += 1
         else:
-            off, first = row_stats_from_lse(scores.at_keys(q, k, None), scores.at_keys(q, k, 0), lse.to(stat_dtype(q)))
+            off, first = row_stats_from_lse(*scores.own_and_first(q, k), lse.to(stat_dtype(q)))
             self.held.append((layer, q, k, scores))
             if sum(t.nbytes + u.nbytes for _, t, u, _ in self.held) > HOLD_BYTES.get(q.device.type, 0):
                 self.refine()

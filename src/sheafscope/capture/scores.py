@@ -15,8 +15,8 @@ import torch
 
 from sheafscope.sheaf import row_stats_from_scores
 
-# Rows recomputed per step: bounds the gathered keys (rows x kv x d) in memory.
-ROW_STEP_ELEMENTS = 1 << 24
+# Scores per step of an exact recomputation (rows x keys): bounds its memory.
+ROW_STEP_ELEMENTS = 1 << 22
 
 
 def stat_dtype(q: torch.Tensor) -> torch.dtype:
@@ -64,46 +64,47 @@ class Scores:
         full = (slice(None), slice(None), slice(q0, q1))
         return self._finish(s, rows, keys, full)
 
-    def rows(self, q: torch.Tensor, k: torch.Tensor, bi: torch.Tensor, hi: torch.Tensor, ii: torch.Tensor,
-             dtype: torch.dtype) -> torch.Tensor:
-        """Scores (m, kv) of the m query rows (bi, hi, ii)."""
-        g = q.shape[1] // k.shape[1]
-        qr = q[bi, hi, ii].to(dtype)[:, None, :]  # (m, 1, d)
-        kr = k[bi, hi // g].to(dtype)  # (m, kv, d)
-        s = (qr @ kr.transpose(-1, -2))[:, 0] * self.scale
-        keys = torch.arange(k.shape[2], device=q.device)
-        return self._finish(s, ii, keys, (bi, hi, ii))
-
     def exact_rows(self, q: torch.Tensor, k: torch.Tensor, bi: torch.Tensor, hi: torch.Tensor,
                    ii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1 - A_ii, A_i0) of the rows (bi, hi, ii), exactly, in steps of bounded memory."""
+        """(1 - A_ii, A_i0) of the m query rows (bi, hi, ii), exactly. Rows are grouped by the
+        key head they read, so each group is one product against that head's keys (no per-row
+        copy of the keys), in steps of bounded memory."""
         dtype = stat_dtype(q)
-        step = max(1, ROW_STEP_ELEMENTS // max(1, k.shape[2] * k.shape[3]))
-        off, first = [], []
-        for r0 in range(0, len(ii), step):
-            sel = slice(r0, r0 + step)
-            o, f = row_stats_from_scores(self.rows(q, k, bi[sel], hi[sel], ii[sel], dtype), ii[sel])
-            off.append(o)
-            first.append(f)
-        if not off:
-            empty = torch.zeros(0, dtype=dtype, device=q.device)
-            return empty, empty
-        return torch.cat(off), torch.cat(first)
+        n_kv, kv = k.shape[1], k.shape[2]
+        group = bi * n_kv + hi // (q.shape[1] // n_kv)
+        order = torch.argsort(group)
+        counts = torch.bincount(group[order], minlength=k.shape[0] * n_kv).tolist()
+        off = torch.empty(len(ii), dtype=dtype, device=q.device)
+        first = torch.empty_like(off)
+        keys = torch.arange(kv, device=q.device)
+        step = max(1, ROW_STEP_ELEMENTS // max(1, kv))
+        start = 0
+        for index, count in enumerate(counts):
+            if count == 0:
+                continue
+            keys_t = k[index // n_kv, index % n_kv].to(dtype).T  # (d, kv)
+            for r0 in range(start, start + count, step):
+                sel = order[r0 : min(start + count, r0 + step)]
+                b, h, i = bi[sel], hi[sel], ii[sel]
+                s = self._finish((q[b, h, i].to(dtype) @ keys_t) * self.scale, i, keys, (b, h, i))
+                off[sel], first[sel] = row_stats_from_scores(s, i)
+            start += count
+        return off, first
 
-    def at_keys(self, q: torch.Tensor, k: torch.Tensor, key: torch.Tensor | None) -> torch.Tensor:
-        """Every row's score (b, h, n) against one key: its own (key None) or key 0.
-
-        For the log-sum-exp route, which applies neither soft-capping nor a position bias."""
+    def own_and_first(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's score (b, h, n) against its own key and against key 0, for the
+        log-sum-exp route (which applies neither soft-capping nor a position bias)."""
         b, h, n, d = q.shape
         dtype = stat_dtype(q)
-        g = h // k.shape[1]
-        qg = q.to(dtype).view(b, k.shape[1], g, n, d)
-        kk = k[:, :, :n] if key is None else k[:, :, :1]
-        s = (qg * kk.to(dtype)[:, :, None]).sum(-1).reshape(b, h, n) * self.scale
-        if self.mask is not None:
-            m = self.mask.diagonal(dim1=-2, dim2=-1) if key is None else self.mask[..., 0]
-            s = s.masked_fill(~m, -torch.inf) if m.dtype == torch.bool else s + m.to(dtype)
-        return s
+        qg = q.to(dtype).view(b, k.shape[1], h // k.shape[1], n, d)
+        out = []
+        for keys, column in ((k, None), (k[:, :, :1], 0)):
+            s = (qg * keys.to(dtype)[:, :, None]).sum(-1).reshape(b, h, n) * self.scale
+            if self.mask is not None:
+                m = self.mask.diagonal(dim1=-2, dim2=-1) if column is None else self.mask[..., column]
+                s = s.masked_fill(~m, -torch.inf) if m.dtype == torch.bool else s + m.to(dtype)
+            out.append(s)
+        return out[0], out[1]
 
 
 def _take(t: torch.Tensor, select: tuple) -> torch.Tensor:
