@@ -55,12 +55,15 @@ def _assert_close(got, want, rtol=RTOL) -> None:
             assert rel_err(getattr(g, f), getattr(w, f)) <= rtol, (f, rel_err(getattr(g, f), getattr(w, f)))
 
 
-@pytest.fixture(params=["exact-rows", "lse"])
+@pytest.fixture(params=["exact-rows", "lse", "lse-per-layer"])
 def route(request, monkeypatch):
-    """The two routes of a fused-kernel call: every row exact (small problems), or rows from the
-    kernel's log-sum-exp with untrusted ones recomputed (forced by an exact-rows limit of 0)."""
-    if request.param == "lse":
+    """The routes of a fused-kernel call: every row exact (small problems), or rows from the
+    kernel's log-sum-exp with untrusted ones recomputed (forced by an exact-rows limit of 0),
+    after the forward pass or, past the memory held for it, layer by layer (a limit of 0)."""
+    if request.param.startswith("lse"):
         monkeypatch.setitem(fast.EXACT_ELEMENTS, "cpu", 0)
+    if request.param == "lse-per-layer":
+        monkeypatch.setitem(fast.HOLD_BYTES, "cpu", 0)
     return request.param
 
 

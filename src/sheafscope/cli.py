@@ -6,30 +6,63 @@
     sheafscope report DIR      # self-contained report.html
 
 Exit codes: 0 all models ran; 1 some model failed (the others' results are written);
-2 the run could not start (bad option, missing prompts file, unknown model).
+2 the run could not start (bad option, unreadable prompts file, unknown model, unusable
+--out): every option and input is checked before any model loads, and one line on stderr
+says what is wrong and how to fix it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sheafscope import __version__
-from sheafscope.errors import SheafscopeError
+from sheafscope.errors import ConfigError, SheafscopeError
 from sheafscope.measures.restriction import RESTRICTION_MAPS
 
 if TYPE_CHECKING:
     from sheafscope.measures.lstar import LStarDefinition
+    from sheafscope.runner import ModelEntry
 
 EXIT_OK, EXIT_MODEL_FAILED, EXIT_USAGE = 0, 1, 2
+SEED_MAX = 2**63 - 1
+# Libraries whose warnings and banners are filtered unless --verbose.
+_LIBRARIES = r"(transformers|torch|huggingface_hub|accelerate|bitsandbytes|tokenizers|safetensors|gguf|tqdm)(\..*)?$"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit 2), not usage + error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"sheafscope: error: {message}; see `{self.prog} --help`\n")
+
+
+def _int_in(low: int, high: int | None, why: str):
+    """An argparse type: an integer in [low, high], else a message naming the range and why."""
+    rule = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, not '{text}'{why}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {value}{why}")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sheafscope", description="Sheaf Laplacian traces of transformer attention, layer by layer.")
+    p = _Parser(prog="sheafscope", description="Sheaf Laplacian traces of transformer attention, layer by layer.")
     p.add_argument("--version", action="version", version=f"sheafscope {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = p.add_subparsers(dest="command", required=True)
@@ -42,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", "-o", default="sheafscope-results", help="output directory (default: %(default)s)")
     r.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
                    help="random: untrained twin of each catalog model's shape (a control)")
-    r.add_argument("--seed", type=int, default=0, help="seed for --init random (default 0)")
+    r.add_argument("--seed", type=_int_in(0, SEED_MAX, ""), default=0, help="seed for --init random (default 0)")
     r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 on CPU, bfloat16 on GPU")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--revision", help="hub revision (branch, tag or commit)")
@@ -50,14 +83,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--restriction-map", default="raw_wv", choices=list(RESTRICTION_MAPS),
                    help="the map on each edge (default: %(default)s); "
                         + "; ".join(f"{m.name}: {m.definition}" for m in RESTRICTION_MAPS.values()))
-    r.add_argument("--max-tokens", type=int, help="truncate longer prompts to this many tokens (recorded per prompt)")
+    r.add_argument("--max-tokens", type=_int_in(2, None, " (an attention graph needs at least 2 tokens); omit it to keep prompts whole"),
+                   help="truncate longer prompts to this many tokens, at least 2 (recorded per prompt)")
     r.add_argument("--attention", choices=["fast", "eager"], default="fast",
                    help="fast: attention diagonals captured inside the forward pass (default); eager: explicit n x n matrices (reference)")
-    r.add_argument("--batch-tokens", type=int,
+    r.add_argument("--batch-tokens", type=_int_in(1, None, "; omit it for the device default"),
                    help="padded tokens per forward pass; prompts of like length share a batch (default: 4096 on the CPU, "
                         "65536 on a GPU; halved on out-of-memory)")
     r.add_argument("--force", action="store_true", help="recompute models already complete in --out")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars (sheafscope's and the libraries')")
+    r.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress bars, no library noise and no warnings on stderr: errors only")
 
     sub.add_parser("models", help="list offline aliases and catalog models")
     sub.add_parser("suites", help="list built-in suites")
@@ -127,12 +163,173 @@ def print_summary(models: list[dict], out_dir: Path) -> None:
     print(f"Results: {out_dir}/results.json, summary.csv, analysis.json")
 
 
+def _verdict_line(out_dir: Path, models: list[dict]) -> str:
+    """The formula's verdict as analysis.json states it (sheafscope.outputs.stats.verdict)."""
+    try:
+        analysis = json.loads((out_dir / "analysis.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "not available (analysis.json could not be read)"
+    mape = analysis.get("mape") if isinstance(analysis, dict) else None
+    if not isinstance(mape, dict) or not mape.get("verdict"):
+        if not any(m.get("status") == "ok" for m in models):
+            return "none: no model ran"
+        return "none: no trained model ran (random-init twins are controls, kept out of the formula's statistics)"
+    overall = mape.get("overall") if isinstance(mape.get("overall"), dict) else {}
+    value, n = overall.get("mape_of_L"), overall.get("n")
+    detail = f"MAPE {value:.1f} % of L" if isinstance(value, (int, float)) else "MAPE not available"
+    return f"{mape['verdict']}, {detail}, n = {n}"
+
+
+def _report_line(out_dir: Path) -> str:
+    report, results = out_dir / "report.html", out_dir / "results.json"
+    try:  # a report older than results.json is a previous run's: the write failed (logged above)
+        if report.stat().st_mtime_ns >= results.stat().st_mtime_ns:
+            return str(report)
+    except OSError:
+        pass
+    return f"not written (see the error above); retry with `sheafscope report {out_dir}`"
+
+
+def print_verdict(models: list[dict], out_dir: Path) -> None:
+    """The last lines of a run's stdout: the verdict and where the report is."""
+    print(f"Verdict: {_verdict_line(out_dir, models)}")
+    print(f"Report: {_report_line(out_dir)}")
+
+
+# --------------------------------------------------------------------------- checks before any model loads
+
+_DEVICE = re.compile(r"^(cpu|mps|cuda)(?::(\d+))?$")
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device this machine does not have (cheap: asks torch, loads nothing)."""
+    import torch
+
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    available = ["cpu", *(["cuda", *(f"cuda:{i}" for i in range(n_cuda))] if n_cuda else []), *(["mps"] if mps else [])]
+    m = _DEVICE.match(device)
+    if m is None or (m.group(1) in ("cpu", "mps") and m.group(2) not in (None, "0")):
+        raise ConfigError(f"--device {device}: not a device name; use one of this machine's: {', '.join(available)} "
+                          "(or omit --device: cuda if available, else cpu)")
+    kind, index = m.group(1), m.group(2)
+    if kind == "cuda":
+        if not n_cuda:
+            raise ConfigError(f"--device {device}: torch sees no CUDA GPU on this machine (torch.cuda.is_available() is False); "
+                              "use --device cpu, or omit --device")
+        if index is not None and int(index) >= n_cuda:
+            raise ConfigError(f"--device {device}: this machine has {n_cuda} CUDA device(s), cuda:0 to cuda:{n_cuda - 1}; "
+                              "pick one of those")
+    if kind == "mps" and not mps:
+        raise ConfigError(f"--device {device}: torch sees no Apple MPS device here; use one of: {', '.join(available)}")
+
+
+_NO_QUANTIZE = {
+    "offline-package": "an offline alias: its weights ship as a GGUF that is dequantized to float",
+    "random-init": "an untrained random twin: it is built in memory, with no checkpoint weights to quantize",
+    "gguf-file": "a GGUF file: transformers dequantizes it on load, bitsandbytes cannot quantize it",
+}
+
+
+def check_models(entries: list[ModelEntry], init: str, quantize: str | None) -> None:
+    """Unknown specs, duplicate specs and --quantize where it cannot apply, without loading."""
+    from sheafscope.models import catalog as cat
+    from sheafscope.models.loading import classify_spec, parse_spec
+
+    seen: dict[tuple[str, str], str] = {}
+    for e in entries:
+        kind = classify_spec(e.spec, init)  # raises UnknownModelError with the fix
+        name, spec_init = parse_spec(e.spec.strip(), init)
+        if kind in ("local-dir", "gguf-file"):
+            key = ("path", str(Path(name).expanduser().resolve()))
+        else:
+            entry = cat.find(name)
+            key = (spec_init if kind == "random-init" else "pretrained", entry.name if entry else name.lower())
+        if key in seen:
+            also = f" (also as '{seen[key]}')" if seen[key] != e.spec else ""
+            raise ConfigError(f"model '{e.spec}' is given twice{also}: a model given twice would count twice in the MAPE; "
+                              "give each model once")
+        seen[key] = e.spec
+        if quantize and kind in _NO_QUANTIZE:
+            raise ConfigError(f"--quantize {quantize} cannot apply to '{e.spec}', {_NO_QUANTIZE[kind]}; drop --quantize, "
+                              "or run the models it applies to (hub ids and local checkpoint directories) on their own")
+    if quantize:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"--quantize {quantize} needs bitsandbytes (and a CUDA GPU): pip install bitsandbytes")
+
+
+def check_out(out: Path) -> None:
+    """--out must be a directory (existing or not) that this process can write in; nothing is
+    created here (a probe file is made and removed in the nearest existing directory)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory; pass a directory (it is created if missing)")
+    for sub in ("models",):
+        if (out / sub).exists() and not (out / sub).is_dir():
+            raise ConfigError(f"--out {out}: {out / sub} is a file where the run keeps its per-model results; "
+                              "move it away or pass another --out")
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--out {out}: {probe} is a file, so the directory cannot be created; pass another --out")
+    for d in (probe, out / "models"):
+        if not d.is_dir():
+            continue
+        try:
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".sheafscope-write-check-")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            where = "" if d == out else f" ({d} is where it would be created)" if d == probe else f" ({d})"
+            raise ConfigError(f"--out {out} is not writable{where}: {e.strerror or type(e).__name__}; "
+                              "pass a directory you can write to, or fix its permissions") from None
+
+
+# --------------------------------------------------------------------------- library noise
+
+
+_bars_disabled_here = False
+
+
+def tame_libraries(*, verbose: bool, quiet: bool, progress: bool) -> None:
+    """Library warnings and banners off (unless --verbose), and their progress bars off with
+    --no-progress or --quiet. Process-wide settings: a later call in the same process resets them."""
+    global _bars_disabled_here
+    import transformers
+    from huggingface_hub.utils import logging as hub_logging
+
+    if quiet:
+        logging.getLogger().setLevel(logging.ERROR)
+    if not verbose:
+        transformers.utils.logging.set_verbosity_error()
+        hub_logging.set_verbosity_error()
+        for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("ignore", category=UserWarning, module=_LIBRARIES)
+    if quiet or not progress:
+        transformers.utils.logging.disable_progress_bar()  # also huggingface_hub's bars
+        _bars_disabled_here = True
+    elif _bars_disabled_here:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            transformers.utils.logging.enable_progress_bar()
+        _bars_disabled_here = False
+
+
+# --------------------------------------------------------------------------- commands
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from sheafscope.models.loading import classify_spec
+    from sheafscope.analysis import validate_prompts
     from sheafscope.prompts import load_prompts
     from sheafscope.runner import ModelEntry, RunOptions, run
     from sheafscope.suites import load_suite
 
+    # Everything a user can get wrong is refused here, before any model loads or --out is touched.
+    if args.device is not None:
+        check_device(args.device)
     suite = None
     if args.models:
         entries = [ModelEntry(s) for s in args.models]
@@ -141,17 +338,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         suite = load_suite(args.suite or "offline")
         entries = suite.models
         prompt_source = args.prompts or suite.prompts
-    for e in entries:  # an unknown name fails now, not after an hour of other models
-        classify_spec(e.spec, args.init)
+    check_models(entries, args.init, args.quantize)  # an unknown name fails now, not after an hour of other models
     prompts, label = load_prompts(prompt_source)
+    prompts = validate_prompts(prompts)
+    out = Path(args.out).expanduser()
+    check_out(out)
     opts = RunOptions(dtype=args.dtype, device=args.device, restriction_map=args.restriction_map, max_tokens=args.max_tokens,
                       revision=args.revision, quantize=args.quantize, seed=args.seed, init=args.init,
                       attention=args.attention, batch_tokens=args.batch_tokens)
-    out = Path(args.out)
-    print(f"sheafscope {__version__}: {len(entries)} model(s) x {len(prompts)} prompt(s) ({label}) -> {out}", file=sys.stderr)
-    outcome = run(entries, prompts, opts, out, prompt_source=label, force=args.force, show_progress=not args.no_progress,
-                  suite=suite.to_dict() if suite else None)
+    tame_libraries(verbose=args.verbose, quiet=args.quiet, progress=not args.no_progress)
+    if not args.quiet:
+        print(f"sheafscope {__version__}: {len(entries)} model(s) x {len(prompts)} prompt(s) ({label}) -> {out}", file=sys.stderr)
+    outcome = run(entries, prompts, opts, out, prompt_source=label, force=args.force,
+                  show_progress=not (args.no_progress or args.quiet), suite=suite.to_dict() if suite else None)
     print_summary(outcome.models, out)
+    print_verdict(outcome.models, out)
     if outcome.n_failed:
         print(f"\n{outcome.n_failed} of {len(outcome.models)} model(s) failed; the others' results are written.", file=sys.stderr)
         return EXIT_MODEL_FAILED
@@ -159,17 +360,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from sheafscope.outputs.report import write_report
+    from sheafscope.outputs.report import load_results, write_report
 
-    d = Path(args.dir)
-    if not (d / "results.json").exists():
-        raise SheafscopeError(f"{d}/results.json not found: run `sheafscope run --out {d}` first")
+    d = Path(args.dir).expanduser()
+    if not d.is_dir():
+        raise SheafscopeError(f"{d} is not a run directory: run `sheafscope run --out {d}` first")
+    load_results(d)  # missing, truncated or not results: ResultsError, before any page is written
     print(write_report(d))
     return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (already printed, one line)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -29,3 +29,7 @@ class ModelLoadError(SheafscopeError):
 
 class ConfigError(SheafscopeError):
     """A bad option or suite file."""
+
+
+class ResultsError(SheafscopeError):
+    """A run directory whose results.json is missing, truncated or not sheafscope results."""

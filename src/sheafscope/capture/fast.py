@@ -81,9 +81,9 @@ class Recorder:
         else:
             off, first = row_stats_from_lse(*scores.own_and_first(q, k), lse.to(stat_dtype(q)))
             self.held.append((layer, q, k, scores))
-            if sum(t.nbytes + u.nbytes for _, t, u, _ in self.held) > HOLD_BYTES.get(q.device.type, 0):
-                self.refine()
         self.off[layer], self.first[layer] = off, first
+        if sum(t.nbytes + u.nbytes for _, t, u, _ in self.held) > HOLD_BYTES.get(q.device.type, 0):
+            self.refine()
         return out
 
     def _fallback(self, why: str) -> None:

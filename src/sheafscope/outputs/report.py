@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sheafscope.errors import ResultsError
 from sheafscope.measures import lstar
 
 from .figures import FIGURE_STEMS, write_all_figures
 
-__all__ = ["write_report", "main"]
+__all__ = ["write_report", "load_results", "main"]
 
 NOT_AVAILABLE = "not available"
 _EMPIRICAL = lstar.DEFINITIONS[lstar.EMPIRICAL]
@@ -214,6 +215,31 @@ def _load_json(path: Path, problems: list[str]) -> Any:
     except (OSError, ValueError) as exc:
         problems.append(f"{path.name} could not be read: {exc}")
         return None
+
+
+def load_results(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/results.json``, checked: raises ResultsError (naming the cause and the fix) when
+    it is missing, not readable, truncated or otherwise not JSON, or not a sheafscope results
+    object (a JSON object with a ``models`` list)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "results.json"
+    rerun = (f"rerun the same `sheafscope run ... --out {run_dir}` command: complete models in "
+             f"{run_dir / 'models'} are kept and results.json is written again")
+    if not path.is_file():
+        raise ResultsError(f"{path} not found: run `sheafscope run --out {run_dir}` first")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ResultsError(f"{path} cannot be read ({exc.strerror or type(exc).__name__}); check its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise ResultsError(f"{path} is not UTF-8 (byte offset {exc.start}): the file is damaged; {rerun}") from None
+    try:
+        results = json.loads(text)
+    except ValueError as exc:
+        raise ResultsError(f"{path} is truncated or not valid JSON ({exc}); {rerun}") from None
+    if not isinstance(results, dict) or not isinstance(results.get("models"), list):
+        raise ResultsError(f"{path} is not a sheafscope results file (no 'models' list); {rerun}")
+    return results
 
 
 def _load_summary(path: Path, problems: list[str]) -> pd.DataFrame | None:
@@ -445,12 +471,15 @@ def write_report(run_dir: Path) -> Path:
     """Write ``run_dir/report.html``: one self-contained page describing the run.
 
     Reads results.json, summary.csv and analysis.json (each may be missing; the page then says
-    "not available"), generates the figures with ``write_all_figures`` if any PNG is missing,
+    "not available"; a results.json that is present but truncated or not results raises
+    ResultsError), generates the figures with ``write_all_figures`` if any PNG is missing,
     and embeds them as base64 PNG. Returns the path of the written report.
     """
     run_dir = Path(run_dir)
     problems: list[str] = []
-    results = _load_json(run_dir / "results.json", problems)
+    # A missing results.json is reported on the page; a damaged one is refused (ResultsError),
+    # since a page of "0 model(s)" would misstate the run.
+    results = load_results(run_dir) if (run_dir / "results.json").exists() else _load_json(run_dir / "results.json", problems)
     summary = _load_summary(run_dir / "summary.csv", problems)
     analysis = _load_json(run_dir / "analysis.json", problems)
     figures = _ensure_figures(run_dir, problems)
@@ -490,7 +519,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m sheafscope.outputs.report RUN_DIR", file=sys.stderr)
         return 2
-    print(write_report(Path(args[0])))
+    try:
+        print(write_report(Path(args[0])))
+    except ResultsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
