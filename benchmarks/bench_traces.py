@@ -37,6 +37,7 @@ import transformers  # noqa: E402
 
 import sheafscope  # noqa: E402
 from sheafscope.analysis import prompt_result, target_of, tokenize  # noqa: E402
+from sheafscope.capture import fast  # noqa: E402
 from sheafscope.capture.batching import BATCH_TOKENS, capture_all, token_batches  # noqa: E402
 from sheafscope.errors import SheafscopeError  # noqa: E402
 from sheafscope.measures.restriction import norms_sq  # noqa: E402
@@ -302,6 +303,10 @@ def main() -> int:
     p.add_argument("--max-seconds", type=float, default=300.0, help="time budget per configuration")
     p.add_argument("--context", type=int, default=None, help="max_position_embeddings of a random twin")
     p.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch for a and b (default: BATCH_TOKENS)")
+    p.add_argument("--exact-elements", type=int, default=None,
+                   help="the fast path's EXACT_ELEMENTS on this device (0: every call takes the lse route)")
+    p.add_argument("--hold-bytes", type=int, default=None,
+                   help="the fast path's HOLD_BYTES on this device (0: flagged rows recomputed layer by layer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file, rewritten after every workload")
     args = p.parse_args()
@@ -309,6 +314,10 @@ def main() -> int:
     loaded = sheafscope.load_model(args.model, device=args.device, dtype=args.dtype,
                                    config_overrides={"max_position_embeddings": args.context} if args.context else None)
     dev = loaded.device.type
+    # The capture's two size rules are public constants; setting them measures what each buys.
+    for limit, value in ((fast.EXACT_ELEMENTS, args.exact_elements), (fast.HOLD_BYTES, args.hold_bytes)):
+        if value is not None:
+            limit[dev] = value
     args.lengths = LENGTHS.get(dev, LENGTHS["cpu"]) if args.lengths is None else args.lengths
     args.corpus_size = CORPUS.get(dev, CORPUS["cpu"]) if args.corpus_size is None else args.corpus_size
     methods, env = Methods(loaded, args.batch_tokens), environment(loaded, args)
