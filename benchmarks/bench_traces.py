@@ -303,8 +303,8 @@ def main() -> int:
     p.add_argument("--max-seconds", type=float, default=300.0, help="time budget per configuration")
     p.add_argument("--context", type=int, default=None, help="max_position_embeddings of a random twin")
     p.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch for a and b (default: BATCH_TOKENS)")
-    p.add_argument("--exact-elements", type=int, default=None,
-                   help="the fast path's EXACT_ELEMENTS on this device (0: every call takes the lse route)")
+    p.add_argument("--exact-keys", type=int, default=None,
+                   help="the fast path's EXACT_KEYS on this device (0: every call takes the lse route)")
     p.add_argument("--hold-bytes", type=int, default=None,
                    help="the fast path's HOLD_BYTES on this device (0: flagged rows recomputed layer by layer)")
     p.add_argument("--seed", type=int, default=0)
@@ -315,7 +315,7 @@ def main() -> int:
                                    config_overrides={"max_position_embeddings": args.context} if args.context else None)
     dev = loaded.device.type
     # The capture's two size rules are public constants; setting them measures what each buys.
-    for limit, value in ((fast.EXACT_ELEMENTS, args.exact_elements), (fast.HOLD_BYTES, args.hold_bytes)):
+    for limit, value in ((fast.EXACT_KEYS, args.exact_keys), (fast.HOLD_BYTES, args.hold_bytes)):
         if value is not None:
             limit[dev] = value
     args.lengths = LENGTHS.get(dev, LENGTHS["cpu"]) if args.lengths is None else args.lengths

@@ -61,7 +61,7 @@ def route(request, monkeypatch):
     kernel's log-sum-exp with untrusted ones recomputed (forced by an exact-rows limit of 0),
     after the forward pass or, past the memory held for it, layer by layer (a limit of 0)."""
     if request.param.startswith("lse"):
-        monkeypatch.setitem(fast.EXACT_ELEMENTS, "cpu", 0)
+        monkeypatch.setitem(fast.EXACT_KEYS, "cpu", 0)
     if request.param == "lse-per-layer":
         monkeypatch.setitem(fast.HOLD_BYTES, "cpu", 0)
     return request.param
@@ -104,7 +104,7 @@ def test_rows_that_attend_to_themselves_keep_full_precision(monkeypatch):
     """Query and key weights scaled up so that heads put almost all their mass on the diagonal
     (1 - A_ii down to ~1e-8), where 1 - A_ii from a float32 log-sum-exp would be noise: the lse
     route must recompute those rows, and its masses equal an eager run head by head.""" 
-    monkeypatch.setitem(fast.EXACT_ELEMENTS, "cpu", 0)
+    monkeypatch.setitem(fast.EXACT_KEYS, "cpu", 0)
     model = build_tiny("llama")
     with torch.no_grad():
         for layer in model.model.layers:
@@ -296,9 +296,9 @@ def test_cuda_lse_route_equals_exact_rows(name, monkeypatch):
     """Long enough for the lse route on the GPU; the same prompts with every row exact."""
     target = target_of(build_tiny(name).to("cuda"))
     prompts = [p.cuda() for p in _prompts([60, 45], seed=5)]
-    monkeypatch.setitem(fast.EXACT_ELEMENTS, "cuda", 0)
+    monkeypatch.setitem(fast.EXACT_KEYS, "cuda", 0)
     lse = capture(target, prompts, "fast")
-    monkeypatch.setitem(fast.EXACT_ELEMENTS, "cuda", 1 << 40)
+    monkeypatch.setitem(fast.EXACT_KEYS, "cuda", 1 << 40)
     exact = capture(target, prompts, "fast")
     assert exact.ran["exact-rows"] > 0 and "exact-rows" not in lse.ran
     _assert_close(lse.prompts, exact.prompts)

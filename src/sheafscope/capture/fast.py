@@ -27,9 +27,10 @@ from sheafscope.errors import SheafscopeError
 from sheafscope.sheaf import LSE_TRUSTED_FROM, row_stats_from_lse
 
 FAST_ATTENTION = "sheafscope"
-# Up to this many scores per call (batch x heads x rows x keys), every row is computed
-# exactly: cheaper than planning which rows to recompute.
-EXACT_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 21}
+# Up to this many keys per row, every row is computed exactly from its scores: their cost
+# relative to the forward pass grows with the keys alone, and below this it is less than
+# that of finding and recomputing the rows the lse cannot be trusted with.
+EXACT_KEYS = {"cpu": 128, "cuda": 64}
 # Held queries and keys (for recomputing flagged rows) beyond this many bytes are processed
 # mid-forward, so that long prompts do not keep every layer's q and k alive.
 HOLD_BYTES = {"cpu": 1 << 28, "cuda": 1 << 30}
@@ -75,7 +76,7 @@ class Recorder:
             self._fallback("logit soft-capping" if scores.softcap is not None else "a position bias")
         if out is None:  # no kernel: output and exact statistics from blocks of scores
             out, off, first = block_statistics(q, k, v, scores)
-        elif q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= EXACT_ELEMENTS.get(q.device.type, 0):
+        elif k.shape[2] <= EXACT_KEYS.get(q.device.type, 0):
             _, off, first = block_statistics(q, k, None, scores)
             self.ran["exact-rows"] += 1
         else:
