@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export SHEAFSCOPE_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -31,4 +30,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_traces.py
 
 clean:
-	rm -rf $(VENV) .cache results
+	rm -rf $(VENV) results

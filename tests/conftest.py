@@ -1,5 +1,6 @@
 """Shared fixtures. Offline models load once per session (the first load dequantizes a GGUF
-into the repo-local cache .cache/, later loads read plain safetensors)."""
+into the cache, ~/.cache/sheafscope unless $SHEAFSCOPE_CACHE says otherwise; later loads read
+plain safetensors)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("SHEAFSCOPE_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))

@@ -219,3 +219,27 @@ def test_killed_run_resumes_to_identical_numbers(tiny_dirs, tmp_path):
     assert [m["spec"] for m in a] == specs
     assert [m["prompts"] for m in a] == [m["prompts"] for m in b]
     assert [m["wv_norm_sq"] for m in a] == [m["wv_norm_sq"] for m in b]
+
+
+def test_stdout_ends_with_the_verdict_and_the_report_and_quiet_is_quiet(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["run", "--quiet", "--device", "cpu", "-m", str(tiny_dirs["llama"]), "-m", str(tiny_dirs["neox"]),
+               "--prompts", _prompts(tmp_path, PROMPTS), "--out", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    mape = json.loads((out / "analysis.json").read_text())["mape"]
+    lines = cap.out.rstrip("\n").splitlines()
+    assert lines[-2] == f"Verdict: {mape['verdict']}, MAPE {mape['overall']['mape_of_L']:.1f} % of L, n = 2"
+    assert lines[-1] == f"Report: {out / 'report.html'}" and (out / "report.html").is_file()
+    assert cap.err == "", cap.err  # --quiet: no start line, no bars, no library noise
+    assert not transformers.utils.logging.is_progress_bar_enabled()  # transformers' own bars are off too
+
+
+def test_verdict_line_when_no_trained_model_ran(tmp_path):
+    from sheafscope.cli import _report_line, _verdict_line
+
+    assert _verdict_line(tmp_path, []).startswith("not available")
+    (tmp_path / "analysis.json").write_text(json.dumps({"warnings": []}))
+    assert _verdict_line(tmp_path, [{"status": "ok", "init": "random"}]).startswith("none: no trained model ran")
+    assert _verdict_line(tmp_path, [{"status": "failed"}]) == "none: no model ran"
+    assert _report_line(tmp_path).startswith("not written")

@@ -16,7 +16,7 @@ import torch
 
 from sheafscope.capture import PromptCapture, Target, path_for
 from sheafscope.capture.batching import capture_all
-from sheafscope.errors import PromptError
+from sheafscope.errors import ConfigError, PromptError
 from sheafscope.models.adapters import Adapter, adapter_for
 from sheafscope.models.loading import LoadedModel
 from sheafscope.measures.lstar import lstar_block
@@ -207,6 +207,8 @@ def analyze(
     `progress(k)` is called as k more prompts are done.
     """
     t0 = time.time()
+    if max_tokens is not None and max_tokens < 2:
+        raise ConfigError(f"max_tokens must be at least 2 (an attention graph needs 2 tokens), not {max_tokens}")
     texts = validate_prompts(prompts)
     target = target_of(loaded.model, getattr(loaded.tokenizer, "pad_token_id", None) or 0, loaded.adapter)
     path = path_for(target, attention)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sheafscope import __version__
-from sheafscope.errors import ConfigError, SheafscopeError
+from sheafscope.errors import ConfigError, OutputWriteError, SheafscopeError
 from sheafscope.measures.restriction import RESTRICTION_MAPS
 
 if TYPE_CHECKING:
@@ -45,9 +45,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"sheafscope: error: {message}; see `{self.prog} --help`\n")
 
 
-def _int_in(low: int, high: int | None, why: str):
+def _int_in(low: int, high: int | None, why: str, high_text: str | None = None):
     """An argparse type: an integer in [low, high], else a message naming the range and why."""
-    rule = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+    rule = f"an integer >= {low}" if high is None else f"an integer from {low} to {high_text or high}"
 
     def parse(text: str) -> int:
         try:
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", "-o", default="sheafscope-results", help="output directory (default: %(default)s)")
     r.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
                    help="random: untrained twin of each catalog model's shape (a control)")
-    r.add_argument("--seed", type=_int_in(0, SEED_MAX, ""), default=0, help="seed for --init random (default 0)")
+    r.add_argument("--seed", type=_int_in(0, SEED_MAX, "", "2**63 - 1"), default=0, help="seed for --init random (default 0)")
     r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 on CPU, bfloat16 on GPU")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--revision", help="hub revision (branch, tag or commit)")
@@ -224,21 +224,15 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device}: torch sees no Apple MPS device here; use one of: {', '.join(available)}")
 
 
-_NO_QUANTIZE = {
-    "offline-package": "an offline alias: its weights ship as a GGUF that is dequantized to float",
-    "random-init": "an untrained random twin: it is built in memory, with no checkpoint weights to quantize",
-    "gguf-file": "a GGUF file: transformers dequantizes it on load, bitsandbytes cannot quantize it",
-}
-
-
 def check_models(entries: list[ModelEntry], init: str, quantize: str | None) -> None:
-    """Unknown specs, duplicate specs and --quantize where it cannot apply, without loading."""
+    """Unknown specs, duplicate specs, --quantize where it cannot apply and unusable GGUF files
+    (header read, nothing dequantized), without loading any model."""
     from sheafscope.models import catalog as cat
-    from sheafscope.models.loading import classify_spec, parse_spec
+    from sheafscope.models.loading import check_spec, parse_spec
 
     seen: dict[tuple[str, str], str] = {}
     for e in entries:
-        kind = classify_spec(e.spec, init)  # raises UnknownModelError with the fix
+        kind = check_spec(e.spec, init, quantize)  # raises UnknownModelError / ConfigError with the fix
         name, spec_init = parse_spec(e.spec.strip(), init)
         if kind in ("local-dir", "gguf-file"):
             key = ("path", str(Path(name).expanduser().resolve()))
@@ -250,31 +244,23 @@ def check_models(entries: list[ModelEntry], init: str, quantize: str | None) -> 
             raise ConfigError(f"model '{e.spec}' is given twice{also}: a model given twice would count twice in the MAPE; "
                               "give each model once")
         seen[key] = e.spec
-        if quantize and kind in _NO_QUANTIZE:
-            raise ConfigError(f"--quantize {quantize} cannot apply to '{e.spec}', {_NO_QUANTIZE[kind]}; drop --quantize, "
-                              "or run the models it applies to (hub ids and local checkpoint directories) on their own")
-    if quantize:
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError(f"--quantize {quantize} needs bitsandbytes (and a CUDA GPU): pip install bitsandbytes")
 
 
 def check_out(out: Path) -> None:
-    """--out must be a directory (existing or not) that this process can write in; nothing is
-    created here (a probe file is made and removed in the nearest existing directory)."""
+    """--out must be a directory, existing or not, that this process can write in. Nothing is
+    created: writability is tested by making and removing a probe file, as the run's atomic
+    writes would (os.access alone is wrong for root and for read-only mounts)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory; pass a directory (it is created if missing)")
-    for sub in ("models",):
-        if (out / sub).exists() and not (out / sub).is_dir():
-            raise ConfigError(f"--out {out}: {out / sub} is a file where the run keeps its per-model results; "
-                              "move it away or pass another --out")
-    probe = out
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"--out {out}: {probe} is a file, so the directory cannot be created; pass another --out")
-    for d in (probe, out / "models"):
+    if (out / "models").exists() and not (out / "models").is_dir():
+        raise ConfigError(f"--out {out}: {out / 'models'} is a file, where the run keeps its per-model results; "
+                          "move it away or pass another --out")
+    parent = out
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out} cannot be created: {parent} is a file, not a directory; pass another --out")
+    for d in (parent, out / "models"):
         if not d.is_dir():
             continue
         try:
@@ -282,8 +268,8 @@ def check_out(out: Path) -> None:
             os.close(fd)
             os.unlink(tmp)
         except OSError as e:
-            where = "" if d == out else f" ({d} is where it would be created)" if d == probe else f" ({d})"
-            raise ConfigError(f"--out {out} is not writable{where}: {e.strerror or type(e).__name__}; "
+            where = f"{d}" if d == out else f"{d}, where it would be created," if d == parent else f"{d}"
+            raise ConfigError(f"--out {out} is not writable ({where} refuses a new file: {e.strerror or type(e).__name__}); "
                               "pass a directory you can write to, or fix its permissions") from None
 
 
@@ -328,21 +314,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from sheafscope.suites import load_suite
 
     # Everything a user can get wrong is refused here, before any model loads or --out is touched.
-    if args.device is not None:
-        check_device(args.device)
-    suite = None
-    if args.models:
-        entries = [ModelEntry(s) for s in args.models]
-        prompt_source = args.prompts
-    else:
-        suite = load_suite(args.suite or "offline")
-        entries = suite.models
-        prompt_source = args.prompts or suite.prompts
-    check_models(entries, args.init, args.quantize)  # an unknown name fails now, not after an hour of other models
-    prompts, label = load_prompts(prompt_source)
-    prompts = validate_prompts(prompts)
-    out = Path(args.out).expanduser()
-    check_out(out)
+    try:
+        if args.device is not None:
+            check_device(args.device)
+        suite = None
+        if args.models:
+            entries = [ModelEntry(s) for s in args.models]
+            prompt_source = args.prompts
+        else:
+            suite = load_suite(args.suite or "offline")
+            entries = suite.models
+            prompt_source = args.prompts or suite.prompts
+        check_models(entries, args.init, args.quantize)  # an unknown name fails now, not after an hour of other models
+        prompts, label = load_prompts(prompt_source)
+        prompts = validate_prompts(prompts)
+        out = Path(args.out).expanduser()
+        check_out(out)
+    except OSError as e:  # an input path that cannot be read (a directory given as a suite file, ...)
+        raise ConfigError(f"{e}; check the paths given on the command line") from None
     opts = RunOptions(dtype=args.dtype, device=args.device, restriction_map=args.restriction_map, max_tokens=args.max_tokens,
                       revision=args.revision, quantize=args.quantize, seed=args.seed, init=args.init,
                       attention=args.attention, batch_tokens=args.batch_tokens)
@@ -374,10 +363,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error (already printed, one line)
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return EXIT_OK if e.code is None else e.code if isinstance(e.code, int) else EXIT_USAGE
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    root, saved_level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(level)  # basicConfig sets it once per process; main may run again in one (tests)
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return _dispatch(args)
+    finally:
+        root.setLevel(saved_level)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
@@ -387,12 +386,18 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_suites()
         if args.command == "report":
             return _cmd_report(args)
+    except OutputWriteError as e:  # the run started, then a result file could not be written
+        print(f"sheafscope: error: {e}", file=sys.stderr)
+        return EXIT_MODEL_FAILED
     except SheafscopeError as e:
         print(f"sheafscope: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\nsheafscope: interrupted; finished models are kept in --out and a rerun resumes", file=sys.stderr)
         return 130
+    except OSError as e:  # the run started, then a write failed (a full disk, a vanished directory)
+        print(f"sheafscope: error: {e}; models finished before it are kept in --out and a rerun resumes", file=sys.stderr)
+        return EXIT_MODEL_FAILED
     return EXIT_USAGE
 
 

@@ -33,3 +33,7 @@ class ConfigError(SheafscopeError):
 
 class ResultsError(SheafscopeError):
     """A run directory whose results.json is missing, truncated or not sheafscope results."""
+
+
+class OutputWriteError(SheafscopeError):
+    """A result file could not be written (full disk, quota, permissions, read-only file system)."""

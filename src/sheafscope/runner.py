@@ -1,8 +1,20 @@
 """Running many models over one prompt set, surviving failure.
 
-Each model's result is written to DIR/models/<slug>.json atomically as soon as it exists;
-a rerun into the same DIR skips models already complete with the same prompts and options
-and redoes the rest; a model that fails is recorded with its error and the run goes on.
+Each model's result is written to DIR/models/<slug>.json atomically as soon as it exists,
+with its resume key: what the numbers depend on, in four parts (`resume_key`):
+  - weights: a local directory's or GGUF file's files by name, size and modification time
+    (ns); a hub model's requested revision and the commit it resolved to; an offline alias's
+    pinned sha256 and package versions; a random twin's catalog shape and seed;
+  - code: the sheafscope version, a sha256 of the installed package's own files
+    (`code_revision`), and the torch and transformers versions;
+  - prompts (a sha256 of the list) and options (RunOptions, and the entry's metadata).
+A rerun into the same DIR reuses a model's file when its key is the same, and says so on
+stdout; otherwise it recomputes the model and says which part changed. A model that fails is
+recorded with its error (and retried next time) and the run goes on.
+
+One run per DIR at a time (DIR/.lock holds the holder's pid and host; a lock whose process is
+gone is replaced). A DIR holding results computed with other prompts or options is refused,
+never mixed (--force replaces them). results.json lists the models of this run only.
 """
 
 from __future__ import annotations
@@ -11,8 +23,10 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import platform
 import re
+import socket
 import sys
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -21,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from sheafscope import __version__
-from sheafscope.errors import SheafscopeError
+from sheafscope.errors import ConfigError, OutputWriteError, SheafscopeError
 from sheafscope.outputs.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -91,9 +105,201 @@ def definitions(restriction_map: str) -> dict[str, Any]:
     }
 
 
+# -- the resume key ------------------------------------------------------------------------------
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def code_revision() -> str:
+    """sha256 over the installed sheafscope package's own files (.py and data), by path.
+
+    Every file under the package directory counts (relative path, size and bytes, sorted by
+    path), except caches and hidden files; a `git pull` that changes any of them changes it.
+    """
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if any(part == "__pycache__" or part.startswith(".") for part in rel.parts) or p.suffix in (".pyc", ".pyo"):
+            continue
+        if not p.is_file():
+            continue
+        data = p.read_bytes()
+        h.update(f"{rel.as_posix()}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def code_identity() -> dict[str, Any]:
+    """The code part of the resume key: this package's version and source, and the libraries
+    that compute the numbers."""
+    return {
+        "sheafscope": __version__,
+        "source_sha256": code_revision(),
+        "torch": _dist_version("torch"),
+        "transformers": _dist_version("transformers"),
+    }
+
+
+def _file_row(path: Path, name: str) -> list[Any]:
+    st = path.stat()
+    return [name, st.st_size, st.st_mtime_ns]
+
+
+def _dir_files(root: Path) -> list[list[Any]]:
+    """[relative path, size, mtime_ns] of every file in a checkpoint directory (hidden files
+    and directories, such as a download tool's .cache/, left out)."""
+    rows = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+        for fn in filenames:
+            if fn.startswith("."):
+                continue
+            p = Path(dirpath) / fn
+            try:
+                rows.append(_file_row(p, p.relative_to(root).as_posix()))
+            except OSError:  # a dangling link or a file removed while we look: not part of the model
+                continue
+    return sorted(rows)
+
+
+def _hub_commit(hub_id: str, revision: str) -> str | None:
+    """The commit a hub revision resolves to in the local hub cache (None when not cached)."""
+    if _COMMIT.match(revision):
+        return revision
+    try:
+        from huggingface_hub import constants
+
+        ref = Path(constants.HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}" / "refs" / revision
+        commit = ref.read_text(encoding="utf-8").strip()
+    except Exception:  # noqa: BLE001 - no cache, no such ref, no huggingface_hub: unknown
+        return None
+    return commit if _COMMIT.match(commit) else None
+
+
+def weights_identity(spec: str, options: RunOptions) -> dict[str, Any]:
+    """What identifies the weights a spec loads, found without loading them (cheap: file
+    sizes and modification times, no hashing)."""
+    from sheafscope.models import catalog as cat
+    from sheafscope.models import offline
+    from sheafscope.models.loading import classify_spec, parse_spec
+
+    try:
+        kind = classify_spec(spec, options.init)
+    except SheafscopeError:
+        return {"kind": "unknown", "spec": spec}  # the load fails and says why
+    name, init = parse_spec(spec.strip(), options.init)
+    if kind == "local-dir":
+        root = Path(name).expanduser().resolve()
+        return {"kind": kind, "path": str(root), "files": _dir_files(root)}
+    if kind == "gguf-file":
+        path = Path(name).expanduser().resolve()
+        return {"kind": kind, "path": str(path), "files": [_file_row(path, path.name)]}
+    entry = cat.find(name)
+    if kind == "random-init":
+        return {"kind": kind, "catalog": entry.name, "config_class": entry.config_class, "config": entry.config,
+                "seed": options.seed, "twin_tokenizer": os.environ.get("SHEAFSCOPE_TWIN_TOKENIZER")}
+    if kind == "offline-package":
+        w = offline.OFFLINE_WEIGHTS[entry.offline]
+        return {"kind": kind, "alias": w.alias, "sha256": w.sha256,
+                "packages": {d: _dist_version(d) for d in offline.WEIGHT_DISTRIBUTIONS.get(w.alias, [])}}
+    hub_id = entry.hub_id if entry else name
+    revision = options.revision or "main"
+    return {"kind": "hub", "id": hub_id, "revision": revision, "commit": _hub_commit(hub_id, revision)}
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def resume_key(entry: ModelEntry, prompts: list[str], options: RunOptions, code: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The parts a model's result depends on: weights, code, prompts, options (with the entry's
+    metadata). Stored in the model's file; `fingerprint` hashes them."""
+    blob = json.dumps(prompts, ensure_ascii=False).encode()
+    return _jsonable({
+        "spec": entry.spec,
+        "weights": weights_identity(entry.spec, options),
+        "code": code if code is not None else code_identity(),
+        "prompts": {"sha256": hashlib.sha256(blob).hexdigest(), "count": len(prompts)},
+        "options": asdict(options),
+        "metadata": entry.metadata,
+    })
+
+
+def key_hash(key: dict[str, Any]) -> str:
+    parts = {k: v for k, v in key.items() if k != "fingerprint"}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def fingerprint(prompts: list[str], options: RunOptions, entry: ModelEntry) -> str:
-    blob = json.dumps({"prompts": prompts, "options": asdict(options), "spec": entry.spec, "v": __version__}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """The resume key's hash (see resume_key)."""
+    return key_hash(resume_key(entry, prompts, options))
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _short(v: Any) -> str:
+    """A commit or sha256 cut to 12 hex digits; anything else as it is."""
+    return v[:12] if isinstance(v, str) and len(v) >= 40 and re.fullmatch(r"[0-9a-f]+", v) else str(v)
+
+
+def _weights_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    if old.get("kind") != new.get("kind") or old.get("path") != new.get("path"):
+        return "weights changed (another model at this spec)"
+    if "files" in old and "files" in new:
+        o = {r[0]: r[1:] for r in old["files"]}
+        n = {r[0]: r[1:] for r in new["files"]}
+        parts = []
+        if changed := sorted(k for k in o.keys() & n.keys() if o[k] != n[k]):
+            parts.append(f"{_names(changed)} replaced (size or modification time differs)")
+        if added := sorted(n.keys() - o.keys()):
+            parts.append(f"{_names(added)} added")
+        if removed := sorted(o.keys() - n.keys()):
+            parts.append(f"{_names(removed)} removed")
+        return "weights changed: " + ("; ".join(parts) or "files differ")
+    if old.get("kind") == "hub":
+        return (f"weights changed: {new.get('id')} revision {old.get('revision')} ({_short(old.get('commit'))}) "
+                f"is now {new.get('revision')} ({_short(new.get('commit')) if new.get('commit') else 'commit unknown'})")
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return f"weights changed ({', '.join(diff)})"
+
+
+def _dict_change(what: str, old: dict[str, Any], new: dict[str, Any]) -> str:
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k, "(not recorded)") != new.get(k, "(not recorded)"))
+    cells = [f"{k} {_short(old.get(k, '(not recorded)'))} -> {_short(new.get(k, '(not recorded)'))}" for k in diff]
+    return f"{what} changed ({'; '.join(cells)})"
+
+
+def key_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Which parts of a resume key differ, in words ("weights changed: model.safetensors
+    replaced ...", "code changed (source_sha256 ...)", "prompts changed", "options changed (...)")."""
+    out = []
+    if old.get("spec") != new.get("spec"):
+        out.append(f"computed for another spec ({old.get('spec')})")
+    if old.get("weights") != new.get("weights"):
+        out.append(_weights_change(old.get("weights") or {}, new.get("weights") or {}))
+    if old.get("code") != new.get("code"):
+        out.append(_dict_change("code", old.get("code") or {}, new.get("code") or {}))
+    if old.get("prompts") != new.get("prompts"):
+        o, n = (old.get("prompts") or {}).get("count"), (new.get("prompts") or {}).get("count")
+        out.append("prompts changed" + (f" ({o} -> {n} prompts)" if o != n else " (other texts)"))
+    if old.get("options") != new.get("options"):
+        out.append(_dict_change("options", old.get("options") or {}, new.get("options") or {}))
+    if old.get("metadata") != new.get("metadata"):
+        out.append("metadata changed")
+    return out
 
 
 def failed_entry(entry: ModelEntry, err: BaseException) -> dict[str, Any]:
@@ -145,6 +351,286 @@ class RunOutcome:
         return sum(m.get("status") != "ok" for m in self.models)
 
 
+# -- one run per directory -------------------------------------------------------------------------
+
+LOCK_NAME = ".lock"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (another user's counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True  # cannot tell: assume it runs
+    return True
+
+
+class RunLock:
+    """DIR/.lock: {"pid", "host", "started"} of the one run writing into DIR.
+
+    Taken by a hard link of a complete file (so a reader never sees half a lock; O_EXCL where
+    the file system has no hard links). A lock of this host whose pid is gone is stale: it is
+    reported and replaced. A lock of another host cannot be checked and is respected.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / LOCK_NAME
+        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.held = False
+
+    def _create(self) -> bool:
+        body = json.dumps({**self.me, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n"
+        tmp = self.out_dir / f"{LOCK_NAME}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(body)
+            try:
+                os.link(tmp, self.path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here: exclusive create, then write
+                try:
+                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(body)
+                return True
+        except OSError as e:
+            raise ConfigError(f"cannot create the lock {self.path} ({(e.strerror or type(e).__name__).lower()}); "
+                              f"make {self.out_dir} writable or choose another --out") from e
+        finally:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def _read(self) -> tuple[dict[str, Any] | None, str]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}, ""
+        except OSError as e:
+            return None, e.strerror or type(e).__name__
+        try:
+            holder = json.loads(text)
+            if isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str):
+                return holder, text
+        except json.JSONDecodeError:
+            pass
+        return None, "not a sheafscope lock"
+
+    def acquire(self) -> None:
+        for _ in range(5):
+            if self._create():
+                self.held = True
+                return
+            holder, text = self._read()
+            if holder == {}:  # released between our attempt and our look: try again
+                continue
+            if holder is None:
+                raise ConfigError(f"{self.path} exists but cannot be read as a sheafscope lock ({text}); "
+                                  f"remove it if no sheafscope run is writing into {self.out_dir}")
+            pid, host = holder["pid"], holder["host"]
+            if host == self.me["host"] and pid != os.getpid() and not pid_alive(pid):
+                print(f"sheafscope: {self.path} was left by pid {pid} on {host}, which is no longer running; "
+                      "replacing the stale lock", file=sys.stderr)
+                try:  # remove it only if it is still the stale one we read
+                    if self.path.read_text(encoding="utf-8") == text:
+                        self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            who = "this process" if (pid, host) == (os.getpid(), self.me["host"]) else f"pid {pid} on {host}"
+            raise ConfigError(f"{self.out_dir} is in use by {who}; wait for it or remove {self.path} if that process is gone")
+        raise ConfigError(f"could not take the lock {self.path}: other runs keep taking it; retry, or choose another --out")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        holder, _ = self._read()
+        if holder and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# -- what may go into one directory ----------------------------------------------------------------
+
+def model_identity(spec: str, init: str) -> tuple[str, str]:
+    """Two specs that name the same model (the same path spelled two ways, a catalog name and
+    its hub id, random:NAME and NAME with init random) have the same identity."""
+    from sheafscope.models import catalog as cat
+    from sheafscope.models.loading import classify_spec, parse_spec
+
+    try:
+        kind = classify_spec(spec, init)
+    except SheafscopeError:
+        return ("unknown", spec.strip())
+    name, _ = parse_spec(spec.strip(), init)
+    if kind in ("local-dir", "gguf-file"):
+        return (kind, str(Path(name).expanduser().resolve()))
+    entry = cat.find(name)
+    if entry is not None:
+        return (kind, entry.name)
+    return (kind, name.lower())
+
+
+def check_distinct(models: list[ModelEntry], init: str) -> None:
+    """Refuse a model given twice (it would be counted twice in the analysis) and two specs
+    that would write the same result file."""
+    seen: dict[tuple[str, str], str] = {}
+    slugs: dict[str, str] = {}
+    for e in models:
+        ident = model_identity(e.spec, init)
+        if ident in seen:
+            same = f"'{e.spec}' twice" if seen[ident] == e.spec else f"'{seen[ident]}' and '{e.spec}', the same model ({ident[1]})"
+            raise ConfigError(f"model given more than once: {same}; give each model once (it would be counted twice in the analysis)")
+        seen[ident] = e.spec
+        s = slug(e.spec)
+        if s in slugs:
+            raise ConfigError(f"'{slugs[s]}' and '{e.spec}' would share the result file models/{s}.json; "
+                              "rename one (a local path can be given another way)")
+        slugs[s] = e.spec
+
+
+_RUN_OUTPUTS = ("results.json", "summary.csv", "analysis.json", "report.html")
+
+
+def _options_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k, "(not recorded)") != new.get(k, "(not recorded)"))
+    return "; ".join(f"{k} {old.get(k, '(not recorded)')} -> {new.get(k, '(not recorded)')}" for k in diff)
+
+
+def _earlier_run_differs(out_dir: Path, prompts: list[str], options: dict[str, Any], prompts_sha: str) -> tuple[str, Path] | None:
+    """(what differs, in which file) when DIR holds results of other prompts or options:
+    results.json's header, or any finished model file's resume key."""
+    def differs(old_prompts_same: bool, old_prompts_n: Any, old_options: Any) -> str | None:
+        what = []
+        if not old_prompts_same:
+            what.append(f"other prompts ({old_prompts_n} prompt(s), not these {len(prompts)})" if old_prompts_n != len(prompts)
+                        else "other prompts (other texts)")
+        if isinstance(old_options, dict) and old_options != options:
+            what.append(f"other options ({_options_change(old_options, options)})")
+        return " and ".join(what) or None
+
+    results = out_dir / "results.json"
+    if results.exists():
+        try:
+            header = read_json(results)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            header = None  # unreadable: the model files below still tell
+        if isinstance(header, dict) and isinstance(header.get("prompts"), list):
+            d = differs(header["prompts"] == prompts, len(header["prompts"]), header.get("options"))
+            if d:
+                return d, results
+    for path in sorted((out_dir / "models").glob("*.json")):
+        try:
+            done = read_json(path)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        key = done.get("resume_key") if isinstance(done, dict) else None
+        if not isinstance(key, dict) or done.get("status") != "ok":
+            continue  # a failed record holds no numbers; an old file without a key is recomputed if in this run
+        kp = key.get("prompts") or {}
+        d = differs(kp.get("sha256") == prompts_sha, kp.get("count"), key.get("options"))
+        if d:
+            return d, path
+    return None
+
+
+def _remove_earlier_run(out_dir: Path) -> int:
+    """--force over a run of other prompts/options: delete its model files and outputs."""
+    n = 0
+    for path in (out_dir / "models").glob("*.json"):
+        path.unlink(missing_ok=True)
+        n += 1
+    for name in _RUN_OUTPUTS:
+        (out_dir / name).unlink(missing_ok=True)
+    figures = out_dir / "figures"
+    if figures.is_dir():
+        for path in figures.iterdir():
+            if path.suffix in (".png", ".svg") and path.is_file():
+                path.unlink(missing_ok=True)
+    return n
+
+
+def _remove_temporaries(out_dir: Path) -> None:
+    """Temporary files of atomic writes (.NAME.XXXX.tmp) that a killed run left; we hold the
+    lock, so no other run is writing them."""
+    for d in (out_dir, out_dir / "models"):
+        for pattern in (".*.json.*.tmp", ".*.csv.*.tmp"):
+            for path in d.glob(pattern):
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    pass
+
+
+def _prepare_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a directory; choose a directory")
+    try:
+        (out_dir / "models").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the output directory {out_dir / 'models'} "
+                          f"({(e.strerror or type(e).__name__).lower()}); choose another --out") from e
+    if not os.access(out_dir / "models", os.W_OK | os.X_OK) or not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"the output directory {out_dir} is not writable; make it writable or choose another --out")
+
+
+def _say(msg: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg, file=sys.stdout)
+
+
+def _reuse_or_why(entry: ModelEntry, path: Path, key: dict[str, Any], force: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """(the earlier result to reuse, None) or (None, why it is recomputed; None for a new model)."""
+    if not path.exists():
+        return None, None
+    if force:
+        return None, f"{entry.spec}: recomputing (--force), replacing {path}"
+    try:
+        done = read_json(path)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, f"{entry.spec}: recomputing, {path} is unreadable ({type(e).__name__})"
+    if not isinstance(done, dict) or done.get("status") != "ok":
+        err = done.get("error") if isinstance(done, dict) else None
+        msg = err.get("message") if isinstance(err, dict) else None
+        return None, f"{entry.spec}: retrying, the earlier attempt failed" + (f" ({msg})" if msg else "")
+    old = done.get("resume_key")
+    if not isinstance(old, dict):
+        return None, f"{entry.spec}: recomputing, {path} has no resume key (written by an earlier sheafscope)"
+    if old.get("fingerprint") == key["fingerprint"] and done.get("fingerprint") == key["fingerprint"]:
+        return done, None
+    changes = key_changes(old, key) or ["the resume key differs"]
+    return None, f"{entry.spec}: recomputing, {path} is out of date: {'; '.join(changes)}"
+
+
+def _settle_weights(key: dict[str, Any], out: dict[str, Any]) -> None:
+    """A hub model's key records the commit that was loaded (resolved only at load time)."""
+    w = key["weights"]
+    if w.get("kind") == "hub" and out.get("status") == "ok" and isinstance(out.get("revision"), str) and _COMMIT.match(out["revision"]):
+        w["commit"] = out["revision"]
+        key["fingerprint"] = key_hash(key)
+
+
 def run(
     models: list[ModelEntry],
     prompts: list[str],
@@ -157,49 +643,88 @@ def run(
     suite: dict[str, Any] | None = None,
 ) -> RunOutcome:
     """Run every model, writing DIR/models/*.json as each finishes, then results.json,
-    summary.csv and analysis.json. Returns all model entries (ok and failed)."""
+    summary.csv and analysis.json. Returns all model entries (ok and failed).
+
+    Before any model loads: a model given twice raises ConfigError; DIR must be free (DIR/.lock;
+    a stale lock is replaced) and must not hold results of other prompts or options (ConfigError;
+    with force=True, those results are deleted first). A model whose file in DIR/models has the
+    same resume key is reused (stdout says so), else recomputed (stdout says why, when a file was
+    there). Model files in DIR/models of models not in this run are left in place and not listed
+    in results.json. A result that cannot be written (a full disk) raises OutputWriteError;
+    finished model files are kept.
+    """
     from tqdm.auto import tqdm
 
     from sheafscope.analysis import validate_prompts
 
     prompts = validate_prompts(prompts)
+    models = list(models)
+    check_distinct(models, options.init)
     out_dir = Path(out_dir)
-    (out_dir / "models").mkdir(parents=True, exist_ok=True)
-    header = {
-        "schema": "sheafscope.results/1",
-        "sheafscope_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "environment": environment(),
-        "definitions": definitions(options.restriction_map),
-        "options": asdict(options),
-        "prompt_source": prompt_source,
-        "prompts": prompts,
-        "suite": suite,
-    }
-    results: list[dict[str, Any]] = []
-    disable = not show_progress
-    model_bar = tqdm(models, desc="models", unit="model", disable=disable, position=0)
-    for entry in model_bar:
-        model_bar.set_postfix_str(entry.spec)
-        path = out_dir / "models" / f"{slug(entry.spec)}.json"
-        fp = fingerprint(prompts, options, entry)
-        if not force and path.exists():
+    _prepare_dir(out_dir)
+    with RunLock(out_dir):
+        _remove_temporaries(out_dir)
+        code = code_identity()
+        opts = _jsonable(asdict(options))
+        prompts_sha = hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
+        earlier = _earlier_run_differs(out_dir, prompts, opts, prompts_sha)
+        if earlier is not None:
+            what, where = earlier
+            if not force:
+                raise ConfigError(
+                    f"{out_dir} holds results of a run with {what} ({where}); results are never mixed: "
+                    f"choose another --out, or add --force to replace everything in {out_dir} (its earlier results are deleted)"
+                )
             try:
-                done = read_json(path)
-            except (OSError, json.JSONDecodeError):
-                done = {}
-            if done.get("status") == "ok" and done.get("fingerprint") == fp:
-                log.info("%s: complete in %s, skipped", entry.spec, path)
-                results.append(done)
-                continue
-        with tqdm(total=len(prompts), desc=f"  {entry.spec}", unit="prompt", disable=disable, leave=False, position=1) as bar:
-            out = run_one(entry, prompts, options, progress=bar.update)
-        out["fingerprint"] = fp
-        atomic_write_json(path, out)
-        if out["status"] != "ok":
-            tqdm.write(f"FAILED {entry.spec}: {out['error']['message']}", file=sys.stderr)
-        results.append(out)
-    write_outputs(out_dir, header, results)
+                n = _remove_earlier_run(out_dir)
+            except OSError as e:
+                raise ConfigError(f"--force: cannot delete the earlier results in {out_dir} "
+                                  f"({e.strerror or type(e).__name__}: {e.filename}); choose another --out") from e
+            _say(f"--force: {out_dir} held results of a run with {what}; deleted its {n} model file(s) and its results.json")
+        header = {
+            "schema": "sheafscope.results/1",
+            "sheafscope_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment(),
+            "definitions": definitions(options.restriction_map),
+            "options": asdict(options),
+            "prompt_source": prompt_source,
+            "prompts": prompts,
+            "suite": suite,
+        }
+        results: list[dict[str, Any]] = []
+        disable = not show_progress
+        try:
+            model_bar = tqdm(models, desc="models", unit="model", disable=disable, position=0)
+            for entry in model_bar:
+                model_bar.set_postfix_str(entry.spec)
+                path = out_dir / "models" / f"{slug(entry.spec)}.json"
+                key = resume_key(entry, prompts, options, code)
+                key["fingerprint"] = key_hash(key)
+                done, why = _reuse_or_why(entry, path, key, force)
+                if done is not None:
+                    _say(f"{entry.spec}: reused from {path} (same weights, code, prompts and options); --force recomputes")
+                    results.append(done)
+                    continue
+                if why:
+                    _say(why)
+                with tqdm(total=len(prompts), desc=f"  {entry.spec}", unit="prompt", disable=disable, leave=False, position=1) as bar:
+                    out = run_one(entry, prompts, options, progress=bar.update)
+                _settle_weights(key, out)
+                out["fingerprint"] = key["fingerprint"]
+                out["resume_key"] = key
+                atomic_write_json(path, out)
+                if out["status"] != "ok":
+                    tqdm.write(f"FAILED {entry.spec}: {out['error']['message']}", file=sys.stderr)
+                results.append(out)
+            ours = {f"{slug(e.spec)}.json" for e in models}
+            others = sorted(p.stem for p in (out_dir / "models").glob("*.json") if p.name not in ours)
+            if others:
+                _say(f"note: {out_dir / 'models'} also holds {len(others)} result file(s) of model(s) not in this run "
+                     f"({_names(others)}): left in place, not in results.json")
+            write_outputs(out_dir, header, results)
+        except OutputWriteError as e:
+            raise OutputWriteError(f"{e}: finished models are kept") from e
     return RunOutcome(out_dir, results)
 
 

@@ -7,14 +7,25 @@ A spec is one of:
     loaded from the hub, or with init="random" (or the prefix `random:`) built untrained;
   - a local directory (a transformers checkpoint) or a `.gguf` file;
   - a hub id (`org/name`), with `revision` and the token from $HF_TOKEN.
+
+Everything that can be refused is refused before a weight is read (check_spec): an unknown
+spec, a directory without config.json, --quantize where it cannot apply, a GGUF file whose
+header is truncated or names an unsupported architecture, a hub id with the hub unreachable
+and the model not in the local hub cache. GGUF files (aliases and paths) are dequantized once
+into the cache (models/offline.py) and loaded from there afterwards.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
+import socket
+import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +33,7 @@ from typing import Any
 import torch
 
 from sheafscope.models import catalog as cat
-from sheafscope.models import offline
+from sheafscope.models import gguf_header, offline
 from sheafscope.models.adapters import Adapter, adapter_class, adapter_for
 from sheafscope.errors import ConfigError, ModelLoadError, SheafscopeError, UnknownModelError
 
@@ -31,6 +42,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 TWIN_TOKENIZER = "minilm-l6"
+QUANTIZE = ("4bit", "8bit")
+HUB_PROBE_SECONDS = 3.0
 
 
 @dataclass
@@ -107,7 +120,8 @@ def _attention_for(model_type: str, attn: str | None) -> str | None:
 def _from_pretrained(path_or_id: str, dtype, device, attn, **kw):
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(path_or_id, **{k: v for k, v in kw.items() if k in ("revision", "token", "gguf_file")})
+    config = transformers.AutoConfig.from_pretrained(
+        path_or_id, **{k: v for k, v in kw.items() if k in ("revision", "token", "gguf_file", "local_files_only")})
     model_type = getattr(config, "model_type", "?")
     cls = _auto_class(model_type)  # fails here, before any weight is read, if unsupported
     attn = _attention_for(model_type, attn)
@@ -117,20 +131,123 @@ def _from_pretrained(path_or_id: str, dtype, device, attn, **kw):
 def _quantization(quantize: str | None, dtype: torch.dtype) -> dict:
     if quantize is None:
         return {}
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise ConfigError(
-            f"--quantize {quantize} needs bitsandbytes (and a CUDA GPU): pip install bitsandbytes"
-        ) from None
+    from transformers import BitsAndBytesConfig
+
     if quantize == "4bit":
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    elif quantize == "8bit":
-        q = BitsAndBytesConfig(load_in_8bit=True)
     else:
-        raise ConfigError(f"--quantize must be 4bit or 8bit, not '{quantize}'")
+        q = BitsAndBytesConfig(load_in_8bit=True)
     return {"quantization_config": q, "device_map": "auto"}
+
+
+_NOT_QUANTIZABLE = {
+    "random-init": "a random-init twin is built from a config, not loaded from a checkpoint; quantizing random weights "
+                   "measures nothing. Drop --quantize, or quantize a trained checkpoint (a hub id or a local directory)",
+    "offline-package": "the offline models are GGUF files, already quantized (Q4) and dequantized by transformers at load; "
+                       "bitsandbytes cannot apply to them. Drop --quantize (the alias is measured from its GGUF weights), "
+                       "or pass a hub id or a local transformers directory",
+    "gguf-file": "a GGUF file is already quantized and is dequantized by transformers at load; bitsandbytes cannot "
+                 "apply to it. Drop --quantize, or pass a hub id or a local transformers directory",
+}
+
+
+def _check_quantize(spec: str, kind: str, quantize: str | None) -> None:
+    """--quantize applies to hub and local-directory checkpoints, or is refused here, before loading."""
+    if quantize is None:
+        return
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"--quantize must be 4bit or 8bit, not '{quantize}'")
+    if kind in _NOT_QUANTIZABLE:
+        raise ConfigError(f"--quantize {quantize} does not apply to '{spec}' ({kind}): {_NOT_QUANTIZABLE[kind]}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"--quantize {quantize} needs the bitsandbytes package: pip install bitsandbytes") from None
+
+
+def _verify_quantized(loaded: "LoadedModel", quantize: str) -> str:
+    """That bitsandbytes really replaced the linear layers; the note that says so."""
+    import bitsandbytes as bnb
+
+    cls = bnb.nn.Linear4bit if quantize == "4bit" else bnb.nn.Linear8bitLt
+    n = sum(isinstance(m, cls) for m in loaded.model.modules())
+    if n == 0:
+        raise ModelLoadError(
+            f"--quantize {quantize} did not apply to '{loaded.spec}': the loaded model has no bitsandbytes "
+            f"{cls.__name__} layer (transformers or bitsandbytes skipped the quantization). Load it without --quantize"
+        )
+    if isinstance(loaded.adapter.value_input_module(0), cls):
+        return f"bitsandbytes {quantize}: {n} linear layers quantized; value weights dequantized for ||W_V||"
+    return f"bitsandbytes {quantize}: {n} linear layers quantized, not the value projections (read as stored)"
+
+
+class _OncePerMessage(logging.Filter):
+    """bitsandbytes' 8-bit matmul warns about the float16 cast on every call of every layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+_BNB_FILTER = _OncePerMessage()
+
+
+def _quiet_bitsandbytes() -> None:
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if _BNB_FILTER not in logger.filters:
+        logger.addFilter(_BNB_FILTER)
+
+
+# -- GGUF -------------------------------------------------------------------------------------
+def _gguf_preflight(path: Path, sha256: str) -> tuple[Path, gguf_header.GGUFHeader | None]:
+    """The dequantized cache of a GGUF, and (when it must still be built) the GGUF's header,
+    checked: truncation and unsupported architectures are refused here, before dequantizing."""
+    cached = offline.gguf_cache(sha256)
+    if offline.is_complete(cached):
+        return cached, None
+    header = gguf_header.read_header(path)
+    gguf_header.check_supported(header)
+    return cached, header
+
+
+def _dequantize_gguf(gguf: Path, header: gguf_header.GGUFHeader, target: Path, provenance: dict) -> None:
+    """Dequantize a GGUF with transformers (slow) and save it as plain safetensors at target."""
+    import transformers
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    need = header.n_elements * 4  # float32
+    free = shutil.disk_usage(target.parent).free
+    if free < need * 1.05:
+        raise ModelLoadError(
+            f"dequantizing {gguf.name} needs about {need / 1e9:.1f} GB in the cache {target.parent}, "
+            f"which has {free / 1e9:.1f} GB free: free space there or set SHEAFSCOPE_CACHE to another directory"
+        )
+    log.warning("dequantizing %s from GGUF once (slow); later runs load %s", gguf.name, target)
+    t0 = time.time()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    offline.save_dequantized(model, tok, target, {
+        **provenance, "architecture": header.architecture, "tensor_types": list(header.tensor_types),
+        "dequantize_s": round(time.time() - t0, 1),
+    })
+    del model
+
+
+def _gguf_note(cached: Path, default: str) -> str:
+    try:
+        types = json.loads((cached / "sheafscope-provenance.json").read_text()).get("tensor_types")
+    except (OSError, ValueError):
+        types = None
+    if not types:
+        return default
+    return f"weights dequantized by transformers from a GGUF ({', '.join(types)} tensors)"
 
 
 def _load_offline(alias: str, dtype, device, attn) -> LoadedModel:
@@ -143,21 +260,99 @@ def _load_offline(alias: str, dtype, device, attn) -> LoadedModel:
         model = _from_pretrained(str(path), dtype, device, attn)
         tok = transformers.AutoTokenizer.from_pretrained(str(path))
         return LoadedModel(model, tok, alias, entry.hub_id, "offline-package", tokenizer_from=f"{alias} (offline package)",
-                           file_sha256=offline.sha256_file(path / "model.safetensors"), metadata=entry.metadata)
+                           file_sha256=offline.sha256_cached(path / "model.safetensors"), metadata=entry.metadata)
     cached = offline.dequantized_cache(alias)
-    if not (cached / "sheafscope-provenance.json").exists():
+    if not offline.is_complete(cached):
         gguf = offline.gguf_file(alias)
-        log.warning("dequantizing %s from GGUF once (slow); later runs load %s", alias, cached)
-        t0 = time.time()
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        offline.save_dequantized(model, tok, cached, {"alias": alias, "gguf_sha256": w.sha256, "dequantize_s": time.time() - t0})
-        del model
+        header = gguf_header.read_header(gguf)
+        gguf_header.check_supported(header)
+        _dequantize_gguf(gguf, header, cached, {"alias": alias, "gguf_sha256": w.sha256})
     model = _from_pretrained(str(cached), dtype, device, attn)
     tok = transformers.AutoTokenizer.from_pretrained(str(cached))
     return LoadedModel(model, tok, alias, entry.hub_id, "offline-package", file_sha256=w.sha256,
                        tokenizer_from=f"{alias} (from its GGUF)", metadata=entry.metadata,
-                       notes=["weights dequantized from a Q4 GGUF by transformers"])
+                       notes=[_gguf_note(cached, "weights dequantized from a Q4 GGUF by transformers")])
+
+
+def _load_gguf_file(spec: str, path: Path, dtype, device, attn) -> LoadedModel:
+    """A GGUF file by path: dequantized once into the cache (keyed by its sha256), then loaded
+    from the cached safetensors like any checkpoint directory."""
+    import transformers
+
+    sha = offline.sha256_cached(path)
+    cached, header = _gguf_preflight(path, sha)
+    if header is not None:
+        _dequantize_gguf(path, header, cached, {"gguf": str(path), "gguf_sha256": sha})
+    model = _from_pretrained(str(cached), dtype, device, attn)
+    tok = transformers.AutoTokenizer.from_pretrained(str(cached))
+    return LoadedModel(model, tok, spec, path.name, "gguf-file", file_sha256=sha, tokenizer_from=f"{path.name} (GGUF)",
+                       notes=[_gguf_note(cached, "weights dequantized from a GGUF by transformers")])
+
+
+# -- the hub ----------------------------------------------------------------------------------
+def _hub_hint(known_unreachable: bool = False) -> str:
+    lead = " Use" if known_unreachable else " This machine may not reach the model hub: use"
+    return f"{lead} an offline alias ({', '.join(offline.OFFLINE_WEIGHTS)}), a local directory, or --init random."
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline() -> bool:
+    """Whether the hub is switched off ($HF_HUB_OFFLINE or $TRANSFORMERS_OFFLINE)."""
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """A quick TCP probe of the hub endpoint ($HF_ENDPOINT). Without it, an unreachable hub
+    costs transformers' retries (about 35 s and ten warnings) before the error. Behind a proxy
+    ($HTTPS_PROXY, $ALL_PROXY) the probe cannot tell, so the hub counts as reachable."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def probe():  # in a thread: name resolution ignores socket timeouts
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+def _in_hub_cache(hub_id: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(hub_id, "config.json", revision=revision), str)
+    except Exception:
+        return False
+
+
+def _hub_preflight(spec: str, hub_id: str, revision: str | None) -> bool:
+    """Whether to load from the local hub cache only; refuses at once when the hub is off or
+    unreachable and the model is not cached."""
+    if hub_offline():
+        if not _in_hub_cache(hub_id, revision):
+            raise ModelLoadError(
+                f"could not load '{spec}' (hub): HF_HUB_OFFLINE is set and {hub_id}"
+                f"{'@' + revision if revision else ''} is not in the local hub cache.{_hub_hint(True)}"
+            )
+        return True
+    if hub_reachable():
+        return False
+    if _in_hub_cache(hub_id, revision):
+        log.warning("the model hub is unreachable: loading %s from the local hub cache", hub_id)
+        return True
+    raise ModelLoadError(f"could not load '{spec}' (hub): the model hub cannot be reached from this machine "
+                         f"and {hub_id} is not in the local hub cache.{_hub_hint(True)}")
 
 
 def twin_tokenizer(entry: cat.CatalogEntry) -> tuple[Any, str]:
@@ -218,7 +413,19 @@ def classify_spec(spec: str, init: str = "pretrained") -> str:
     if path.suffix == ".gguf" or path.exists():
         if not path.exists():
             raise UnknownModelError(f"GGUF file {path} does not exist")
-        return "gguf-file" if path.is_file() else "local-dir"
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise UnknownModelError(
+                    f"{path} has no config.json: not a transformers checkpoint (expected config.json and weights); "
+                    "pass a model directory, a .gguf file, or an offline alias"
+                )
+            return "local-dir"
+        if not gguf_header.has_gguf_magic(path):
+            raise UnknownModelError(
+                f"{path} is a file but not a GGUF file (no GGUF magic bytes); pass a model directory, "
+                "a .gguf file, or an offline alias"
+            )
+        return "gguf-file"
     entry = cat.find(name)
     if entry is not None:
         if init == "random":
@@ -232,6 +439,38 @@ def classify_spec(spec: str, init: str = "pretrained") -> str:
         f"unknown model '{name}': not an offline alias, catalog name, local path or hub id (org/name). "
         f"Offline: {', '.join(offline.OFFLINE_WEIGHTS)}. Catalog: {', '.join(n for n, e in cat.catalog().items() if not e.offline)}"
     )
+
+
+def check_spec(spec: str, init: str = "pretrained", quantize: str | None = None) -> str:
+    """Everything about a spec that can be refused without loading it: classify_spec, then
+    --quantize (refused for twins, offline aliases and GGUF files, with the reason), then a GGUF
+    file's header when it has not been dequantized yet (truncated, unsupported architecture).
+    Returns the kind. A GGUF file is hashed here (once per version of the file: the hash is
+    remembered in the cache)."""
+    kind = classify_spec(spec, init)
+    _check_quantize(spec, kind, quantize)
+    if kind == "gguf-file":
+        path = Path(parse_spec(spec.strip(), init)[0]).expanduser().resolve()
+        _gguf_preflight(path, offline.sha256_cached(path))
+    return kind
+
+
+def weights_sha256(spec: str, init: str = "pretrained") -> str | None:
+    """The sha256 that load_model records as LoadedModel.file_sha256, without loading: a GGUF
+    file's, a checkpoint directory's (offline.dir_digest), an offline alias's published one.
+    Hashes are remembered in the cache's hash index, so this is cheap after the first time.
+    None for hub ids (their identity is the commit: LoadedModel.revision) and random twins."""
+    kind = classify_spec(spec, init)
+    name, _ = parse_spec(spec.strip(), init)
+    if kind == "gguf-file":
+        return offline.sha256_cached(Path(name).expanduser().resolve())
+    if kind == "local-dir":
+        return offline.dir_digest(Path(name).expanduser().resolve())
+    if kind == "offline-package":
+        alias = cat.find(name).offline
+        w = offline.OFFLINE_WEIGHTS[alias]
+        return w.sha256 or offline.sha256_cached(offline.model_dir(alias) / "model.safetensors")
+    return None
 
 
 def load_model(
@@ -251,8 +490,11 @@ def load_model(
     attention interface); the capture switches it for the length of an analysis (capture/).
     config_overrides apply to random-init twins only (e.g. {"max_position_embeddings": 65536}).
     dtype defaults to float32 on the CPU and bfloat16 on a GPU. The hub token is read from
-    $HF_TOKEN. Raises UnknownModelError, UnsupportedArchitectureError or ModelLoadError with
-    a message that says what to do.
+    $HF_TOKEN. quantize ("4bit"/"8bit", bitsandbytes) applies to hub and local-directory
+    checkpoints only; elsewhere it is refused with ConfigError before anything loads, and a
+    quantization that did not take effect raises ModelLoadError rather than being recorded.
+    Raises UnknownModelError, ConfigError, UnsupportedArchitectureError or ModelLoadError with
+    a message that says what to do; check_spec runs the same refusals without loading.
     """
     import transformers
 
@@ -260,49 +502,46 @@ def load_model(
     attn_implementation = None  # transformers' default: sdpa where the family has it
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
-    kind = classify_spec(spec, init)
     name, _ = parse_spec(spec.strip(), init)
-    entry = cat.find(name)
+    kind = classify_spec(spec, init)
     if config_overrides and kind != "random-init":
         raise ConfigError(f"config overrides apply to random-init twins only, not to '{spec}' ({kind})")
+    _check_quantize(spec, kind, quantize)  # before anything is read
+    entry = cat.find(name)
     try:
         if kind == "random-init":
             loaded = build_twin(entry, seed, torch_dtype, device, attn_implementation, config_overrides)
         elif kind == "offline-package":
-            if quantize:
-                raise ConfigError("--quantize applies to hub and local checkpoints, not to the offline GGUF models")
             loaded = _load_offline(entry.offline, torch_dtype, device, attn_implementation)
         elif kind == "gguf-file":
-            path = Path(name).expanduser().resolve()
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype,
-                                                                      attn_implementation=attn_implementation).to(device).eval()
-            tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            loaded = LoadedModel(model, tok, spec, path.name, "gguf-file", file_sha256=offline.sha256_file(path),
-                                 tokenizer_from=f"{path.name} (GGUF)")
+            loaded = _load_gguf_file(spec, Path(name).expanduser().resolve(), torch_dtype, device, attn_implementation)
         elif kind == "local-dir":
             path = Path(name).expanduser().resolve()
+            if quantize:
+                _quiet_bitsandbytes()
             model = _from_pretrained(str(path), torch_dtype, device, attn_implementation, **_quantization(quantize, torch_dtype))
             tok = transformers.AutoTokenizer.from_pretrained(str(path))
-            loaded = LoadedModel(model, tok, spec, str(path), "local-dir", tokenizer_from=str(path))
+            loaded = LoadedModel(model, tok, spec, str(path), "local-dir", tokenizer_from=str(path),
+                                 file_sha256=offline.dir_digest(path))
         else:  # hub
             hub_id = entry.hub_id if entry else name
+            local_only = _hub_preflight(spec, hub_id, revision)
             token = os.environ.get("HF_TOKEN") or None
-            kw = dict(revision=revision, token=token, **_quantization(quantize, torch_dtype))
-            model = _from_pretrained(hub_id, torch_dtype, device, attn_implementation, **kw)
-            tok = transformers.AutoTokenizer.from_pretrained(hub_id, revision=revision, token=token)
+            hub_kw = dict(revision=revision, token=token, **({"local_files_only": True} if local_only else {}))
+            if quantize:
+                _quiet_bitsandbytes()
+            model = _from_pretrained(hub_id, torch_dtype, device, attn_implementation, **hub_kw, **_quantization(quantize, torch_dtype))
+            tok = transformers.AutoTokenizer.from_pretrained(hub_id, **hub_kw)
             commit = getattr(model.config, "_commit_hash", None)
             loaded = LoadedModel(model, tok, spec, hub_id, "hub", revision=commit or revision or "main",
                                  tokenizer_from=hub_id, metadata=entry.metadata if entry else {})
     except SheafscopeError:
         raise
     except (OSError, ValueError, RuntimeError) as e:
-        hint = ""
-        if kind == "hub":
-            hint = (" This machine may not reach the model hub: use an offline alias "
-                    f"({', '.join(offline.OFFLINE_WEIGHTS)}), a local directory, or --init random.")
+        hint = _hub_hint() if kind == "hub" else ""
         raise ModelLoadError(f"could not load '{spec}' ({kind}): {(str(e).splitlines()[0] if str(e) else type(e).__name__).rstrip('.')}.{hint}") from e
     loaded.load_seconds = time.time() - t0
     loaded.adapter  # resolve now: an unsupported layout fails at load, not mid-run
     if quantize:
-        loaded.notes.append(f"bitsandbytes {quantize}: value weights dequantized for ||W_V||")
+        loaded.notes.append(_verify_quantized(loaded, quantize))
     return loaded

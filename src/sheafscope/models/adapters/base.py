@@ -43,6 +43,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
     A bitsandbytes 4-bit weight is stored as packed uint8 bytes of shape (n*m/2, 1): reading
     `.data.float()` gives byte values, not weights, so it must go through dequantize_4bit.
+    An 8-bit weight (Linear8bitLt, LLM.int8()) is int8 codes CB, one row per output, with the
+    rows' absmax SCB: the weight is CB * SCB / 127 (see int8_weight).
     """
     w = module.weight
     cls = type(w).__name__
@@ -53,16 +55,44 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
             return _dequantize_cpu_packed_4bit(w.data, w.quant_state)
         return bnbf.dequantize_4bit(w.data, w.quant_state).float()
     if cls == "Int8Params":
-        scb = getattr(w, "SCB", None) or getattr(module.state, "SCB", None)
-        if scb is None:
-            raise UnsupportedArchitectureError("8-bit weight without SCB scales: cannot dequantize it")
-        return w.data.float() * scb.float()[:, None] / 127.0
+        return int8_weight(module)
     if w.dtype in (torch.uint8, torch.int8):
         raise UnsupportedArchitectureError(
             f"weight of {type(module).__name__} is stored as {w.dtype} with no known dequantizer; "
             "load the model without quantization or with bitsandbytes 4/8-bit"
         )
     return w.detach().float()
+
+
+def int8_weight(module: nn.Module) -> torch.Tensor:
+    """Dequantize a bitsandbytes Linear8bitLt weight: float32 (out, in) = CB * SCB / 127.
+
+    bitsandbytes (0.45 to 0.50 at least, CPU and CUDA alike) keeps the int8 codes in
+    weight.data (= weight.CB) and the per-row absmax in weight.SCB until the layer's first
+    forward pass; that pass moves CB and SCB to module.state and sets weight.CB/SCB to None,
+    and weight.data stays the int8 codes. Its kernels multiply by exactly CB * SCB / 127
+    (int8_mm_dequant scales the int32 product by SCA * SCB / 127^2). A weight still held in
+    floating point (has_fp16_weights, or not yet moved to a device) is returned as it is.
+    """
+    w = module.weight
+    if w.dtype != torch.int8:
+        return w.detach().float()
+    scb = getattr(w, "SCB", None)
+    if scb is None:
+        state = getattr(module, "state", None)
+        scb = getattr(state, "SCB", None) if state is not None else None
+    if scb is None:
+        raise UnsupportedArchitectureError(
+            f"{type(module).__name__}: 8-bit weight without its SCB row scales (neither weight.SCB nor state.SCB); "
+            "cannot dequantize it. Load the model without --quantize or with --quantize 4bit"
+        )
+    codes = w.detach()
+    if scb.numel() != codes.shape[0]:
+        raise UnsupportedArchitectureError(
+            f"{type(module).__name__}: 8-bit weight {tuple(codes.shape)} with {scb.numel()} row scales; "
+            "unrecognised bitsandbytes layout. Load the model without --quantize or with --quantize 4bit"
+        )
+    return codes.float() * (scb.detach().float().reshape(-1, 1) / 127.0)
 
 
 def _dequantize_cpu_packed_4bit(packed: torch.Tensor, state) -> torch.Tensor:

@@ -1,11 +1,22 @@
-"""GPT-2: fused `c_attn` is a Conv1D with weight (in, out) = (D, 3D), columns [Q | K | V]."""
+"""GPT-2: fused `c_attn` is a Conv1D with weight (in, out) = (D, 3D), columns [Q | K | V].
+
+Quantized with bitsandbytes, transformers replaces each Conv1D by a Linear4bit/Linear8bitLt
+holding the transposed weight (out, in), quantized (D5): read it through dense_weight.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from sheafscope.models.adapters.base import Adapter
+from sheafscope.models.adapters.base import Adapter, dense_weight
+
+
+def _in_out(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as float32 (in, out), whether a Conv1D or a bitsandbytes Linear."""
+    if type(module.weight).__name__ in ("Params4bit", "Int8Params"):
+        return dense_weight(module).T
+    return module.weight.detach().float()
 
 
 class GPT2Adapter(Adapter):
@@ -18,7 +29,7 @@ class GPT2Adapter(Adapter):
     def value_weight(self, layer: int) -> torch.Tensor:
         g = self.geometry
         d = g.n_heads * g.head_dim
-        w = self.attention(layer).c_attn.weight.detach().float()  # Conv1D: (in, out)
+        w = _in_out(self.attention(layer).c_attn)  # Conv1D: (in, out)
         return w[:, 2 * d : 3 * d].T.reshape(g.n_heads, g.head_dim, g.d_model)
 
     def value_bias(self, layer: int) -> torch.Tensor | None:
@@ -28,7 +39,7 @@ class GPT2Adapter(Adapter):
 
     def output_weight(self, layer: int) -> torch.Tensor:
         g = self.geometry
-        w = self.attention(layer).c_proj.weight.detach().float().T  # Conv1D (in, out) -> (out, in)
+        w = _in_out(self.attention(layer).c_proj).T  # Conv1D (in, out) -> (out, in)
         return w.reshape(g.d_model, g.n_heads, g.head_dim).permute(1, 0, 2)
 
     def value_input_module(self, layer: int) -> nn.Module:
