@@ -302,3 +302,30 @@ def test_cuda_lse_route_equals_exact_rows(name, monkeypatch):
     exact = capture(target, prompts, "fast")
     assert exact.ran["exact-rows"] > 0 and "exact-rows" not in lse.ran
     _assert_close(lse.prompts, exact.prompts)
+
+
+@pytest.mark.integration
+def test_from_model_gives_the_numbers_of_the_same_checkpoint_by_path(tmp_path, offline_model):
+    """A model the caller loaded and wrapped with from_model: the same numbers as the same
+    checkpoint loaded by path, and the model unchanged afterwards (attention implementation,
+    hooks, outputs)."""
+    import sheafscope as ss
+
+    tok = offline_model("smollm2-135m").tokenizer
+    cls_name, kwargs = TINY_CONFIGS["llama"]
+    config = getattr(transformers, cls_name)(**{**kwargs, "vocab_size": len(tok)})
+    torch.manual_seed(5)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    mine = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = mine(input_ids=ids).logits
+    hooks = [dict(m._forward_pre_hooks) for m in mine.modules()]
+    got = analyze(ss.from_model(mine, tok), PROMPTS[:3])
+    want = analyze(load_model(str(tmp_path), device="cpu", dtype="float32"), PROMPTS[:3])
+    _assert_close(got.prompts, want.prompts, rtol=1e-6)
+    assert mine.config._attn_implementation == "sdpa"
+    assert [dict(m._forward_pre_hooks) for m in mine.modules()] == hooks
+    with torch.no_grad():
+        assert torch.equal(mine(input_ids=ids).logits, before)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model", "analyze", "LoadedModel", "ModelResult"]
+__all__ = ["__version__", "load_model", "from_model", "analyze", "LoadedModel", "ModelResult"]
 
 _LAZY = {
     "load_model": "sheafscope.models.loading",
+    "from_model": "sheafscope.models.loading",
     "LoadedModel": "sheafscope.models.loading",
     "analyze": "sheafscope.analysis",
     "ModelResult": "sheafscope.analysis",

@@ -545,3 +545,17 @@ def load_model(
     if quantize:
         loaded.notes.append(_verify_quantized(loaded, quantize))
     return loaded
+
+
+def from_model(model: torch.nn.Module, tokenizer: Any, spec: str | None = None) -> LoadedModel:
+    """Wrap a transformers model the caller loaded their own way (a device map, a quantization,
+    a fine-tune) for `analyze`, as it is: nothing is copied or converted, and an analysis
+    switches its attention implementation only while it runs. Raises
+    UnsupportedArchitectureError for a family sheafscope has no adapter for."""
+    name = spec or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    revision = getattr(model.config, "_commit_hash", None)
+    loaded = LoadedModel(model.eval(), tokenizer, name, name, "in-memory", revision=revision,
+                         tokenizer_from=getattr(tokenizer, "name_or_path", "") or "given",
+                         notes=["wrapped with from_model: the caller's own model object"])
+    loaded.adapter  # an unsupported layout fails here, not mid-analysis
+    return loaded
