@@ -143,7 +143,7 @@ class Adapter:
     norm_path: ClassVar[str | None] = None  # dotted path from a block to the pre-attention norm
     norm_gain_offset: ClassVar[float] = 0.0  # Gemma's RMSNorm scales by (1 + weight)
     # Whether attention runs through transformers' AttentionInterface, so that the fast path
-    # (capture_fast.py) can capture it; if not, fast_path_note says why and the family loads eager.
+    # (capture/fast.py) can capture it; if not, fast_path_note says why and the family runs eager.
     fast_path_supported: ClassVar[bool] = True
     fast_path_note: ClassVar[str] = ""
 
