@@ -329,3 +329,19 @@ def test_from_model_gives_the_numbers_of_the_same_checkpoint_by_path(tmp_path, o
     assert [dict(m._forward_pre_hooks) for m in mine.modules()] == hooks
     with torch.no_grad():
         assert torch.equal(mine(input_ids=ids).logits, before)
+
+
+@pytest.mark.unit
+def test_missing_attention_fails_loudly_on_both_paths():
+    """D7: with sdpa, transformers returns attentions == () rather than None; neither path may
+    read that as zero layers. The eager reference refuses it, and the fast path refuses a
+    forward pass in which its attention function saw fewer layers than the model has."""
+    from sheafscope.capture import eager, fast_batch
+
+    model = build_tiny("llama", attn_implementation="sdpa")
+    target = target_of(model)
+    ids = _prompts([7])[0]
+    with pytest.raises(SheafscopeError, match="attention weights for nothing"):
+        eager.capture_one(target, ids[None])
+    with pytest.raises(SheafscopeError, match="0 of 2 layers"):
+        fast_batch.launch(target, [ids]).result()
