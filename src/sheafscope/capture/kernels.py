@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sheafscope.capture.scores import Scores, stat_dtype
+from sheafscope.capture.scores import Scores, masked, stat_dtype
 from sheafscope.sheaf import row_stats_from_scores
 
 # Scores per block of the chunked route (batch x heads x rows x keys): memory O(rows x n).
@@ -61,9 +61,7 @@ def block_statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if mask.dtype != torch.bool:
-        return mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
+    return masked(torch.zeros(mask.shape, dtype=dtype, device=mask.device), mask)
 
 
 def _cuda_bias(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

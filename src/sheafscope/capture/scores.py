@@ -48,10 +48,7 @@ class Scores:
             s = s + _take(self.bias, select).to(s.dtype)
         if self.causal:
             s = s.masked_fill(keys[None, :] > rows[:, None], -torch.inf)
-        if self.mask is not None:
-            m = _take(self.mask, select)
-            s = s.masked_fill(~m, -torch.inf) if m.dtype == torch.bool else s + m.to(s.dtype)
-        return s
+        return s if self.mask is None else masked(s, _take(self.mask, select))
 
     def block(self, q: torch.Tensor, k: torch.Tensor, q0: int, q1: int, dtype: torch.dtype) -> torch.Tensor:
         """Scores (b, h, q1 - q0, kv) of query rows q0..q1-1 against every key."""
@@ -101,10 +98,14 @@ class Scores:
         for keys, column in ((k, None), (k[:, :, :1], 0)):
             s = (qg * keys.to(dtype)[:, :, None]).sum(-1).reshape(b, h, n) * self.scale
             if self.mask is not None:
-                m = self.mask.diagonal(dim1=-2, dim2=-1) if column is None else self.mask[..., column]
-                s = s.masked_fill(~m, -torch.inf) if m.dtype == torch.bool else s + m.to(dtype)
+                s = masked(s, self.mask.diagonal(dim1=-2, dim2=-1) if column is None else self.mask[..., column])
             out.append(s)
         return out[0], out[1]
+
+
+def masked(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scores s with transformers' mask applied: boolean (True: attend) or additive."""
+    return s.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else s + mask.to(s.dtype)
 
 
 def _take(t: torch.Tensor, select: tuple) -> torch.Tensor:
