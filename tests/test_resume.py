@@ -20,7 +20,7 @@ import pytest
 import torch
 import transformers
 
-from sheafscope import runner
+from sheafscope import resume, runner
 from sheafscope.cli import main
 from sheafscope.errors import ConfigError, OutputWriteError
 from sheafscope.outputs.io import atomic_write_text
@@ -170,7 +170,7 @@ def test_code_change_recomputes(ckpts, tmp_path, prompts, capsys, monkeypatch):
     out, spec = tmp_path / "out", str(ckpts["a"])
     args = ["-m", spec, "--prompts", prompts(PROMPTS), "--out", str(out)]
     assert _run(capsys, *args)[0] == 0
-    monkeypatch.setattr(runner, "code_revision", lambda: "0" * 64)  # as after a `git pull` with a fix
+    monkeypatch.setattr(resume, "code_revision", lambda: "0" * 64)  # as after a `git pull` with a fix
     rc, stdout, _ = _run(capsys, *args)
     assert rc == 0
     assert f"{spec}: recomputing, {_model_file(out, spec)} is out of date: code changed (source_sha256 " in stdout
@@ -181,19 +181,19 @@ def test_code_change_recomputes(ckpts, tmp_path, prompts, capsys, monkeypatch):
 
 def test_code_revision_hashes_the_package_files(tmp_path, monkeypatch):
     pkg = tmp_path / "sheafscope"
-    shutil.copytree(Path(runner.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(runner, "__file__", str(pkg / "runner.py"))
-    base = runner.code_revision()
-    assert base == runner.code_revision() and len(base) == 64
+    shutil.copytree(Path(resume.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(resume, "__file__", str(pkg / "resume.py"))
+    base = resume.code_revision()
+    assert base == resume.code_revision() and len(base) == 64
     (pkg / "__pycache__").mkdir()
     (pkg / "__pycache__" / "x.pyc").write_bytes(b"bytecode")
-    assert runner.code_revision() == base  # caches do not count
+    assert resume.code_revision() == base  # caches do not count
     (pkg / "data" / "catalog.toml").write_text((pkg / "data" / "catalog.toml").read_text() + "\n# edited\n")
-    edited = runner.code_revision()
+    edited = resume.code_revision()
     assert edited != base  # data files count
     with open(pkg / "analysis.py", "a") as f:
         f.write("\n# a fix\n")
-    assert runner.code_revision() not in (base, edited)
+    assert resume.code_revision() not in (base, edited)
 
 
 # -- never mixed -----------------------------------------------------------------------------------
@@ -394,10 +394,10 @@ def test_a_hub_model_is_identified_by_the_commit_its_revision_resolves_to(tmp_pa
     refs.mkdir(parents=True)
     old, new = "a" * 40, "b" * 40
     (refs / "main").write_text(old)
-    first = runner.weights_identity("org/name", RunOptions())
+    first = resume.weights_identity("org/name", RunOptions())
     assert first == {"kind": "hub", "id": "org/name", "revision": "main", "commit": old}
-    assert runner.weights_identity("org/name", RunOptions(revision=new))["commit"] == new  # a commit pins itself
+    assert resume.weights_identity("org/name", RunOptions(revision=new))["commit"] == new  # a commit pins itself
     (refs / "main").write_text(new)  # the cached main moved (a newer download)
-    second = runner.weights_identity("org/name", RunOptions())
-    assert runner.key_changes({"weights": first}, {"weights": second}) == [
+    second = resume.weights_identity("org/name", RunOptions())
+    assert resume.key_changes({"weights": first}, {"weights": second}) == [
         f"weights changed: org/name revision main ({old[:12]}) is now main ({new[:12]})"]
