@@ -115,8 +115,16 @@ def notebook_trace(attention: torch.Tensor, w_v: torch.Tensor) -> float:
     return (attention.sum().item() - attention.trace().item()) * w_v_frobenius_sq
 
 
+def gpus() -> range:
+    """Every visible GPU: a model under a device map computes on all of them."""
+    return range(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
 def timed(fn, prompts: list[torch.Tensor], device: torch.device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    def sync():
+        for i in gpus() if device.type == "cuda" else ():
+            torch.cuda.synchronize(i)
+
     sync()
     t = time.perf_counter()
     fn(prompts)
@@ -139,8 +147,9 @@ class PeakMemory:
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
-            self.base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            self.base = sum(torch.cuda.memory_allocated(i) for i in gpus())
+            for i in gpus():
+                torch.cuda.reset_peak_memory_stats(i)
             return
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -152,7 +161,9 @@ class PeakMemory:
     def peak(self) -> int | None:
         if self.base is None:
             return None
-        return (torch.cuda.max_memory_allocated() if self.cuda else status_bytes("VmHWM")) - self.base
+        if self.cuda:  # summed over GPUs: an upper bound when their peaks fall at different times
+            return sum(torch.cuda.max_memory_allocated(i) for i in gpus()) - self.base
+        return status_bytes("VmHWM") - self.base
 
 
 def measure(methods: Methods, method: str, prompts: list[torch.Tensor], args) -> dict:
@@ -302,6 +313,7 @@ def main() -> int:
     p.add_argument("--pairs", type=int, default=15, help="GPU: interleaved a/b pairs per workload")
     p.add_argument("--max-seconds", type=float, default=300.0, help="time budget per configuration")
     p.add_argument("--context", type=int, default=None, help="max_position_embeddings of a random twin")
+    p.add_argument("--device-map", default=None, help="auto, balanced or sequential: one model over every visible GPU")
     p.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch for a and b (default: BATCH_TOKENS)")
     p.add_argument("--exact-keys", type=int, default=None,
                    help="the fast path's EXACT_KEYS on this device (0: every call takes the lse route)")
@@ -311,7 +323,7 @@ def main() -> int:
     p.add_argument("--out", default=None, help="JSON file, rewritten after every workload")
     args = p.parse_args()
 
-    loaded = sheafscope.load_model(args.model, device=args.device, dtype=args.dtype,
+    loaded = sheafscope.load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                                    config_overrides={"max_position_embeddings": args.context} if args.context else None)
     dev = loaded.device.type
     # The capture's two size rules are public constants; setting them measures what each buys.

@@ -33,7 +33,6 @@ def no_model_loads(monkeypatch):
         raise AssertionError("a run that should have been refused reached the runner / model loading")
 
     monkeypatch.setattr(runner, "run", refuse)
-    monkeypatch.setattr(runner, "run_one", refuse)
     monkeypatch.setattr(loading, "load_model", refuse)
 
 

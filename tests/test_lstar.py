@@ -137,3 +137,70 @@ def test_a_registered_definition_reaches_results_summary_analysis_and_cli(monkey
     assert "L*last" in header and "L*half" in header and "L*gradient" in header
     assert " 4.0±1.0 " in line  # half over prompts: mean ± std
     assert "L*last: the last layer (a test)" in out
+
+
+# --------------------------------------------------------------------------- the flat-profile rule
+
+
+def test_transition_test_by_hand():
+    # Steps per prompt between layers: prompt 1 (1, 10), prompt 2 (1, 6). Mean steps (1, 8): the
+    # largest is 8 at l = 1; its per-prompt values 10 and 6 have sd 2*sqrt(2) (ddof 1), SE 2, z 4.
+    traces = np.array([[0.0, 1.0, 11.0], [0.0, 1.0, 7.0]])
+    t = lstar.transition_test(traces)
+    assert t["step_layer"] == 1 and t["step"] == 8.0
+    assert t["step_se"] == pytest.approx(2.0) and t["step_z"] == pytest.approx(4.0)
+    assert t["flat"] is False  # 8 > 3 * 2
+    assert lstar.transition_test(traces, k=5.0)["flat"] is True  # 8 <= 5 * 2
+
+
+def test_flat_profile_is_marked_no_transition():
+    # Prompt-to-prompt noise around a constant: the largest mean step (0.5) is within 3 SEs.
+    noisy = np.array([[10.0, 11.0, 10.0, 11.0], [11.0, 10.0, 11.0, 10.0], [10.0, 10.0, 10.0, 10.0]])
+    t = lstar.transition_test(noisy)
+    # steps: (1, -1, 1), (-1, 1, -1), (0, 0, 0): every mean step is 0, so 0 <= 3 * SE.
+    assert t["step"] == 0.0 and t["flat"] is True
+    assert lstar.transition_test(np.ones((4, 6)))["flat"] is True  # constant: no step at all
+    assert lstar.transition_test(np.tile(STEP, (3, 1)))["flat"] is False  # identical steps: SE 0, step 9
+    assert lstar.transition_test(STEP[None, :])["flat"] is None  # one prompt cannot be judged
+    row = summary_frame([_model(noisy)]).iloc[0]
+    assert bool(row["no_transition"]) and row["transition_z"] == 0.0
+    assert "no transition" in lstar.TRANSITION_RULE and "standard error" in lstar.TRANSITION_RULE
+
+
+def test_twins_and_flat_models_stay_out_of_the_mape_and_verdicts():
+    # Three trained models with a clean step at boundary 3 (diff L* = 3), one flat trained model and
+    # one twin whose L* (5) would change the MAPE if it counted. L = 6, H = 4 for all.
+    step = np.tile(STEP, (3, 1))
+    noisy = np.array([[10.0, 11.0, 10.0, 11.0, 10.0, 11.0], [11.0, 10.0, 11.0, 10.0, 11.0, 10.0]])
+    late = np.tile([0.0, 0.0, 0.0, 0.0, 0.0, 6.0], (3, 1))
+    models = [_model(step, spec=f"m{i}") for i in range(3)] + [_model(noisy, spec="flat"),
+                                                                _model(late, spec="twin", init="random")]
+    for i, m in enumerate(models):
+        m["metadata"] = {"lab": f"Lab{i}"}
+    analysis = analysis_block(models, summary_frame(models), n_boot=50)
+    predicted = 6 * (0.11 + 0.012 * 6 + 4.9 / 4)
+    by_hand = abs(predicted - 3.0) / 6 * 100  # the same error for the three trained models
+    assert analysis["mape"]["overall"]["n"] == 3
+    assert analysis["mape"]["overall"]["mape_of_L"] == pytest.approx(by_hand)
+    formula = next(c for c in analysis["claims"] if c["key"] == "formula")
+    assert formula["n"] == 3 and formula["estimate"] == pytest.approx(by_hand)
+    assert formula["ci"] == pytest.approx([by_hand, by_hand])  # equal errors: every resample agrees
+    assert formula["models"] == ["m0", "m1", "m2"]
+    assert formula["excluded"]["random-init controls"] == ["twin"]
+    assert formula["excluded"]["no transition"] == ["flat"]
+    assert formula["verdict"] == "CALIBRATION NEEDED"  # by_hand is about 77 %
+    assert formula["thresholds"]["validated_below_pct"] == 10 and formula["thresholds"]["partial_below_pct"] == 15
+    assert {b["name"] for b in formula["baselines"]} == {"half", "ratio_cv", "formula_refit_cv"}
+    assert analysis["controls"] == ["twin"] and analysis["no_transition"] == ["flat"]
+    assert {c["key"] for c in analysis["claims"]} >= {"formula", "sink", "massive_activation"}
+
+
+def test_two_trained_models_give_numbers_but_no_verdict():
+    models = [_model(np.tile(STEP, (3, 1)), spec=f"m{i}") for i in range(2)]
+    for i, m in enumerate(models):
+        m["metadata"] = {"lab": f"Lab{i}"}
+    analysis = analysis_block(models, summary_frame(models), n_boot=20)
+    formula = next(c for c in analysis["claims"] if c["key"] == "formula")
+    assert formula["verdict"] == "NO VERDICT" and formula["n"] == 2
+    assert "at least 3" in formula["verdict_reason"] and math.isfinite(formula["estimate"])
+    assert analysis["mape"]["verdict"] == "NO VERDICT"

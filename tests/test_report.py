@@ -26,6 +26,9 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
+from sheafscope.measures.lstar import TRANSITION_RULE
+from sheafscope.models.catalog import catalog
+from sheafscope.outputs.claims import CLAIMS, evaluate_all
 from sheafscope.outputs.figures import FIGURE_STEMS, predicted_lstar, write_all_figures
 from sheafscope.outputs.report import write_report
 
@@ -75,7 +78,7 @@ def _fake_model(rng: np.random.Generator, spec: str, model_id: str, lab: str, be
                 gain: float | None, L: int, H: int, status: str) -> dict[str, Any]:
     base: dict[str, Any] = {
         "spec": spec, "status": status, "error": None, "model_id": model_id,
-        "source": "random-init", "revision": None, "file_sha256": None, "init": "random",
+        "source": "offline", "revision": None, "file_sha256": None, "init": "pretrained",
         "seed": 0, "tokenizer_from": "test", "architecture": "FakeForCausalLM",
         "family": "fake", "n_layers": L, "n_heads": H, "n_kv_heads": H, "head_dim": 8,
         "d_model": 8 * H, "dtype": "float32", "device": "cpu", "attention_path": "eager",
@@ -190,8 +193,12 @@ def build_run(run_dir: Path) -> dict[str, Any]:
     mape_l = overall["mape_of_L"]
     verdict = ("FORMULA GENERALIZES" if mape_l < 10 else
                "PARTIAL GENERALIZATION" if mape_l < 15 else "CALIBRATION NEEDED")
+    # Two trained models: numbers, but no verdict (a verdict needs at least 3).
+    verdict = "NO VERDICT" if len(ok_rows) < 3 else verdict
     analysis = {
         # out_of_sample deliberately missing: a 2-model run has no cross-validation.
+        "claims": evaluate_all(models, pd.DataFrame(rows), n_boot=50),
+        "layer_definitions": {"transition": TRANSITION_RULE},
         "mape": {"by_lab": by_lab, "overall": overall, "in_sample": overall,
                  "verdict": verdict, "in_sample_labs": ["EleutherAI"],
                  "n_exceeds_L": sum(bool(r["exceeds_L"]) for r in ok_rows)},
@@ -289,8 +296,8 @@ def test_report_content(run: dict[str, Any]) -> None:
     assert "not available" in page  # the missing out_of_sample block
     assert "D10: prediction exceeds L" in page
     assert "only 2 successful models" in page
-    for heading in ("Provenance", "Summary", "MAPE by lab", "Predictor comparison",
-                    "Reference comparison", "Warnings", "Failed models", "Figures"):
+    for heading in ("Claims tested", "Where the formula can hold", "Provenance", "Summary", "MAPE by lab",
+                    "Predictor comparison", "Reference comparison", "Warnings", "Failed models", "Figures"):
         assert heading in page
     assert "<details>" in page and PROMPTS[1] in page
     for lab in ("EleutherAI", "OpenAI"):
@@ -329,12 +336,16 @@ def test_report_renders_in_headless_chromium(run: dict[str, Any]) -> None:
 
     with tempfile.TemporaryDirectory(prefix="sheafscope-chromium-") as tmp:
         # A fresh profile per call: a shared one is locked by the first process.
-        dom = _chromium("--dump-dom", "--virtual-time-budget=5000", url,
+        dom = _chromium("--dump-dom", "--virtual-time-budget=5000", "--window-size=1280,2000", url,
                         user_dir=Path(tmp) / "dom")
         assert dom.returncode == 0, dom.stderr[-2000:]
         match = re.search(r'data-images-loaded="(\d+)"', dom.stdout)
         assert match, f"load handler did not run; stderr: {dom.stderr[-2000:]}"
         assert int(match.group(1)) == len(FIGURE_STEMS)
+        # The rendered page holds the claims list, the domain figure, and a summary table that fits
+        # the window without horizontal scrolling.
+        assert 'id="claims-list"' in dom.stdout and 'id="fig-domain"' in dom.stdout
+        assert 'data-summary-overflow="false"' in dom.stdout
 
         res = _chromium(f"--screenshot={shot}", "--window-size=1280,2000", url,
                         user_dir=Path(tmp) / "shot")
@@ -343,3 +354,28 @@ def test_report_renders_in_headless_chromium(run: dict[str, Any]) -> None:
     data = shot.read_bytes()
     assert _png_size(data) == (1280, 2000)
     assert len(data) > 20_000, "screenshot looks blank"
+
+
+def test_report_opens_with_the_claims_their_intervals_and_no_verdict_below_three_models(run: dict[str, Any]) -> None:
+    page = run["html"]
+    claims_at = page.index('id="claims"')
+    assert claims_at < page.index("Verdict:") < page.index("Provenance")  # the claims come first
+    for claim in CLAIMS:
+        assert claim.claim in page
+    section = page[claims_at:page.index('id="domain"')]
+    # Two trained models: each claim's error and the baseline it had to beat, but no interval (numbers only;
+    # intervals need the three models a verdict needs, tests/test_stats.py checks them on known samples).
+    assert len(re.findall(r"\d+\.\d %", section)) >= len(CLAIMS)
+    assert not re.findall(r"\d+\.\d % \[\d+\.\d, \d+\.\d\]", section)
+    assert "L / 2" in section and "baseline to beat" in section
+    assert "&lt; 10 % validated" in section and "&lt; 15 % partial" in section
+    assert "NO VERDICT" in section and "a verdict needs at least 3" in section
+    assert "no transition when the largest layer-to-layer step" in page  # the rule's text
+
+
+def test_domain_section_places_every_catalog_architecture(run: dict[str, Any]) -> None:
+    page = run["html"]
+    section = page[page.index('id="domain"'):page.index('id="summary"')]
+    assert 'id="fig-domain"' in section and "data:image/png;base64," in section
+    for name in catalog():
+        assert f"<td>{name}</td>" in section, name

@@ -23,6 +23,8 @@ import transformers
 from sheafscope import resume, runner
 from sheafscope.cli import main
 from sheafscope.errors import ConfigError, OutputWriteError
+from sheafscope.models import loading
+from sheafscope.outputs import summarize
 from sheafscope.outputs.io import atomic_write_text
 from sheafscope.runner import ModelEntry, RunOptions
 from tiny_models import TINY_CONFIGS
@@ -252,7 +254,7 @@ def test_duplicate_specs_are_refused_before_any_model_loads(ckpts, tmp_path, pro
     def must_not_load(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(runner, "run_one", must_not_load)
+    monkeypatch.setattr(loading, "load_model", must_not_load)
     out, a = tmp_path / "out", str(ckpts["a"])
     with pytest.raises(ConfigError, match=f"model given more than once: '{a}' twice"):
         runner.run([ModelEntry(a), ModelEntry(a)], PROMPTS, RunOptions(device="cpu"), out, show_progress=False)
@@ -302,22 +304,23 @@ def test_a_live_lock_refuses_and_a_stale_one_is_replaced(ckpts, tmp_path, prompt
 
 def test_the_lock_is_held_during_the_run_and_released_on_errors(ckpts, tmp_path, prompts, capsys, monkeypatch):
     out, a = tmp_path / "out", str(ckpts["a"])
-    seen = []
+    seen, real_load = [], loading.load_model
 
-    def interrupted(entry, prompts, options, progress=None):
+    def interrupted(*args, **kwargs):
         seen.append(json.loads((out / ".lock").read_text()))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "run_one", interrupted)
+    monkeypatch.setattr(loading, "load_model", interrupted)
     rc, _, err = _run(capsys, "-m", a, "--prompts", prompts(PROMPTS), "--out", str(out))
     assert rc == 130 and "interrupted" in err
     assert seen[0]["pid"] == os.getpid() and seen[0]["host"] == HOST
     assert not (out / ".lock").exists()
 
-    def broken(entry, prompts, options, progress=None):
+    def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(runner, "run_one", broken)
+    monkeypatch.setattr(loading, "load_model", real_load)
+    monkeypatch.setattr(summarize, "summary_frame", broken)  # a failure outside any model
     with pytest.raises(RuntimeError, match="boom"):
         runner.run([ModelEntry(a)], PROMPTS, RunOptions(device="cpu"), out, show_progress=False)
     assert not (out / ".lock").exists()
@@ -360,15 +363,18 @@ def test_full_disk_stops_with_a_message_and_keeps_finished_models(ckpts, tmp_pat
     rc, stdout, err = _run(capsys, *args)
     assert rc == 1  # cli.py maps OutputWriteError (the run had started) to exit 1
     assert (f"sheafscope: error: no space left on device while writing {b_file}; "
-            "free space and rerun: finished models are kept") in err
+            "free space and rerun: finished units and models are kept") in err
     assert "Traceback" not in err + stdout
     assert not b_file.exists()
     assert not [p.name for p in out.rglob("*.tmp")]  # the temporary file removed
-    assert _snapshot(out) == before  # earlier results intact, no lock left
+    after = _snapshot(out)
+    b_units = [k for k in after if k.startswith("units/")]
+    assert b_units and {k: v for k, v in after.items() if k not in b_units} == before  # earlier results intact, no lock left
     monkeypatch.setattr(os, "replace", real_replace)
 
-    rc, stdout, _ = _run(capsys, *args)  # space freed: a is reused, b computed
-    assert rc == 0 and f"{a}: reused" in stdout
+    rc, stdout, _ = _run(capsys, *args)  # space freed: a is reused, b merged from its finished unit
+    assert rc == 0 and f"{a}: reused" in stdout and f"{b}: 1 of 1 unit(s) reused" in stdout
+    assert not (out / "units").exists() or not any((out / "units").rglob("*.json"))
     assert [m["status"] for m in _models(out)] == ["ok", "ok"]
 
 

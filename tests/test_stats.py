@@ -21,6 +21,7 @@ from sheafscope.outputs.stats import (
     baseline_half,
     baseline_ratio,
     bootstrap_ci,
+    nested_bootstrap,
     compare_models,
     error_pct_of_L,
     error_pct_of_lstar,
@@ -311,7 +312,7 @@ def test_published_formula_error_on_exact_data() -> None:
         eS.append(abs(pub - emp) / emp * 100)
     table = compare_models(df)
     assert list(table.index) == ["formula_published", "formula_refit_cv", "half", "ratio_cv"]
-    assert list(table.columns) == ["mape_of_L", "mape_of_lstar", "n"]
+    assert list(table.columns) == ["mape_of_L", "mape_of_lstar", "n", "n_interpolating_folds"]
     assert table.loc["formula_published", "mape_of_L"] == pytest.approx(sum(eL) / len(eL))
     assert table.loc["formula_published", "mape_of_lstar"] == pytest.approx(sum(eS) / len(eS))
     assert mape_by_lab(df)["overall"]["mape_of_L"] == pytest.approx(sum(eL) / len(eL))
@@ -550,3 +551,118 @@ def test_bootstrap_single_and_empty() -> None:
         bootstrap_ci(np.empty((0, 5)), np.mean)
     with pytest.raises(ValueError):
         bootstrap_ci(np.arange(5.0), np.mean, level=1.5)
+
+
+# ---------------------------------------------------------------------------
+# Verdicts with too few models, interpolating folds, nested bootstrap
+# ---------------------------------------------------------------------------
+
+
+def test_fewer_than_three_models_give_no_verdict() -> None:
+    # 5 % would "generalize", but two models cannot judge a three-coefficient law.
+    assert verdict(5.0, n=2) == "NO VERDICT"
+    assert verdict(5.0, n=3) == "FORMULA GENERALIZES"
+    assert verdict(float("nan"), n=1) == "NO DATA"
+
+
+def test_fold_with_as_many_models_as_coefficients_is_an_interpolation() -> None:
+    # Four labs of one model each: every fold trains on 3 models for 3 coefficients, which any
+    # law matches exactly (residual 0), so no fold is scored.
+    df = pd.DataFrame({"model": ["a", "b", "c", "d"], "lab": ["A", "B", "C", "D"],
+                       "L": [12, 24, 30, 18], "H": [12, 16, 9, 4], "lstar_empirical": [3.0, 20.0, 28.0, 15.0]})
+    cv = leave_one_group_out(df)
+    for fold in cv["folds"]:
+        assert fold["n_train"] == 3 and fold["interpolation"] and not fold["ok"]
+        assert "interpolation" in fold["reason"]
+        assert fold["residual_rms"] < 1e-9  # the exact fit, kept for inspection
+    assert cv["n"] == 0 and cv["n_interpolating_folds"] == 4 and math.isnan(cv["mape_of_L"])
+    # The one-parameter ratio trains on 3 models: not an interpolation, all four scored.
+    ratio = baseline_ratio(df)
+    assert ratio["n"] == 4 and ratio["n_interpolating_folds"] == 0
+    # With four training models the refit is a fit again.
+    five = pd.concat([df, pd.DataFrame([{"model": "e", "lab": "E", "L": 32, "H": 32, "lstar_empirical": 10.0}])])
+    assert all(not f["interpolation"] for f in leave_one_group_out(five)["folds"])
+
+
+def test_ratio_fold_with_one_training_model_is_an_interpolation() -> None:
+    df = pd.DataFrame({"model": ["a", "b"], "lab": ["A", "B"], "L": [10, 20], "H": [4, 8],
+                       "lstar_empirical": [5.0, 8.0]})
+    ratio = baseline_ratio(df)
+    assert all(f["interpolation"] for f in ratio["folds"]) and ratio["n"] == 0
+
+
+def _errors_are_values(q: dict) -> dict:
+    return {"e": q["x"]}
+
+
+def test_nested_bootstrap_interval_of_a_known_sample() -> None:
+    # Two models whose every prompt gives the same error (0 and 10): a resample of models has mean
+    # 0 (p = 1/4), 5 (1/2) or 10 (1/4), so the 95 % interval is [0, 10]; prompts change nothing.
+    units = [{"x": np.zeros(4)}, {"x": np.full(3, 10.0)}]
+    out = nested_bootstrap(units, lambda j, a: {"x": float(a["x"].mean())}, _errors_are_values, n_boot=4000)
+    e = out["e"]
+    assert e["estimate"] == 5.0 and e["n"] == 2
+    assert e["ci_models"] == [0.0, 10.0]
+    assert e["ci_prompts"] == [5.0, 5.0]
+    assert e["ci"] == [0.0, 10.0]
+
+
+def test_nested_bootstrap_over_prompts_of_one_model() -> None:
+    # One model, two prompts with values 0 and 4: a prompt resample's mean is 0, 2 or 4 with
+    # probabilities 1/4, 1/2, 1/4, so the prompt interval is [0, 4] and the model interval a point.
+    units = [{"x": np.array([0.0, 4.0])}]
+    out = nested_bootstrap(units, lambda j, a: {"x": float(a["x"].mean())}, _errors_are_values, n_boot=4000)
+    e = out["e"]
+    assert e["estimate"] == 2.0 and e["ci_models"] == [2.0, 2.0] and e["ci_prompts"] == [0.0, 4.0]
+
+
+def test_nested_bootstrap_paired_difference_and_unscored_models() -> None:
+    # b is a everywhere plus 3, so the paired difference is exactly 3 in every resample; the NaN
+    # model is not scored (n = 2) and never drawn.
+    units = [{"x": np.array([1.0, 2.0])}, {"x": np.array([5.0, 9.0])}, {"x": np.array([0.0, 0.0])}]
+
+    def errors(q: dict) -> dict:
+        a = q["x"].copy()
+        a[2] = np.nan
+        return {"a": a, "b": a + 3.0}
+
+    out = nested_bootstrap(units, lambda j, arr: {"x": float(arr["x"].mean())}, errors, pairs=[("b", "a")], n_boot=500)
+    assert out["a"]["n"] == 2 and out["a"]["estimate"] == pytest.approx((1.5 + 7.0) / 2)
+    d = out["b - a"]
+    assert d["estimate"] == pytest.approx(3.0) and d["ci"] == pytest.approx([3.0, 3.0])
+
+
+# ---------------------------------------------------------------------------
+# Where the formula can hold
+# ---------------------------------------------------------------------------
+
+
+def test_domain_places_every_catalog_architecture_from_its_config() -> None:
+    from sheafscope.models.catalog import catalog
+    from sheafscope.outputs.domain import domain_table, max_depth
+
+    rows = {r["model"]: r for r in domain_table()}
+    assert set(rows) == set(catalog())  # read from the catalog, never a fixed list
+    gpt2 = rows["gpt2"]  # n_layer = 12, n_head = 12 (GPT-2's own key names)
+    assert (gpt2["L"], gpt2["H"]) == (12, 12)
+    assert gpt2["predicted_lstar"] == pytest.approx(12 * (0.11 + 0.144 + 4.9 / 12))
+    assert gpt2["predicted_ratio"] == pytest.approx(0.11 + 0.144 + 4.9 / 12) and not gpt2["exceeds_L"]
+    gemma = rows["gemma3-270m"]  # L = 18, H = 4: 1.551 of the depth, and no depth fits 4 heads
+    assert gemma["exceeds_L"] and gemma["predicted_ratio"] == pytest.approx(0.11 + 0.216 + 1.225)
+    assert gemma["max_L_for_H"] is None
+    # The deepest L for 32 heads: 0.11 + 0.012 L + 4.9/32 = 1.
+    assert max_depth(32) == pytest.approx((1 - 0.11 - 4.9 / 32) / 0.012)
+    # Llama-3.1-70B's shape (L = 80, H = 64) predicts 91.7 of 80 layers.
+    from sheafscope.outputs.domain import row
+    assert row("x", "lab", 80, 64, "run")["predicted_lstar"] == pytest.approx(80 * (0.11 + 0.96 + 4.9 / 64))
+
+
+def test_domain_adds_run_models_the_catalog_lacks_and_never_twins() -> None:
+    from sheafscope.outputs.domain import domain_table
+
+    run = [{"spec": "local-model", "status": "ok", "init": "pretrained", "n_layers": 40, "n_heads": 20,
+            "metadata": {"lab": "Elsewhere"}},
+           {"spec": "random:gpt2", "status": "ok", "init": "random", "n_layers": 7, "n_heads": 7,
+            "metadata": {"lab": "OpenAI"}}]
+    rows = {r["model"]: r for r in domain_table(run)}
+    assert rows["local-model"]["source"] == "run" and "random:gpt2" not in rows

@@ -4,7 +4,11 @@ traces in results.json rather than against typed numbers."""
 from __future__ import annotations
 
 import json
+import re
+from importlib.resources import files
 from pathlib import Path
+
+import jsonschema
 
 import numpy as np
 import pandas as pd
@@ -49,8 +53,11 @@ def test_offline_suite_leaves_every_output(offline_run):
         for ext in ("png", "svg"):
             assert (offline_run / "figures" / f"{stem}.{ext}").stat().st_size > 1000
     html = (offline_run / "report.html").read_text()
-    for m in json.loads((offline_run / "results.json").read_text())["models"]:
+    results = json.loads((offline_run / "results.json").read_text())
+    for m in results["models"]:
         assert m["spec"] in html
+    assert re.search(r"\d+\.\d % \[\d+\.\d, \d+\.\d\]", html)  # four trained models: claims with intervals
+    jsonschema.validate(results, json.loads(files("sheafscope").joinpath("data/results.schema.json").read_text()))
 
 
 def test_summary_is_computed_from_the_traces(offline_run):

@@ -151,6 +151,7 @@ def model_info(loaded: LoadedModel, restriction_map: str, attention_path: str) -
         "d_model": g.d_model,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
+        "device_map": loaded.device_map,
         "attention_path": attention_path,
         "causal": g.causal,
         "context_length": loaded.context_length,
@@ -185,6 +186,115 @@ def target_of(model: torch.nn.Module, pad_id: int = 0, adapter: Adapter | None =
     )
 
 
+@dataclass
+class Part:
+    """One shard of a model's prompts measured: everything `assemble` needs to build the
+    model's result without the model (so a result can be merged from several processes)."""
+
+    info: dict[str, Any]  # model_info and what ran (kernels, batches, seconds)
+    wv_norm_sq: np.ndarray
+    prompts: dict[int, PromptResult]  # by index in the run's prompt list
+    skipped: dict[int, str]  # index -> why it could not be measured
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"info": self.info, "wv_norm_sq": self.wv_norm_sq.tolist(),
+                "prompts": {str(i): p.to_dict() for i, p in self.prompts.items()},
+                "skipped": {str(i): w for i, w in self.skipped.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Part:
+        arrays = {"offdiag_mass", "trace", "layer_trace", "legacy_trace_full", "first_token_mass", "max_abs_hidden"}
+        prompts = {int(i): PromptResult(**{k: (np.asarray(v, dtype=np.float64) if k in arrays else v) for k, v in p.items()})
+                   for i, p in d["prompts"].items()}
+        return cls(d["info"], np.asarray(d["wv_norm_sq"], dtype=np.float64), prompts,
+                   {int(i): w for i, w in d["skipped"].items()})
+
+
+def measure(
+    loaded: LoadedModel,
+    texts: list[str],
+    indices: Iterable[int] | None = None,
+    *,
+    attention: str = "fast",
+    restriction_map: str = "raw_wv",
+    max_tokens: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    batch_tokens: int | None = None,
+) -> Part:
+    """Measure the prompts texts[i] for i in `indices` (all by default); see `analyze`."""
+    t0 = time.time()
+    if max_tokens is not None and max_tokens < 2:
+        raise ConfigError(f"max_tokens must be at least 2 (an attention graph needs 2 tokens), not {max_tokens}")
+    indices = list(range(len(texts)) if indices is None else indices)
+    target = target_of(loaded.model, getattr(loaded.tokenizer, "pad_token_id", None) or 0, loaded.adapter)
+    path = path_for(target, attention)
+    norm_sq = norms_sq(loaded.adapter, restriction_map).numpy()
+    items, skipped = [], {}
+    for i in indices:
+        ids, truncated, warning = tokenize(loaded, texts[i], max_tokens)
+        if warning:
+            skipped[i] = warning
+            if progress:
+                progress(1)
+        else:
+            items.append((i, ids, truncated))
+    run_info: dict[str, Any] = {}
+    prompts: dict[int, PromptResult] = {}
+    if items:
+        caps, run_info = capture_all(target, [ids[0] for _, ids, _ in items], path, batch_tokens, progress)
+        prompts = {i: prompt_result(texts[i], cap, truncated, norm_sq) for (i, _, truncated), cap in zip(items, caps)}
+    if path != attention:
+        path = f"eager (fallback: {loaded.adapter.fast_path_note or loaded.adapter.family + ' is not supported by the fast path'})"
+    info = model_info(loaded, restriction_map, path)
+    info.update(run_info)
+    info["elapsed_s"] = time.time() - t0
+    return Part(info, norm_sq, prompts, skipped)
+
+
+def _merged_run_info(parts: list[Part]) -> dict[str, Any]:
+    """What ran, over all parts: kernel counts and token counts added, fallbacks listed once."""
+    kernels: dict[str, int] = {}
+    fallbacks: list[str] = []
+    for p in parts:
+        for k, v in p.info.get("kernels", {}).items():
+            kernels[k] = kernels.get(k, 0) + v
+        fallbacks += [f for f in p.info.get("fallbacks", []) if f not in fallbacks]
+    tokens = sum(p.info.get("tokens", 0) for p in parts)
+    padded = sum(p.info.get("padded_tokens", 0) for p in parts)
+    return {
+        "batch_size": max(p.info.get("batch_size", 0) for p in parts),
+        "tokens": tokens,
+        "padded_tokens": padded,
+        "padding_share": 1 - tokens / padded if padded else 0.0,
+        "oom_backoffs": sum(p.info.get("oom_backoffs", 0) for p in parts),
+        "kernels": kernels,
+        "fallbacks": fallbacks,
+        "elapsed_s": sum(p.info["elapsed_s"] for p in parts),
+    }
+
+
+def assemble(parts: list[Part], n_prompts: int) -> ModelResult:
+    """One model's result from the parts that measured its prompts (in any order): prompts in
+    their order, what ran added up, and L* computed over all of them (never per part)."""
+    first = parts[0]
+    info = {**first.info, **_merged_run_info(parts)}
+    prompts = {i: r for p in parts for i, r in p.prompts.items()}
+    skipped = {i: w for p in parts for i, w in p.skipped.items()}
+    missing = set(range(n_prompts)) - prompts.keys() - skipped.keys()
+    if missing:
+        raise ValueError(f"parts cover {n_prompts - len(missing)} of {n_prompts} prompts")
+    warnings = [f"prompt {i + 1}: {skipped[i]}" for i in sorted(skipped)]
+    if not prompts:
+        raise PromptError(f"no prompt could be measured on {info['spec']}: " + "; ".join(warnings))
+    res = ModelResult(info, first.wv_norm_sq, [prompts[i] for i in sorted(prompts)], {}, warnings)
+    n_layers, n_heads = info["n_layers"], info["n_heads"]
+    res.lstar = lstar_block(res.layer_traces, n_layers, n_heads)
+    if res.lstar["formula"]["exceeds_L"]:
+        f = res.lstar["formula"]
+        warnings.append(f"D10: the formula predicts L* = {f['predicted']:.1f}, beyond the last layer (L = {n_layers}); not clipped")
+    return res
+
+
 def analyze(
     loaded: LoadedModel,
     prompts: Iterable[str],
@@ -206,35 +316,7 @@ def analyze(
     warning in the result; if none is left, PromptError. NaN/Inf raises NonFiniteError.
     `progress(k)` is called as k more prompts are done.
     """
-    t0 = time.time()
-    if max_tokens is not None and max_tokens < 2:
-        raise ConfigError(f"max_tokens must be at least 2 (an attention graph needs 2 tokens), not {max_tokens}")
     texts = validate_prompts(prompts)
-    target = target_of(loaded.model, getattr(loaded.tokenizer, "pad_token_id", None) or 0, loaded.adapter)
-    path = path_for(target, attention)
-    norm_sq = norms_sq(loaded.adapter, restriction_map).numpy()
-    g = loaded.adapter.geometry
-    items, warnings = [], []
-    for i, text in enumerate(texts):
-        ids, truncated, warning = tokenize(loaded, text, max_tokens)
-        if warning:
-            warnings.append(f"prompt {i + 1}: {warning}")
-            if progress:
-                progress(1)
-        else:
-            items.append((i, ids, truncated))
-    if not items:
-        raise PromptError(f"no prompt could be measured on {loaded.spec}: " + "; ".join(warnings))
-    caps, run_info = capture_all(target, [ids[0] for _, ids, _ in items], path, batch_tokens, progress)
-    results = [prompt_result(texts[i], cap, truncated, norm_sq) for (i, _, truncated), cap in zip(items, caps)]
-    if path != attention:
-        path = f"eager (fallback: {loaded.adapter.fast_path_note or loaded.adapter.family + ' is not supported by the fast path'})"
-    info = model_info(loaded, restriction_map, path)
-    info.update(run_info)
-    res = ModelResult(info, norm_sq, results, {}, warnings)
-    res.lstar = lstar_block(res.layer_traces, g.n_layers, g.n_heads)
-    if res.lstar["formula"]["exceeds_L"]:
-        f = res.lstar["formula"]
-        warnings.append(f"D10: the formula predicts L* = {f['predicted']:.1f}, beyond the last layer (L = {g.n_layers}); not clipped")
-    res.info["elapsed_s"] = time.time() - t0
-    return res
+    part = measure(loaded, texts, attention=attention, restriction_map=restriction_map, max_tokens=max_tokens,
+                   progress=progress, batch_tokens=batch_tokens)
+    return assemble([part], len(texts))

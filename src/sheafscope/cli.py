@@ -61,6 +61,16 @@ def _int_in(low: int, high: int | None, why: str, high_text: str | None = None):
     return parse
 
 
+def _max_memory(text: str) -> dict:
+    """An argparse type: --max-memory DEVICE=SIZE,... as accelerate's max_memory {0: bytes, "cpu": bytes}."""
+    from sheafscope.models.placement import parse_max_memory
+
+    try:
+        return parse_max_memory(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--max-memory").lstrip(": ")) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sheafscope", description="Sheaf Laplacian traces of transformer attention, layer by layer.")
     p.add_argument("--version", action="version", version=f"sheafscope {__version__}")
@@ -90,7 +100,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-tokens", type=_int_in(1, None, "; omit it for the device default"),
                    help="padded tokens per forward pass; prompts of like length share a batch (default: 4096 on the CPU, "
                         "65536 on a GPU; halved on out-of-memory)")
+    r.add_argument("--device-map", choices=["auto", "balanced", "sequential"],
+                   help="spread each model over the devices with accelerate (larger than one GPU); --device then only "
+                        "sets the default dtype")
+    r.add_argument("--max-memory", type=_max_memory, metavar="DEVICE=SIZE,...",
+                   help="memory each device may hold, e.g. 0=70GiB,1=70GiB,cpu=100GiB (implies --device-map auto); "
+                        "what does not fit is offloaded to the CPU, then to --offload-dir")
+    r.add_argument("--offload-dir", metavar="DIR", help="directory for weights offloaded to disk (implies --device-map auto)")
     r.add_argument("--force", action="store_true", help="recompute models already complete in --out")
+    r.add_argument("--processes", type=_int_in(1, None, " (processes to share the run's work)"),
+                   help="share the work among N processes (started with torchrun: one GPU each, or CPU cores); "
+                        "the same as `torchrun --nproc_per_node N -m sheafscope run ...`")
     r.add_argument("--no-progress", action="store_true", help="no progress bars (sheafscope's and the libraries')")
     r.add_argument("--quiet", "-q", action="store_true",
                    help="no progress bars, no library noise and no warnings on stderr: errors only")
@@ -99,6 +119,27 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("suites", help="list built-in suites")
     rep = sub.add_parser("report", help="write DIR/report.html from a finished run")
     rep.add_argument("dir")
+    pl = sub.add_parser("plan", help="what a run will need per device (weights, activations) and whether it fits; "
+                                     "exit 0 if it fits, 1 if not")
+    pl.add_argument("--model", "-m", action="append", dest="models", metavar="SPEC", required=True,
+                    help="as for run (random:NAME for a twin); repeatable")
+    pl.add_argument("--init", choices=["pretrained", "random"], default="pretrained")
+    pl.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 on CPU, bfloat16 on GPU")
+    pl.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    pl.add_argument("--device-map", choices=["auto", "balanced", "sequential"], help="as accelerate would place the model")
+    pl.add_argument("--max-memory", type=_max_memory, metavar="DEVICE=SIZE,...",
+                    help="per-device budgets, e.g. 0=70GiB,1=70GiB,cpu=100GiB (implies --device-map auto); a GPU this "
+                         "machine lacks is planned for with --gpu-memory, else its budget, as its memory")
+    pl.add_argument("--offload-dir", metavar="DIR", help="directory for weights offloaded to disk")
+    pl.add_argument("--gpu-memory", metavar="SIZE", help="memory of each GPU this machine lacks, to plan for another "
+                                                         "machine (e.g. 80GB; default: its --max-memory budget)")
+    pl.add_argument("--processes", type=_int_in(1, None, " (processes sharing the run)"), default=1)
+    pl.add_argument("--attention", choices=["fast", "eager"], default="fast")
+    pl.add_argument("--batch-tokens", type=_int_in(1, None, "; omit it for the device default"))
+    longest = pl.add_mutually_exclusive_group()
+    longest.add_argument("--prompts", help="prompts file or built-in set: its longest prompt sizes the activations")
+    longest.add_argument("--max-tokens", type=_int_in(2, None, " (an attention graph needs at least 2 tokens)"),
+                         help="the longest prompt, in tokens")
     return p
 
 
@@ -273,6 +314,28 @@ def check_out(out: Path) -> None:
                               "pass a directory you can write to, or fix its permissions") from None
 
 
+def check_room(entries: list[ModelEntry], args: argparse.Namespace) -> None:
+    """A placement that cannot work, and weights that cannot fit their devices, refused from
+    the configs before any model loads (`sheafscope plan` shows the whole estimate)."""
+    from sheafscope.models.placement import check_placement
+    from sheafscope.plan import plan, require_fit
+
+    placing = args.device_map or args.max_memory or args.offload_dir
+    if placing and (args.processes or 1) > 1:
+        raise ConfigError("--device-map, --max-memory and --offload-dir spread one model over the devices of one process; "
+                          "--processes N gives each process its own GPU: use one or the other")
+    for e in entries:
+        kw = dict(init=args.init, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                  max_memory=args.max_memory, offload_dir=args.offload_dir, revision=args.revision)
+        if placing:
+            check_placement(e.spec, **kw)
+        try:
+            need = plan(e.spec, **kw)
+        except SheafscopeError:
+            continue  # the spec's own problem: its load says so, and the other models still run
+        require_fit(need, weights_only=True)
+
+
 # --------------------------------------------------------------------------- library noise
 
 
@@ -309,6 +372,7 @@ def tame_libraries(*, verbose: bool, quiet: bool, progress: bool) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from sheafscope.analysis import validate_prompts
+    from sheafscope.processes import launched_size, relaunch
     from sheafscope.prompts import load_prompts
     from sheafscope.runner import ModelEntry, RunOptions, run
     from sheafscope.suites import load_suite
@@ -328,18 +392,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
         check_models(entries, args.init, args.quantize)  # an unknown name fails now, not after an hour of other models
         prompts, label = load_prompts(prompt_source)
         prompts = validate_prompts(prompts)
+        check_room(entries, args)
         out = Path(args.out).expanduser()
         check_out(out)
     except OSError as e:  # an input path that cannot be read (a directory given as a suite file, ...)
         raise ConfigError(f"{e}; check the paths given on the command line") from None
+    if args.processes and launched_size() == 1 and args.processes > 1:
+        if not args.quiet:
+            print(f"sheafscope: starting {args.processes} processes (torchrun)", file=sys.stderr)
+        return relaunch(args.processes, args.argv)
+    if args.processes and launched_size() != args.processes:
+        raise ConfigError(f"--processes {args.processes}, but the launcher started {launched_size()} process(es); "
+                          "give one of them, or the same number to both")
     opts = RunOptions(dtype=args.dtype, device=args.device, restriction_map=args.restriction_map, max_tokens=args.max_tokens,
                       revision=args.revision, quantize=args.quantize, seed=args.seed, init=args.init,
-                      attention=args.attention, batch_tokens=args.batch_tokens)
-    tame_libraries(verbose=args.verbose, quiet=args.quiet, progress=not args.no_progress)
-    if not args.quiet:
+                      attention=args.attention, batch_tokens=args.batch_tokens, device_map=args.device_map,
+                      max_memory=args.max_memory, offload_dir=args.offload_dir)
+    main_process = os.environ.get("RANK", "0") == "0"
+    tame_libraries(verbose=args.verbose, quiet=args.quiet or not main_process, progress=not args.no_progress)
+    if not args.quiet and main_process:
         print(f"sheafscope {__version__}: {len(entries)} model(s) x {len(prompts)} prompt(s) ({label}) -> {out}", file=sys.stderr)
     outcome = run(entries, prompts, opts, out, prompt_source=label, force=args.force,
                   show_progress=not (args.no_progress or args.quiet), suite=suite.to_dict() if suite else None)
+    if not outcome.main:
+        return EXIT_OK  # the main process reports for all
     print_summary(outcome.models, out)
     print_verdict(outcome.models, out)
     if outcome.n_failed:
@@ -359,9 +435,29 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Each model's plan; exit 0 if every one fits, 1 if one does not (bad input: 2)."""
+    from sheafscope.plan import longest_tokens_bound, plan
+    from sheafscope.prompts import load_prompts
+
+    longest = args.max_tokens
+    if args.prompts:
+        longest = longest_tokens_bound(load_prompts(args.prompts)[0])
+    fits = True
+    for spec in args.models:
+        p = plan(spec, init=args.init, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                 max_memory=args.max_memory, offload_dir=args.offload_dir, processes=args.processes,
+                 longest_prompt_tokens=longest, batch_tokens=args.batch_tokens, attention=args.attention,
+                 gpu_memory=args.gpu_memory)
+        print(p.render() + "\n")
+        fits = fits and p.fits
+    return EXIT_OK if fits else EXIT_MODEL_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:  # --help, --version, or a usage error (already printed, one line)
         return EXIT_OK if e.code is None else e.code if isinstance(e.code, int) else EXIT_USAGE
     level = logging.INFO if args.verbose else logging.WARNING
@@ -386,6 +482,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _cmd_suites()
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "plan":
+            return _cmd_plan(args)
     except OutputWriteError as e:  # the run started, then a result file could not be written
         print(f"sheafscope: error: {e}", file=sys.stderr)
         return EXIT_MODEL_FAILED

@@ -1,14 +1,14 @@
-"""Running many models over one prompt set, surviving failure.
+"""Running many models over one prompt set, in one process or many, surviving failure.
 
-Each model's result is written to DIR/models/<slug>.json atomically as soon as it exists,
-with its resume key (resume.py: weights, code, prompts, options). A rerun into the same DIR
-reuses a model's file when its key is the same, and says so on stdout; otherwise it
-recomputes the model and says which part changed. A model that fails is recorded with its
-error (and retried next time) and the run goes on.
+The work is units: a model and a shard of the prompts (units.py). Each process computes its
+share of the units that are missing and writes each atomically with its resume key (resume.py:
+weights, code, prompts, options); then the main process merges each model's units into
+DIR/models/<slug>.json and writes results.json, summary.csv, analysis.json, figures and the
+report. A rerun into the same DIR reuses a model's file, or its finished units, when the key is
+the same (stdout says so); otherwise it recomputes and says which part changed. A model that
+fails is recorded with its error (and retried next time) and the run goes on.
 
-One run per DIR at a time (DIR/.lock holds the holder's pid and host; a lock whose process is
-gone is replaced). A DIR holding results computed with other prompts or options is refused,
-never mixed (--force replaces them). results.json lists the models of this run only.
+The output directory's rules (one run at a time, never two runs' results mixed) are rundir.py's.
 """
 
 from __future__ import annotations
@@ -17,21 +17,24 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import platform
-import re
-import socket
 import sys
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sheafscope import __version__
 from sheafscope.errors import ConfigError, OutputWriteError, SheafscopeError
 from sheafscope.outputs.io import atomic_write_json, read_json
+from sheafscope.processes import Processes
 from sheafscope.resume import COMMIT, code_identity, jsonable, key_changes, key_hash, listed, resume_key
+from sheafscope.rundir import RunLock, check_distinct, earlier_run_differs, prepare_dir, remove_earlier_run, remove_temporaries
+from sheafscope.units import ModelEntry, Unit, failed_entry, finished, merge, model_units, remove_units, slug
+
+__all__ = ["ModelEntry", "RunOptions", "RunOutcome", "run", "slug"]
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +53,9 @@ class RunOptions:
     init: str = "pretrained"
     attention: str = "fast"  # "fast" (diagonal capture inside the forward pass) or "eager" (reference)
     batch_tokens: int | None = None  # padded tokens per forward pass; None: the device default
-
-
-
-
-@dataclass
-class ModelEntry:
-    """A model to run: its spec and metadata overrides (lab, behavior, gain, ...)."""
-
-    spec: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def slug(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_") or "model"
+    device_map: str | None = None  # "auto", "balanced", "sequential": one model over several devices (accelerate)
+    max_memory: dict | None = None  # per-device budgets, as accelerate takes them
+    offload_dir: str | None = None  # where weights offloaded to disk go
 
 
 def environment() -> dict[str, Any]:
@@ -100,296 +92,15 @@ def definitions(restriction_map: str) -> dict[str, Any]:
     }
 
 
-def failed_entry(entry: ModelEntry, err: BaseException) -> dict[str, Any]:
-    return {
-        "spec": entry.spec,
-        "status": "failed",
-        "error": {"type": type(err).__name__, "message": str(err) or type(err).__name__},
-        "metadata": entry.metadata,
-    }
-
-
-def run_one(entry: ModelEntry, prompts: list[str], options: RunOptions, progress=None) -> dict[str, Any]:
-    """Load, analyse and free one model; never raises for a model-level failure."""
-    import torch
-
-    from sheafscope.analysis import analyze
-    from sheafscope.models.loading import load_model
-
-    loaded = None
-    try:
-        loaded = load_model(entry.spec, init=options.init, seed=options.seed, dtype=options.dtype, device=options.device,
-                            revision=options.revision, quantize=options.quantize)
-        result = analyze(loaded, prompts, attention=options.attention, restriction_map=options.restriction_map, max_tokens=options.max_tokens,
-                         progress=progress, batch_tokens=options.batch_tokens)
-        out = result.to_dict()
-        out["metadata"] = {**out.get("metadata", {}), **entry.metadata}
-        return out
-    except SheafscopeError as e:
-        return failed_entry(entry, e)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as e:  # a bug or an unforeseen library error: keep the others' results
-        log.error("model %s failed:\n%s", entry.spec, traceback.format_exc())
-        return failed_entry(entry, e)
-    finally:
-        del loaded
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
 @dataclass
 class RunOutcome:
     out_dir: Path
     models: list[dict[str, Any]]
+    main: bool = True  # False in the other processes of a run: the main one reports
 
     @property
     def n_failed(self) -> int:
         return sum(m.get("status") != "ok" for m in self.models)
-
-
-# -- one run per directory -------------------------------------------------------------------------
-
-LOCK_NAME = ".lock"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (another user's counts)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return True  # cannot tell: assume it runs
-    return True
-
-
-class RunLock:
-    """DIR/.lock: {"pid", "host", "started"} of the one run writing into DIR.
-
-    Taken by a hard link of a complete file (so a reader never sees half a lock; O_EXCL where
-    the file system has no hard links). A lock of this host whose pid is gone is stale: it is
-    reported and replaced. A lock of another host cannot be checked and is respected.
-    """
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = Path(out_dir)
-        self.path = self.out_dir / LOCK_NAME
-        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
-        self.held = False
-
-    def _create(self) -> bool:
-        body = json.dumps({**self.me, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n"
-        tmp = self.out_dir / f"{LOCK_NAME}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(body)
-            try:
-                os.link(tmp, self.path)
-                return True
-            except FileExistsError:
-                return False
-            except OSError:  # no hard links here: exclusive create, then write
-                try:
-                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                except FileExistsError:
-                    return False
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(body)
-                return True
-        except OSError as e:
-            raise ConfigError(f"cannot create the lock {self.path} ({(e.strerror or type(e).__name__).lower()}); "
-                              f"make {self.out_dir} writable or choose another --out") from e
-        finally:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-
-    def _read(self) -> tuple[dict[str, Any] | None, str]:
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {}, ""
-        except OSError as e:
-            return None, e.strerror or type(e).__name__
-        try:
-            holder = json.loads(text)
-            if isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str):
-                return holder, text
-        except json.JSONDecodeError:
-            pass
-        return None, "not a sheafscope lock"
-
-    def acquire(self) -> None:
-        for _ in range(5):
-            if self._create():
-                self.held = True
-                return
-            holder, text = self._read()
-            if holder == {}:  # released between our attempt and our look: try again
-                continue
-            if holder is None:
-                raise ConfigError(f"{self.path} exists but cannot be read as a sheafscope lock ({text}); "
-                                  f"remove it if no sheafscope run is writing into {self.out_dir}")
-            pid, host = holder["pid"], holder["host"]
-            if host == self.me["host"] and pid != os.getpid() and not pid_alive(pid):
-                print(f"sheafscope: {self.path} was left by pid {pid} on {host}, which is no longer running; "
-                      "replacing the stale lock", file=sys.stderr)
-                try:  # remove it only if it is still the stale one we read
-                    if self.path.read_text(encoding="utf-8") == text:
-                        self.path.unlink()
-                except FileNotFoundError:
-                    pass
-                continue
-            who = "this process" if (pid, host) == (os.getpid(), self.me["host"]) else f"pid {pid} on {host}"
-            raise ConfigError(f"{self.out_dir} is in use by {who}; wait for it or remove {self.path} if that process is gone")
-        raise ConfigError(f"could not take the lock {self.path}: other runs keep taking it; retry, or choose another --out")
-
-    def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        holder, _ = self._read()
-        if holder and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
-            self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-# -- what may go into one directory ----------------------------------------------------------------
-
-def model_identity(spec: str, init: str) -> tuple[str, str]:
-    """Two specs that name the same model (the same path spelled two ways, a catalog name and
-    its hub id, random:NAME and NAME with init random) have the same identity."""
-    from sheafscope.models import catalog as cat
-    from sheafscope.models.loading import classify_spec, parse_spec
-
-    try:
-        kind = classify_spec(spec, init)
-    except SheafscopeError:
-        return ("unknown", spec.strip())
-    name, _ = parse_spec(spec.strip(), init)
-    if kind in ("local-dir", "gguf-file"):
-        return (kind, str(Path(name).expanduser().resolve()))
-    entry = cat.find(name)
-    if entry is not None:
-        return (kind, entry.name)
-    return (kind, name.lower())
-
-
-def check_distinct(models: list[ModelEntry], init: str) -> None:
-    """Refuse a model given twice (it would be counted twice in the analysis) and two specs
-    that would write the same result file."""
-    seen: dict[tuple[str, str], str] = {}
-    slugs: dict[str, str] = {}
-    for e in models:
-        ident = model_identity(e.spec, init)
-        if ident in seen:
-            same = f"'{e.spec}' twice" if seen[ident] == e.spec else f"'{seen[ident]}' and '{e.spec}', the same model ({ident[1]})"
-            raise ConfigError(f"model given more than once: {same}; give each model once (it would be counted twice in the analysis)")
-        seen[ident] = e.spec
-        s = slug(e.spec)
-        if s in slugs:
-            raise ConfigError(f"'{slugs[s]}' and '{e.spec}' would share the result file models/{s}.json; "
-                              "rename one (a local path can be given another way)")
-        slugs[s] = e.spec
-
-
-_RUN_OUTPUTS = ("results.json", "summary.csv", "analysis.json", "report.html")
-
-
-def _options_change(old: dict[str, Any], new: dict[str, Any]) -> str:
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k, "(not recorded)") != new.get(k, "(not recorded)"))
-    return "; ".join(f"{k} {old.get(k, '(not recorded)')} -> {new.get(k, '(not recorded)')}" for k in diff)
-
-
-def _earlier_run_differs(out_dir: Path, prompts: list[str], options: dict[str, Any], prompts_sha: str) -> tuple[str, Path] | None:
-    """(what differs, in which file) when DIR holds results of other prompts or options:
-    results.json's header, or any finished model file's resume key."""
-    def differs(old_prompts_same: bool, old_prompts_n: Any, old_options: Any) -> str | None:
-        what = []
-        if not old_prompts_same:
-            what.append(f"other prompts ({old_prompts_n} prompt(s), not these {len(prompts)})" if old_prompts_n != len(prompts)
-                        else "other prompts (other texts)")
-        if isinstance(old_options, dict) and old_options != options:
-            what.append(f"other options ({_options_change(old_options, options)})")
-        return " and ".join(what) or None
-
-    results = out_dir / "results.json"
-    if results.exists():
-        try:
-            header = read_json(results)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            header = None  # unreadable: the model files below still tell
-        if isinstance(header, dict) and isinstance(header.get("prompts"), list):
-            d = differs(header["prompts"] == prompts, len(header["prompts"]), header.get("options"))
-            if d:
-                return d, results
-    for path in sorted((out_dir / "models").glob("*.json")):
-        try:
-            done = read_json(path)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        key = done.get("resume_key") if isinstance(done, dict) else None
-        if not isinstance(key, dict) or done.get("status") != "ok":
-            continue  # a failed record holds no numbers; an old file without a key is recomputed if in this run
-        kp = key.get("prompts") or {}
-        d = differs(kp.get("sha256") == prompts_sha, kp.get("count"), key.get("options"))
-        if d:
-            return d, path
-    return None
-
-
-def _remove_earlier_run(out_dir: Path) -> int:
-    """--force over a run of other prompts/options: delete its model files and outputs."""
-    n = 0
-    for path in (out_dir / "models").glob("*.json"):
-        path.unlink(missing_ok=True)
-        n += 1
-    for name in _RUN_OUTPUTS:
-        (out_dir / name).unlink(missing_ok=True)
-    figures = out_dir / "figures"
-    if figures.is_dir():
-        for path in figures.iterdir():
-            if path.suffix in (".png", ".svg") and path.is_file():
-                path.unlink(missing_ok=True)
-    return n
-
-
-def _remove_temporaries(out_dir: Path) -> None:
-    """Temporary files of atomic writes (.NAME.XXXX.tmp) that a killed run left; we hold the
-    lock, so no other run is writing them."""
-    for d in (out_dir, out_dir / "models"):
-        for pattern in (".*.json.*.tmp", ".*.csv.*.tmp"):
-            for path in d.glob(pattern):
-                try:
-                    path.unlink(missing_ok=True)
-                except OSError:
-                    pass
-
-
-def _prepare_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} is a file, not a directory; choose a directory")
-    try:
-        (out_dir / "models").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create the output directory {out_dir / 'models'} "
-                          f"({(e.strerror or type(e).__name__).lower()}); choose another --out") from e
-    if not os.access(out_dir / "models", os.W_OK | os.X_OK) or not os.access(out_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"the output directory {out_dir} is not writable; make it writable or choose another --out")
 
 
 def _say(msg: str) -> None:
@@ -421,12 +132,106 @@ def _reuse_or_why(entry: ModelEntry, path: Path, key: dict[str, Any], force: boo
     return None, f"{entry.spec}: recomputing, {path} is out of date: {'; '.join(changes)}"
 
 
-def _settle_weights(key: dict[str, Any], out: dict[str, Any]) -> None:
+def _settle_weights(key: dict[str, Any], revision: Any) -> None:
     """A hub model's key records the commit that was loaded (resolved only at load time)."""
     w = key["weights"]
-    if w.get("kind") == "hub" and out.get("status") == "ok" and isinstance(out.get("revision"), str) and COMMIT.match(out["revision"]):
-        w["commit"] = out["revision"]
+    if w.get("kind") == "hub" and isinstance(revision, str) and COMMIT.match(revision):
+        w["commit"] = revision
         key["fingerprint"] = key_hash(key)
+
+
+def _load(entry: ModelEntry, options: RunOptions, device: str | None):
+    from sheafscope.models.loading import load_model
+
+    return load_model(entry.spec, init=options.init, seed=options.seed, dtype=options.dtype, device=device,
+                      revision=options.revision, quantize=options.quantize, device_map=options.device_map,
+                      max_memory=options.max_memory, offload_dir=options.offload_dir)
+
+
+def _error_of(e: BaseException) -> dict[str, str]:
+    if not isinstance(e, SheafscopeError):  # a bug or an unforeseen library error: keep the others' results
+        log.error("%s", traceback.format_exc())
+    return {"type": type(e).__name__, "message": str(e) or type(e).__name__}
+
+
+def _compute(units: list[Unit], prompts: list[str], options: RunOptions, procs: Processes, show_progress: bool,
+             model_done: Callable[[ModelEntry], None]) -> None:
+    """Compute `units` (grouped by model: each model loads once), write each unit's record, and
+    call `model_done` after each model's units."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from sheafscope.analysis import measure
+
+    disable = not (show_progress and procs.is_main)
+    bar = tqdm(total=len(units), desc="units", unit="unit", disable=disable, position=0)
+    for _, group in groupby(units, key=lambda u: u.entry.spec):
+        group = list(group)
+        loaded, load_error = None, None
+        try:
+            loaded = _load(group[0].entry, options, procs.device)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded in every unit of this model
+            load_error = _error_of(e)
+        for unit in group:
+            bar.set_postfix_str(unit.name)
+            record: dict[str, Any] = {"status": "ok", "error": None}
+            if load_error:
+                record = {"status": "failed", "error": load_error}
+            else:
+                try:
+                    with tqdm(total=len(unit.prompts), desc=f"  {unit.name}", unit="prompt", disable=disable,
+                              leave=False, position=1) as prompt_bar:
+                        part = measure(loaded, prompts, unit.prompts, attention=options.attention,
+                                       restriction_map=options.restriction_map, max_tokens=options.max_tokens,
+                                       progress=prompt_bar.update, batch_tokens=options.batch_tokens)
+                    record["part"] = part.to_dict()
+                    _settle_weights(unit.key, part.info.get("revision"))
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    record = {"status": "failed", "error": _error_of(e)}
+            record.update(shard={"index": unit.index, "count": unit.count, "prompts": unit.prompts},
+                          process=procs.rank, fingerprint=unit.key["fingerprint"], resume_key=unit.key)
+            unit.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(unit.path, record)
+            if record["status"] != "ok":
+                tqdm.write(f"FAILED {unit.name}: {record['error']['message']}", file=sys.stderr)
+            bar.update(1)
+        del loaded
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        model_done(group[0].entry)
+    bar.close()
+
+
+def _plan(models: list[ModelEntry], prompts: list[str], options: RunOptions, out_dir: Path, force: bool) -> dict[str, Any]:
+    """Which models are reused whole, and which units are still to compute (main process only:
+    the others receive this plan, so that all agree on it)."""
+    code = code_identity()
+    reused: dict[str, dict[str, Any]] = {}
+    keys: dict[str, dict[str, Any]] = {}
+    todo: list[Unit] = []
+    for entry in models:
+        path = out_dir / "models" / f"{slug(entry.spec)}.json"
+        key = resume_key(entry, prompts, options, code)
+        key["fingerprint"] = key_hash(key)
+        keys[entry.spec] = key
+        done, why = _reuse_or_why(entry, path, key, force)
+        if done is not None:
+            _say(f"{entry.spec}: reused from {path} (same weights, code, prompts and options); --force recomputes")
+            reused[entry.spec] = done
+            continue
+        units = model_units(entry, prompts, key, out_dir)
+        missing = units if force else [u for u in units if finished(u) is None]
+        if why:
+            _say(why)
+        if len(missing) < len(units):
+            _say(f"{entry.spec}: {len(units) - len(missing)} of {len(units)} unit(s) reused from {units[0].path.parent}")
+        todo += missing
+    return {"reused": reused, "keys": keys, "todo": todo}
 
 
 def run(
@@ -440,91 +245,116 @@ def run(
     show_progress: bool = True,
     suite: dict[str, Any] | None = None,
 ) -> RunOutcome:
-    """Run every model, writing DIR/models/*.json as each finishes, then results.json,
-    summary.csv and analysis.json. Returns all model entries (ok and failed).
+    """Run every model over the prompts, in this process or, under torchrun / accelerate
+    launch, in all of them (each computes a share of the units; call it in every process).
+    Writes DIR/models/*.json as each model is merged, then results.json, summary.csv,
+    analysis.json, figures and the report. Returns all model entries (ok and failed) in the
+    main process, an empty list in the others.
 
     Before any model loads: a model given twice raises ConfigError; DIR must be free (DIR/.lock;
     a stale lock is replaced) and must not hold results of other prompts or options (ConfigError;
     with force=True, those results are deleted first). A model whose file in DIR/models has the
-    same resume key is reused (stdout says so), else recomputed (stdout says why, when a file was
-    there). Model files in DIR/models of models not in this run are left in place and not listed
-    in results.json. A result that cannot be written (a full disk) raises OutputWriteError;
-    finished model files are kept.
+    same resume key is reused (stdout says so), and so is every finished unit of the others;
+    the rest is computed (stdout says why, when a file was there). Model files in DIR/models
+    of models not in this run are left in place and not listed in results.json. A result that
+    cannot be written (a full disk) raises OutputWriteError; finished units and models are kept.
     """
-    from tqdm.auto import tqdm
-
     from sheafscope.analysis import validate_prompts
 
     prompts = validate_prompts(prompts)
     models = list(models)
     check_distinct(models, options.init)
     out_dir = Path(out_dir)
-    _prepare_dir(out_dir)
-    with RunLock(out_dir):
-        _remove_temporaries(out_dir)
-        code = code_identity()
-        opts = jsonable(asdict(options))
-        prompts_sha = hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
-        earlier = _earlier_run_differs(out_dir, prompts, opts, prompts_sha)
-        if earlier is not None:
-            what, where = earlier
-            if not force:
-                raise ConfigError(
-                    f"{out_dir} holds results of a run with {what} ({where}); results are never mixed: "
-                    f"choose another --out, or add --force to replace everything in {out_dir} (its earlier results are deleted)"
-                )
-            try:
-                n = _remove_earlier_run(out_dir)
-            except OSError as e:
-                raise ConfigError(f"--force: cannot delete the earlier results in {out_dir} "
-                                  f"({e.strerror or type(e).__name__}: {e.filename}); choose another --out") from e
-            _say(f"--force: {out_dir} held results of a run with {what}; deleted its {n} model file(s) and its results.json")
-        header = {
-            "schema": "sheafscope.results/1",
-            "sheafscope_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "environment": environment(),
-            "definitions": definitions(options.restriction_map),
-            "options": asdict(options),
-            "prompt_source": prompt_source,
-            "prompts": prompts,
-            "suite": suite,
-        }
-        results: list[dict[str, Any]] = []
-        disable = not show_progress
+    procs = Processes(options.device)
+    lock = RunLock(out_dir)
+    plan: dict[str, Any] | BaseException | None = None
+    if procs.is_main:
         try:
-            model_bar = tqdm(models, desc="models", unit="model", disable=disable, position=0)
-            for entry in model_bar:
-                model_bar.set_postfix_str(entry.spec)
-                path = out_dir / "models" / f"{slug(entry.spec)}.json"
-                key = resume_key(entry, prompts, options, code)
-                key["fingerprint"] = key_hash(key)
-                done, why = _reuse_or_why(entry, path, key, force)
-                if done is not None:
-                    _say(f"{entry.spec}: reused from {path} (same weights, code, prompts and options); --force recomputes")
-                    results.append(done)
-                    continue
-                if why:
-                    _say(why)
-                with tqdm(total=len(prompts), desc=f"  {entry.spec}", unit="prompt", disable=disable, leave=False, position=1) as bar:
-                    out = run_one(entry, prompts, options, progress=bar.update)
-                _settle_weights(key, out)
-                out["fingerprint"] = key["fingerprint"]
-                out["resume_key"] = key
-                atomic_write_json(path, out)
-                if out["status"] != "ok":
-                    tqdm.write(f"FAILED {entry.spec}: {out['error']['message']}", file=sys.stderr)
-                results.append(out)
-            ours = {f"{slug(e.spec)}.json" for e in models}
-            others = sorted(p.stem for p in (out_dir / "models").glob("*.json") if p.name not in ours)
-            if others:
-                _say(f"note: {out_dir / 'models'} also holds {len(others)} result file(s) of model(s) not in this run "
-                     f"({listed(others)}): left in place, not in results.json")
-            write_outputs(out_dir, header, results)
-        except OutputWriteError as e:
-            raise OutputWriteError(f"{e}: finished models are kept") from e
+            prepare_dir(out_dir)
+            lock.acquire()
+            _clear_earlier_run(out_dir, prompts, options, force)
+            plan = _plan(models, prompts, options, out_dir, force)
+        except Exception as e:  # noqa: BLE001 - every process must hear of it, or the others wait forever
+            plan = e
+    plan = procs.share(plan)
+    if isinstance(plan, BaseException):
+        lock.release()
+        raise plan
+    try:
+        merged: dict[str, dict[str, Any]] = dict(plan["reused"])
+
+        def merge_model(entry: ModelEntry) -> None:
+            key = plan["keys"][entry.spec]
+            out = merge(model_units(entry, prompts, key, out_dir), prompts)
+            _settle_weights(key, out.get("revision") if out["status"] == "ok" else None)
+            out["fingerprint"] = key["fingerprint"]
+            out["resume_key"] = key
+            atomic_write_json(out_dir / "models" / f"{slug(entry.spec)}.json", out)
+            if out["status"] == "ok":
+                remove_units(out_dir, entry.spec)
+            merged[entry.spec] = out
+
+        def model_done(entry: ModelEntry) -> None:
+            if procs.size == 1:  # this process computed every unit: the model's file is final now
+                merge_model(entry)
+
+        _compute(procs.mine(plan["todo"]), prompts, options, procs, show_progress, model_done)
+        procs.wait()
+        if not procs.is_main:
+            return RunOutcome(out_dir, [], main=False)
+        for entry in models:
+            if entry.spec not in merged:
+                merge_model(entry)
+        results = [merged[e.spec] for e in models]
+        ours = {f"{slug(e.spec)}.json" for e in models}
+        others = sorted(p.stem for p in (out_dir / "models").glob("*.json") if p.name not in ours)
+        if others:
+            _say(f"note: {out_dir / 'models'} also holds {len(others)} result file(s) of model(s) not in this run "
+                 f"({listed(others)}): left in place, not in results.json")
+        write_outputs(out_dir, _header(prompts, options, prompt_source, suite, procs), results)
+    except OutputWriteError as e:
+        raise OutputWriteError(f"{e}: finished units and models are kept") from e
+    finally:
+        lock.release()
     return RunOutcome(out_dir, results)
 
+
+def _clear_earlier_run(out_dir: Path, prompts: list[str], options: RunOptions, force: bool) -> None:
+    """Refuse a DIR holding results of other prompts or options (with force: delete them)."""
+    remove_temporaries(out_dir)
+    opts = jsonable(asdict(options))
+    prompts_sha = hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
+    earlier = earlier_run_differs(out_dir, prompts, opts, prompts_sha)
+    if earlier is None:
+        return
+    what, where = earlier
+    if not force:
+        raise ConfigError(
+            f"{out_dir} holds results of a run with {what} ({where}); results are never mixed: "
+            f"choose another --out, or add --force to replace everything in {out_dir} (its earlier results are deleted)"
+        )
+    try:
+        n = remove_earlier_run(out_dir)
+    except OSError as e:
+        raise ConfigError(f"--force: cannot delete the earlier results in {out_dir} "
+                          f"({e.strerror or type(e).__name__}: {e.filename}); choose another --out") from e
+    _say(f"--force: {out_dir} held results of a run with {what}; deleted its {n} model file(s) and its results.json")
+
+
+def _header(prompts: list[str], options: RunOptions, prompt_source: str, suite: dict[str, Any] | None,
+            procs: Processes) -> dict[str, Any]:
+    return {
+        "schema": "sheafscope.results/1",
+        "sheafscope_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(),
+        "definitions": definitions(options.restriction_map),
+        "options": asdict(options),
+        "processes": procs.size,
+        "prompt_source": prompt_source,
+        "prompts": prompts,
+        "suite": suite,
+    }
 
 def write_outputs(out_dir: Path, header: dict[str, Any], results: list[dict[str, Any]]) -> None:
     """results.json, summary.csv and analysis.json from the per-model entries."""

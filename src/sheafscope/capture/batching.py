@@ -90,6 +90,8 @@ def capture_all(target: Target, prompts: list[torch.Tensor], attention: str = "f
     info = {
         "batch_size": largest,
         "batch_tokens": budget,
+        "tokens": sum(lengths),
+        "padded_tokens": padded_tokens,
         "padding_share": 1 - sum(lengths) / padded_tokens,
         "oom_backoffs": backoffs,
         "kernels": dict(ran),

@@ -41,13 +41,14 @@ def capture_one(target: Target, input_ids: torch.Tensor) -> PromptCapture:
         raise SheafscopeError(f"the model returned attention weights for {got} (attn_implementation={impl!r}); "
                               "the eager path needs attn_implementation='eager'")
     n = input_ids.shape[1]
+    home = input_ids.device  # layers may sit on several devices (a device map): gather here
     off, sink = [], []
     for layer, a in enumerate(attentions):
         check_finite(f"the attention of layer {layer}", a, a.dtype)
         a = a[0]  # (heads, n, n)
-        off.append(offdiag_mass(a))
-        sink.append(a[:, 1:, 0].double().mean(dim=-1))
+        off.append(offdiag_mass(a).to(home))
+        sink.append(a[:, 1:, 0].double().mean(dim=-1).to(home))
     for layer, h in enumerate(out.hidden_states):
         check_finite(f"the hidden state after layer {layer - 1}" if layer else "the embeddings", h, h.dtype)
-    max_abs = torch.stack([h[0].abs().max().double() for h in out.hidden_states])
+    max_abs = torch.stack([h[0].abs().max().double().to(home) for h in out.hidden_states])
     return PromptCapture(n, torch.stack(off).cpu().numpy(), torch.stack(sink).cpu().numpy(), max_abs.cpu().numpy())

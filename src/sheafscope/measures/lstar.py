@@ -9,6 +9,7 @@ results.json, summary.csv, the report, the figures and the CLI table take it fro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -103,6 +104,42 @@ class LStarDefinition:
             _, lo, hi = stats.bootstrap_ci(np.asarray(layer_traces, dtype=np.float64),
                                            lambda t: _number(self.layer(t.mean(axis=0))), n_boot=n_boot)
         return dict(zip(self.columns, [*values, lo, hi]))
+
+
+#: How many standard errors the largest step of the prompt-mean trace must exceed to count as a
+#: transition rather than prompt-to-prompt noise.
+FLAT_K = 3.0
+
+TRANSITION_RULE = (
+    "no transition when the largest layer-to-layer step of the prompt-mean trace, |m[l+1] - m[l]| at "
+    f"l = argmax, is at most {FLAT_K:g} standard errors of that step over prompts (SE = sample std, "
+    "ddof 1, of the per-prompt steps T_p[l+1] - T_p[l], divided by sqrt(P)); undecided with fewer "
+    "than 2 prompts. Every L* of such a model is an argmax of noise: it is shown as \"no transition\" "
+    "and left out of the verdicts."
+)
+
+
+def transition_test(layer_traces: np.ndarray, k: float = FLAT_K) -> dict[str, Any]:
+    """Whether a (prompts, layers) array of traces has a layer step beyond prompt-to-prompt noise.
+
+    Returns ``{"step_layer", "step", "step_se", "step_z", "flat"}``: the largest step of the mean
+    trace (between ``step_layer`` and ``step_layer + 1``), its standard error over prompts and their
+    ratio; ``flat`` is True when ``step <= k * step_se`` (a constant profile is flat), None when it
+    cannot be judged (fewer than 2 prompts or 2 layers).
+    """
+    traces = np.atleast_2d(np.asarray(layer_traces, dtype=np.float64))
+    n_prompts, n_layers = traces.shape
+    if n_layers < 2:
+        return {"step_layer": None, "step": None, "step_se": None, "step_z": None, "flat": None}
+    steps = np.diff(traces, axis=1)
+    mean_steps = steps.mean(axis=0)
+    layer = int(np.argmax(np.abs(mean_steps)))
+    step = float(abs(mean_steps[layer]))
+    if n_prompts < 2:
+        return {"step_layer": layer, "step": step, "step_se": None, "step_z": None, "flat": None}
+    se = float(steps[:, layer].std(ddof=1) / np.sqrt(n_prompts))
+    z = step / se if se > 0 else (math.inf if step > 0 else 0.0)
+    return {"step_layer": layer, "step": step, "step_se": se, "step_z": float(z), "flat": bool(step <= k * se)}
 
 
 def _number(layer: int | None) -> float:

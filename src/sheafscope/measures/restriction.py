@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from sheafscope.errors import ConfigError
+from sheafscope.errors import ConfigError, SheafscopeError
 
 # The CLI lists these maps in its --help: importing them must not import torch.
 if TYPE_CHECKING:
@@ -82,9 +82,19 @@ def get_restriction_map(name: str) -> RestrictionMap:
 
 
 def norms_sq(adapter: Adapter, name: str = "raw_wv") -> torch.Tensor:
-    """||R_h||_F^2 for every layer and head: (n_layers, n_heads), float64. Once per model."""
+    """||R_h||_F^2 for every layer and head: (n_layers, n_heads), float64. Once per model.
+    Weights offloaded by accelerate are read through its hooks, a layer at a time."""
     import torch
 
     rmap = get_restriction_map(name)
+    out = []
     with torch.no_grad():
-        return torch.stack([rmap.norm_sq(adapter, layer).cpu() for layer in range(adapter.geometry.n_layers)])
+        for layer in range(adapter.geometry.n_layers):
+            with adapter.onloaded(layer):
+                norm_sq = rmap.norm_sq(adapter, layer)
+            if norm_sq.is_meta:
+                raise SheafscopeError(f"layer {layer}'s weights are on the meta device without an accelerate offload "
+                                      "hook to load them: load the model with load_model(device_map=...), or "
+                                      "dispatch it with accelerate before wrapping it")
+            out.append(norm_sq.cpu())
+    return torch.stack(out)

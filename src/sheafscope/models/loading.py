@@ -35,6 +35,7 @@ import torch
 from sheafscope.models import catalog as cat
 from sheafscope.models import gguf_header, offline
 from sheafscope.models.adapters import Adapter, adapter_class, adapter_for
+from sheafscope.models.placement import Placement, check_placement, input_device, recorded_map
 from sheafscope.errors import ConfigError, ModelLoadError, SheafscopeError, UnknownModelError
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class LoadedModel:
     metadata: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
+    device_map: dict[str, int | str] | None = None  # accelerate's {module: device}; None on one device
     _adapter: Adapter | None = None
 
     @property
@@ -77,7 +79,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embedding's execution device (never meta or disk)."""
+        return input_device(self.model)
 
     @property
     def context_length(self) -> int | None:
@@ -117,7 +120,8 @@ def _attention_for(model_type: str, attn: str | None) -> str | None:
     return attn
 
 
-def _from_pretrained(path_or_id: str, dtype, device, attn, **kw):
+def _from_pretrained(path_or_id: str, dtype, device, attn, placement: Placement | None = None, **kw):
+    """A checkpoint on `device`, or placed by transformers and accelerate as `placement` says."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(
@@ -125,6 +129,9 @@ def _from_pretrained(path_or_id: str, dtype, device, attn, **kw):
     model_type = getattr(config, "model_type", "?")
     cls = _auto_class(model_type)  # fails here, before any weight is read, if unsupported
     attn = _attention_for(model_type, attn)
+    if placement is not None:
+        kw.update(placement.from_pretrained_kwargs())  # over --quantize's device_map="auto"
+        return cls.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn, **kw).eval()
     return cls.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn, **kw).to(device).eval()
 
 
@@ -250,14 +257,14 @@ def _gguf_note(cached: Path, default: str) -> str:
     return f"weights dequantized by transformers from a GGUF ({', '.join(types)} tensors)"
 
 
-def _load_offline(alias: str, dtype, device, attn) -> LoadedModel:
+def _load_offline(alias: str, dtype, device, attn, placement: Placement | None = None) -> LoadedModel:
     import transformers
 
     entry = cat.find(alias)
     w = offline.OFFLINE_WEIGHTS[alias]
     if w.kind == "dir":
         path = offline.model_dir(alias)
-        model = _from_pretrained(str(path), dtype, device, attn)
+        model = _from_pretrained(str(path), dtype, device, attn, placement)
         tok = transformers.AutoTokenizer.from_pretrained(str(path))
         return LoadedModel(model, tok, alias, entry.hub_id, "offline-package", tokenizer_from=f"{alias} (offline package)",
                            file_sha256=offline.sha256_cached(path / "model.safetensors"), metadata=entry.metadata)
@@ -267,14 +274,14 @@ def _load_offline(alias: str, dtype, device, attn) -> LoadedModel:
         header = gguf_header.read_header(gguf)
         gguf_header.check_supported(header)
         _dequantize_gguf(gguf, header, cached, {"alias": alias, "gguf_sha256": w.sha256})
-    model = _from_pretrained(str(cached), dtype, device, attn)
+    model = _from_pretrained(str(cached), dtype, device, attn, placement)
     tok = transformers.AutoTokenizer.from_pretrained(str(cached))
     return LoadedModel(model, tok, alias, entry.hub_id, "offline-package", file_sha256=w.sha256,
                        tokenizer_from=f"{alias} (from its GGUF)", metadata=entry.metadata,
                        notes=[_gguf_note(cached, "weights dequantized from a Q4 GGUF by transformers")])
 
 
-def _load_gguf_file(spec: str, path: Path, dtype, device, attn) -> LoadedModel:
+def _load_gguf_file(spec: str, path: Path, dtype, device, attn, placement: Placement | None = None) -> LoadedModel:
     """A GGUF file by path: dequantized once into the cache (keyed by its sha256), then loaded
     from the cached safetensors like any checkpoint directory."""
     import transformers
@@ -283,7 +290,7 @@ def _load_gguf_file(spec: str, path: Path, dtype, device, attn) -> LoadedModel:
     cached, header = _gguf_preflight(path, sha)
     if header is not None:
         _dequantize_gguf(path, header, cached, {"gguf": str(path), "gguf_sha256": sha})
-    model = _from_pretrained(str(cached), dtype, device, attn)
+    model = _from_pretrained(str(cached), dtype, device, attn, placement)
     tok = transformers.AutoTokenizer.from_pretrained(str(cached))
     return LoadedModel(model, tok, spec, path.name, "gguf-file", file_sha256=sha, tokenizer_from=f"{path.name} (GGUF)",
                        notes=[_gguf_note(cached, "weights dequantized from a GGUF by transformers")])
@@ -373,19 +380,26 @@ def twin_tokenizer(entry: cat.CatalogEntry) -> tuple[Any, str]:
 
 
 def build_twin(entry: cat.CatalogEntry, seed: int, dtype, device, attn,
-               config_overrides: dict[str, Any] | None = None) -> LoadedModel:
-    """An untrained model of the catalog entry's exact shape, seeded. `config_overrides`
-    (e.g. max_position_embeddings for a longer context) change the config and are noted."""
-    import transformers
+               config_overrides: dict[str, Any] | None = None, placement: Placement | None = None) -> LoadedModel:
+    """An untrained model of the catalog entry's exact shape, seeded: built on the meta device
+    and filled weight by weight where each weight lives, the same on any device and under any
+    device map (models/twins.py). `config_overrides` (e.g. max_position_embeddings for a
+    longer context) change the config and are noted. A twin whose weights cannot fit its
+    devices is refused (ConfigError, with the numbers) before a weight is made."""
+    from sheafscope.models import twins
+    from sheafscope.models.placement import choose_device_map
+    from sheafscope.plan import plan_for_model, require_fit
 
     config = entry.build_config(**(config_overrides or {}))
     cls = _auto_class(config.model_type)
     attn = _attention_for(config.model_type, attn)
-    torch.manual_seed(seed)
-    # Build directly on the target device: a 7B twin initialised on the CPU takes minutes.
-    with torch.device(device):
-        model = cls.from_config(config, dtype=dtype, attn_implementation=attn)
-    model.eval()
+    model = twins.empty(config, cls, dtype, attn)
+    placed = choose_device_map(model, placement.device_map, placement.max_memory) if placement else None
+    offload_dir = placement.offload_dir if placement else None
+    require_fit(plan_for_model(model, spec=f"random:{entry.name}", device=device, placed=placed,
+                               budgets=placement.max_memory if placement else None, offload_dir=offload_dir,
+                               weights_written=True), weights_only=True)
+    model = twins.materialize(model, seed, device, placed, offload_dir)
     tok, tok_from = twin_tokenizer(entry)
     if len(tok) > config.vocab_size:
         raise ModelLoadError(f"tokenizer {tok_from} has {len(tok)} tokens, more than {entry.name}'s vocabulary {config.vocab_size}")
@@ -483,6 +497,9 @@ def load_model(
     revision: str | None = None,
     quantize: str | None = None,
     config_overrides: dict[str, Any] | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_dir: str | None = None,
 ) -> LoadedModel:
     """Load a model by spec (see the module docstring) and prepare it for analysis.
 
@@ -495,6 +512,14 @@ def load_model(
     quantization that did not take effect raises ModelLoadError rather than being recorded.
     Raises UnknownModelError, ConfigError, UnsupportedArchitectureError or ModelLoadError with
     a message that says what to do; check_spec runs the same refusals without loading.
+
+    Larger than one device: `device_map` ("auto", "balanced", "sequential", or a {module:
+    device} dict), `max_memory` ({0: "70GiB", "cpu": "200MiB"}) and `offload_dir` (CPU and
+    disk offload) place the model with accelerate, as transformers' from_pretrained takes them
+    (twins: models/twins.py); a budget or an offload directory alone implies "auto". They are
+    checked before a weight is read (placement.check_placement). `device` then only sets the
+    default dtype; LoadedModel.device is where inputs go and LoadedModel.device_map the map.
+    Without them everything loads on `device` as it always has.
     """
     import transformers
 
@@ -507,19 +532,24 @@ def load_model(
     if config_overrides and kind != "random-init":
         raise ConfigError(f"config overrides apply to random-init twins only, not to '{spec}' ({kind})")
     _check_quantize(spec, kind, quantize)  # before anything is read
+    placement = check_placement(
+        spec, init=init, dtype=torch_dtype, device=device, device_map=device_map, max_memory=max_memory,
+        offload_dir=offload_dir, revision=revision, config_overrides=config_overrides)
     entry = cat.find(name)
     try:
         if kind == "random-init":
-            loaded = build_twin(entry, seed, torch_dtype, device, attn_implementation, config_overrides)
+            loaded = build_twin(entry, seed, torch_dtype, device, attn_implementation, config_overrides, placement)
         elif kind == "offline-package":
-            loaded = _load_offline(entry.offline, torch_dtype, device, attn_implementation)
+            loaded = _load_offline(entry.offline, torch_dtype, device, attn_implementation, placement)
         elif kind == "gguf-file":
-            loaded = _load_gguf_file(spec, Path(name).expanduser().resolve(), torch_dtype, device, attn_implementation)
+            loaded = _load_gguf_file(spec, Path(name).expanduser().resolve(), torch_dtype, device, attn_implementation,
+                                     placement)
         elif kind == "local-dir":
             path = Path(name).expanduser().resolve()
             if quantize:
                 _quiet_bitsandbytes()
-            model = _from_pretrained(str(path), torch_dtype, device, attn_implementation, **_quantization(quantize, torch_dtype))
+            model = _from_pretrained(str(path), torch_dtype, device, attn_implementation, placement,
+                                     **_quantization(quantize, torch_dtype))
             tok = transformers.AutoTokenizer.from_pretrained(str(path))
             loaded = LoadedModel(model, tok, spec, str(path), "local-dir", tokenizer_from=str(path),
                                  file_sha256=offline.dir_digest(path))
@@ -530,7 +560,8 @@ def load_model(
             hub_kw = dict(revision=revision, token=token, **({"local_files_only": True} if local_only else {}))
             if quantize:
                 _quiet_bitsandbytes()
-            model = _from_pretrained(hub_id, torch_dtype, device, attn_implementation, **hub_kw, **_quantization(quantize, torch_dtype))
+            model = _from_pretrained(hub_id, torch_dtype, device, attn_implementation, placement, **hub_kw,
+                                     **_quantization(quantize, torch_dtype))
             tok = transformers.AutoTokenizer.from_pretrained(hub_id, **hub_kw)
             commit = getattr(model.config, "_commit_hash", None)
             loaded = LoadedModel(model, tok, spec, hub_id, "hub", revision=commit or revision or "main",
@@ -541,6 +572,7 @@ def load_model(
         hint = _hub_hint() if kind == "hub" else ""
         raise ModelLoadError(f"could not load '{spec}' ({kind}): {(str(e).splitlines()[0] if str(e) else type(e).__name__).rstrip('.')}.{hint}") from e
     loaded.load_seconds = time.time() - t0
+    loaded.device_map = recorded_map(loaded.model)
     loaded.adapter  # resolve now: an unsupported layout fails at load, not mid-run
     if quantize:
         loaded.notes.append(_verify_quantized(loaded, quantize))
@@ -556,6 +588,7 @@ def from_model(model: torch.nn.Module, tokenizer: Any, spec: str | None = None) 
     revision = getattr(model.config, "_commit_hash", None)
     loaded = LoadedModel(model.eval(), tokenizer, name, name, "in-memory", revision=revision,
                          tokenizer_from=getattr(tokenizer, "name_or_path", "") or "given",
-                         notes=["wrapped with from_model: the caller's own model object"])
+                         notes=["wrapped with from_model: the caller's own model object"],
+                         device_map=recorded_map(model))
     loaded.adapter  # an unsupported layout fails here, not mid-analysis
     return loaded

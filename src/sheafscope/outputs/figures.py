@@ -1,242 +1,96 @@
-"""Figures of a sheafscope run: the panels of notebooks 000 and 001 plus per-model layer profiles.
+"""Figures of a sheafscope run: the panels of notebooks 000 and 001, per-model layer profiles, and
+where the formula can hold over the (L, H) plane.
 
 Every ``plot_*`` function writes one figure as PNG (dpi 120) and SVG into ``out_dir`` and returns
-the written paths. Models whose ``status`` is ``"failed"`` are left out of the plots; the report
-lists them separately.
-
-Figures are built on ``matplotlib.figure.Figure`` with an explicit Agg canvas rather than through
-``pyplot``: that needs no display, keeps no global figure registry that could leak memory over a
-long run, and does not switch the backend of a notebook that imports this module.
+the written paths. Failed models are left out (the report lists them). Each model has its own
+colour; a random-init twin takes its trained model's colour but is drawn hollow or dashed, and it
+never enters an error panel: it is a control, not evidence.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
 
 from sheafscope.measures import lstar
-from sheafscope.outputs import stats
+from sheafscope.outputs.figure_domain import plot_domain
+from sheafscope.outputs.plotting import (
+    _THRESHOLD_PCT,
+    LAB_COLOURS,
+    _as_float,
+    _clean_summary,
+    _empty_axes,
+    _get,
+    _new_figure,
+    _ok_models,
+    _prompt_layer_traces,
+    _save,
+    _short_name,
+    _wants_log,
+    base_name,
+    is_twin,
+    lab_colour_map,
+    mean_layer_trace,
+    model_colour_map,
+    place_labels,
+    predicted_lstar,
+    summary_from_results,
+)
 
 __all__ = [
     "FIGURE_STEMS",
     "LAB_COLOURS",
     "lab_colour_map",
+    "model_colour_map",
     "mean_layer_trace",
     "predicted_lstar",
     "summary_from_results",
     "plot_extended_panels",
     "plot_cross_heritage",
     "plot_layer_profiles",
+    "plot_domain",
     "write_all_figures",
 ]
 
 #: Stems of the figures ``write_all_figures`` writes, in report order.
-FIGURE_STEMS: tuple[str, ...] = ("extended_panels", "cross_heritage", "layer_profiles")
+FIGURE_STEMS: tuple[str, ...] = ("domain", "cross_heritage", "extended_panels", "layer_profiles")
 
-#: Colours of the notebooks' labs, kept identical so figures compare with the notebooks'.
-LAB_COLOURS: dict[str, str] = {
-    "EleutherAI": "#E74C3C",
-    "Meta": "#3498DB",
-    "OpenAI": "#8E44AD",
-    "Mistral": "#27AE60",
-    "Google": "#F39C12",
-    "BigScience": "#1ABC9C",
-}
-
-# Labs the notebooks never saw; chosen to stay distinguishable from LAB_COLOURS.
-_FALLBACK_PALETTE: tuple[str, ...] = (
-    "#34495E", "#D35400", "#7F8C8D", "#C0392B", "#2C3E50", "#16A085",
-    "#8E6E53", "#2980B9", "#B03A7A", "#6C7A0F",
-)
-_UNKNOWN_LAB = "unknown"
-_DPI = 120
-_THRESHOLD_PCT = 10.0
 # Dash patterns of the L* lines in the layer profiles, one per definition in registry order:
-# black because the lab colours are taken by the mean lines, and none of them the sink's "--"
+# black because the model colours are taken by the mean lines, and none of them the sink's "--"
 # or the massive activation's ":".
 _LSTAR_DASHES: tuple[Any, ...] = ("-.", (0, (6, 1.5, 1, 1.5, 1, 1.5)), (0, (10, 3)), (0, (3, 1, 1, 1)), (0, (1, 1)))
 
 
-# --------------------------------------------------------------------------- helpers
+def _model_name(model: Mapping[str, Any]) -> str:
+    return _short_name(model.get("spec") or model.get("model_id"))
 
 
-def predicted_lstar(n_layers: float, n_heads: float) -> float:
-    """The formula under test: ``L* = L * (0.11 + 0.012 L + 4.9 / H)``."""
-    return float(stats.predict_lstar(float(n_layers), float(n_heads)))
+def _model_legend(ax: Any, colours: Mapping[str, str], df: pd.DataFrame, **kw: Any) -> None:
+    # One entry per model drawn; twins hollow, so the legend reads the same way as the points.
+    seen: set[str] = set()
+    handles = []
+    for label, base, twin in zip(df["_label"], df["_base"], df["_twin"]):
+        if label in seen:
+            continue
+        seen.add(label)
+        handles.append(Line2D([], [], ls="none", marker="o", ms=6, markeredgecolor=colours[base],
+                              markerfacecolor="none" if twin else colours[base], label=label))
+    if handles:
+        ax.legend(handles=handles, fontsize=6.5, **kw)
 
 
-def lab_colour_map(labs: Iterable[Any]) -> dict[str, str]:
-    """Map each lab to a colour: the notebooks' fixed colours, then the fallback palette.
-
-    Unknown labs get fallback colours in sorted order so that a lab keeps its colour between
-    figures of the same run.
-    """
-    names = sorted({_lab_name(lab) for lab in labs})
-    colours: dict[str, str] = {}
-    extra = 0
-    for name in names:
-        if name in LAB_COLOURS:
-            colours[name] = LAB_COLOURS[name]
-        else:
-            colours[name] = _FALLBACK_PALETTE[extra % len(_FALLBACK_PALETTE)]
-            extra += 1
-    return colours
-
-
-def _lab_name(lab: Any) -> str:
-    if lab is None or (isinstance(lab, float) and math.isnan(lab)):
-        return _UNKNOWN_LAB
-    text = str(lab).strip()
-    return text or _UNKNOWN_LAB
-
-
-def _is_failed(status: Any) -> bool:
-    return str(status).strip().lower() == "failed"
-
-
-def _ok_models(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [m for m in results.get("models") or [] if not _is_failed(m.get("status"))]
-
-
-def _model_lab(model: Mapping[str, Any]) -> str:
-    return _lab_name((model.get("metadata") or {}).get("lab"))
-
-
-def _short_name(name: Any) -> str:
-    # Hub ids ("EleutherAI/pythia-160m") are too long for point labels; the org is the lab anyway.
-    text = "" if name is None or (isinstance(name, float) and math.isnan(name)) else str(name)
-    return text.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _as_float(value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return out
-
-
-def _as_bool(value: Any) -> bool:
-    # summary.csv round-trips booleans as text; NaN/empty means "unknown", treated as False.
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return bool(value) and not math.isnan(float(value))
-    return str(value).strip().lower() in {"true", "1", "yes", "y", "t"}
-
-
-def _get(mapping: Any, *keys: str) -> Any:
-    cur = mapping
-    for key in keys:
-        if not isinstance(cur, Mapping):
-            return None
-        cur = cur.get(key)
-    return cur
-
-
-def mean_layer_trace(model: Mapping[str, Any]) -> np.ndarray:
-    """Prompt-mean multi-head layer trace of one model (empty array when it has no prompts)."""
-    rows = _prompt_layer_traces(model)
-    if rows.size == 0:
-        return rows
-    return rows.mean(axis=0)
-
-
-def _prompt_layer_traces(model: Mapping[str, Any]) -> np.ndarray:
-    rows: list[np.ndarray] = []
-    for prompt in model.get("prompts") or []:
-        layer = prompt.get("layer_trace")
-        if layer is None and prompt.get("trace") is not None:
-            # Older or partial files may lack layer_trace; it is defined as the head sum.
-            layer = np.asarray(prompt["trace"], dtype=float).sum(axis=1)
-        if layer is not None:
-            rows.append(np.asarray(layer, dtype=float))
-    if not rows:
-        return np.empty((0, 0))
-    width = min(len(r) for r in rows)
-    return np.vstack([r[:width] for r in rows])
-
-
-def _clean_summary(summary: pd.DataFrame | None) -> pd.DataFrame:
-    """Summary rows of non-failed models with numeric and boolean columns coerced."""
-    if summary is None or len(summary) == 0:
-        return pd.DataFrame()
-    df = summary.copy()
-    if "status" in df.columns:
-        df = df[~df["status"].map(_is_failed)]
-    numeric = [
-        "n_layers", "n_heads", "mean_trace", "mean_trace_ci_low", "mean_trace_ci_high",
-        *(c for d in lstar.DEFINITIONS.values() for c in d.columns),
-        "lstar_ratio", "lstar_predicted", "error_pct", "sink_layer", "massive_activation_layer", "gain",
-    ]
-    for col in numeric:
-        if col in df.columns:
-            df[col] = pd.to_numeric(df[col], errors="coerce")
-    if "exceeds_L" in df.columns:
-        df["exceeds_L"] = df["exceeds_L"].map(_as_bool)
-    df["_lab"] = [_lab_name(v) for v in df["lab"]] if "lab" in df.columns else _UNKNOWN_LAB
-    names = df["model"] if "model" in df.columns else pd.Series([None] * len(df), index=df.index)
-    specs = df["spec"] if "spec" in df.columns else pd.Series([None] * len(df), index=df.index)
-    df["_label"] = [_short_name(n) or _short_name(s) for n, s in zip(names, specs)]
-    return df.reset_index(drop=True)
-
-
-def summary_from_results(results: Mapping[str, Any]) -> pd.DataFrame:
-    """The summary table rebuilt from results.json, for runs whose summary.csv is missing."""
-    from sheafscope.outputs.summarize import summary_frame
-
-    return summary_frame(list(results.get("models") or []))
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, out_dir: Path | str, stem: str) -> list[Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    png = out / f"{stem}.png"
-    svg = out / f"{stem}.svg"
-    fig.savefig(png, dpi=_DPI, format="png")
-    # No date in the SVG so reruns of the same data give identical files.
-    fig.savefig(svg, format="svg", metadata={"Date": None})
-    return [png, svg]
-
-
-def _empty_axes(ax: Any, message: str) -> None:
-    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes,
-            fontsize=10, color="#777777", wrap=True)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _wants_log(values: Sequence[float] | np.ndarray) -> bool:
-    # Log scale only helps (and only works) when everything is positive and spans > 2 decades.
-    arr = np.asarray(values, dtype=float)
-    arr = arr[np.isfinite(arr)]
-    if arr.size == 0 or np.any(arr <= 0):
-        return False
-    return float(arr.max() / arr.min()) > 100.0
-
-
-def _lab_legend(ax: Any, colours: Mapping[str, str], labs_present: Iterable[str], **kw: Any) -> None:
-    labs = sorted(set(labs_present))
-    if not labs:
-        return
-    handles = [Patch(color=colours[lab], label=lab) for lab in labs]
-    ax.legend(handles=handles, fontsize=7, **kw)
+def _scatter_models(ax: Any, df: pd.DataFrame, x: str, y: str, colours: Mapping[str, str], s: float = 45) -> None:
+    for _, r in df.iterrows():
+        c = colours[r["_base"]]
+        ax.scatter([r[x]], [r[y]], s=s, zorder=3, linewidths=1.3 if r["_twin"] else 0.5,
+                   facecolors="none" if r["_twin"] else c, edgecolors=c if r["_twin"] else "black")
 
 
 # --------------------------------------------------------------------------- figures
@@ -247,122 +101,98 @@ def plot_extended_panels(
 ) -> list[Path]:
     """Notebook 000's four panels in one 2x2 figure (stem ``extended_panels``).
 
-    (1) prompt-mean layer trace against l/L per model, (2) mean trace per model (log y),
-    (3) L*/L per model with the 0.5 line, (4) L* (gradient) against L with the formula's
-    predictions for each model's H.
+    (1) prompt-mean layer trace against l/L per model (twins dashed), (2) mean trace per model
+    (log y), (3) L*/L per model with the 0.5 line, (4) L* (gradient) against L with the formula's
+    prediction at each model's (L, H). Twins are hollow bars and points.
     """
     models = _ok_models(results)
     df = _clean_summary(summary if summary is not None else summary_from_results(results))
-    labs = [_model_lab(m) for m in models] + (list(df["_lab"]) if len(df) else [])
-    colours = lab_colour_map(labs)
+    colours = model_colour_map([_model_name(m) for m in models] + (list(df["_label"]) if len(df) else []))
 
-    fig = _new_figure(13, 9.5)
-    axes = fig.subplots(2, 2)
-    ax1, ax2, ax3, ax4 = axes.ravel()
+    fig = _new_figure(13, 10)
+    ax1, ax2, ax3, ax4 = fig.subplots(2, 2).ravel()
 
-    # (1) layer profiles on a common depth axis so models of different L overlay.
     all_vals: list[float] = []
-    drawn_labs: list[str] = []
     for m in models:
         mean = mean_layer_trace(m)
         if mean.size == 0:
             continue
-        n_layers = len(mean)
-        x = np.arange(n_layers) / n_layers
-        lab = _model_lab(m)
-        ax1.plot(x, mean, color=colours[lab], lw=1.4, alpha=0.85, marker="o", ms=2.5)
+        twin = is_twin(m.get("init"), _model_name(m))
+        ax1.plot(np.arange(len(mean)) / len(mean), mean, color=colours[base_name(_model_name(m))],
+                 lw=1.0 if twin else 1.6, ls="--" if twin else "-", marker="o", ms=2.5,
+                 mfc="none" if twin else None, label=_model_name(m))
         all_vals.extend(mean.tolist())
-        drawn_labs.append(lab)
-    if drawn_labs:
+    if all_vals:
         if _wants_log(all_vals):
             ax1.set_yscale("log")
         ax1.set_xlabel("normalised layer l / L  (l 0-based)")
         ax1.set_ylabel("multi-head layer trace (prompt mean)")
-        _lab_legend(ax1, colours, drawn_labs, loc="best")
+        ax1.legend(fontsize=6.5, ncols=2, loc="best")
     else:
         _empty_axes(ax1, "no per-prompt traces available")
-    ax1.set_title("(1) Layer trace vs depth")
+    ax1.set_title("(1) Layer trace vs depth (dashed: random-init twin)")
 
-    # (2) mean trace per model; values span orders of magnitude across sizes, hence log y.
+    def bars(ax: Any, d: pd.DataFrame, col: str) -> np.ndarray:
+        pos = np.arange(len(d))
+        for p, (_, r) in zip(pos, d.iterrows()):
+            c = colours[r["_base"]]
+            ax.bar([p], [r[col]], color="none" if r["_twin"] else c, edgecolor=c if r["_twin"] else "black",
+                   hatch="///" if r["_twin"] else None, lw=0.8)
+        ax.set_xticks(pos, list(d["_label"]), rotation=60, ha="right", fontsize=7)
+        return pos
+
     if len(df) and "mean_trace" in df.columns and df["mean_trace"].notna().any():
-        d2 = df[df["mean_trace"].notna()].sort_values("mean_trace")
-        heights = d2["mean_trace"].to_numpy(dtype=float)
-        pos = np.arange(len(d2))
-        ax2.bar(pos, np.where(heights > 0, heights, np.nan),
-                color=[colours[lab] for lab in d2["_lab"]], edgecolor="black", lw=0.4)
+        d2 = df[df["mean_trace"] > 0].sort_values("mean_trace")
+        pos = bars(ax2, d2, "mean_trace")
         if {"mean_trace_ci_low", "mean_trace_ci_high"} <= set(d2.columns):
-            lo = d2["mean_trace_ci_low"].to_numpy(dtype=float)
-            hi = d2["mean_trace_ci_high"].to_numpy(dtype=float)
-            ok = np.isfinite(lo) & np.isfinite(hi) & (heights > 0)
+            h, lo, hi = (d2[c].to_numpy(dtype=float) for c in ("mean_trace", "mean_trace_ci_low", "mean_trace_ci_high"))
+            ok = np.isfinite(lo) & np.isfinite(hi)
             if ok.any():
-                err = np.vstack([np.clip(heights - lo, 0, None), np.clip(hi - heights, 0, None)])
-                ax2.errorbar(pos[ok], heights[ok], yerr=err[:, ok], fmt="none",
-                             ecolor="black", capsize=2, lw=0.8)
-        if np.any(heights > 0):
-            ax2.set_yscale("log")
-        ax2.set_xticks(pos, list(d2["_label"]), rotation=60, ha="right", fontsize=7)
-        ax2.set_ylabel("mean multi-head trace (log)")
-        _lab_legend(ax2, colours, d2["_lab"], loc="upper left")
+                err = np.vstack([np.clip(h - lo, 0, None), np.clip(hi - h, 0, None)])
+                ax2.errorbar(pos[ok], h[ok], yerr=err[:, ok], fmt="none", ecolor="black", capsize=2, lw=0.8)
+        ax2.set_yscale("log")
+        ax2.set_ylabel("mean multi-head trace (log); hatched: twin")
     else:
         _empty_axes(ax2, "mean trace not available")
     ax2.set_title("(2) Mean trace per model")
 
-    # (3) L*/L: the notebooks read < 0.5 as "transition in the first half".
     ratio = _lstar_ratio(df)
     if ratio is not None and ratio.notna().any():
         d3 = df.assign(_ratio=ratio)
         d3 = d3[d3["_ratio"].notna()].sort_values("_ratio")
-        pos = np.arange(len(d3))
-        ax3.bar(pos, d3["_ratio"], color=[colours[lab] for lab in d3["_lab"]],
-                edgecolor="black", lw=0.4)
+        bars(ax3, d3, "_ratio")
         ax3.axhline(0.5, color="black", ls="--", lw=1, label="L*/L = 0.5")
-        ax3.set_xticks(pos, list(d3["_label"]), rotation=60, ha="right", fontsize=7)
-        ax3.set_ylabel("L* / L  (gradient definition)")
+        ax3.set_ylabel("L* / L  (gradient definition); hatched: twin")
         ax3.set_ylim(0, max(1.05, float(d3["_ratio"].max()) * 1.1))
         ax3.legend(fontsize=7, loc="upper left")
     else:
         _empty_axes(ax3, "L*/L not available")
     ax3.set_title("(3) Relative transition depth L*/L")
 
-    # (4) empirical L* vs L, with the formula evaluated at each model's own (L, H).
     if len(df) and {"n_layers", "lstar_gradient"} <= set(df.columns) and df["lstar_gradient"].notna().any():
         d4 = df[df["n_layers"].notna() & df["lstar_gradient"].notna()]
-        for lab, grp in d4.groupby("_lab"):
-            ax4.scatter(grp["n_layers"], grp["lstar_gradient"], color=colours[lab], s=40,
-                        edgecolor="black", lw=0.5, zorder=3, label=f"{lab} (measured)")
+        _scatter_models(ax4, d4, "n_layers", "lstar_gradient", colours)
         if {"lstar_gradient_ci_low", "lstar_gradient_ci_high"} <= set(d4.columns):
-            y = d4["lstar_gradient"].to_numpy(dtype=float)
-            lo = d4["lstar_gradient_ci_low"].to_numpy(dtype=float)
-            hi = d4["lstar_gradient_ci_high"].to_numpy(dtype=float)
+            y, lo, hi = (d4[c].to_numpy(dtype=float) for c in ("lstar_gradient", "lstar_gradient_ci_low",
+                                                                 "lstar_gradient_ci_high"))
             ok = np.isfinite(lo) & np.isfinite(hi)
             if ok.any():
                 err = np.vstack([np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)])
                 ax4.errorbar(d4["n_layers"].to_numpy(dtype=float)[ok], y[ok], yerr=err[:, ok],
                              fmt="none", ecolor="grey", capsize=2, lw=0.8, zorder=2)
-        l_max = float(d4["n_layers"].max())
-        l_grid = np.linspace(1, max(l_max * 1.1, 2), 100)
-        if "n_heads" in d4.columns and d4["n_heads"].notna().any():
-            pred = [predicted_lstar(L, H) for L, H in zip(d4["n_layers"], d4["n_heads"])
-                    if np.isfinite(L) and np.isfinite(H) and H > 0]
-            xs = [L for L, H in zip(d4["n_layers"], d4["n_heads"])
-                  if np.isfinite(L) and np.isfinite(H) and H > 0]
-            ax4.scatter(xs, pred, marker="x", color="black", s=40, zorder=4,
-                        label="formula at model's (L, H)")
-            # Faint curves per distinct H show how the prediction moves with depth;
-            # capped so many H values do not clutter the panel.
-            for H in sorted(d4["n_heads"].dropna().unique())[:6]:
-                if H > 0:
-                    ax4.plot(l_grid, [predicted_lstar(L, H) for L in l_grid], color="grey",
-                             lw=0.7, ls=":", alpha=0.8)
-                    ax4.annotate(f"H={int(H)}", (l_grid[-1], predicted_lstar(l_grid[-1], H)),
-                                 fontsize=6, color="grey", ha="right", va="bottom")
+        l_grid = np.linspace(1, max(float(d4["n_layers"].max()) * 1.1, 2), 100)
+        shapes = d4[["n_layers", "n_heads"]].dropna().drop_duplicates()
+        shapes = shapes[shapes["n_heads"] > 0]
+        ax4.scatter(shapes["n_layers"], [predicted_lstar(L, H) for L, H in shapes.to_numpy()], marker="x",
+                    color="black", s=40, zorder=4, label="formula at the model's (L, H)")
         ax4.plot(l_grid, l_grid, color="#C0392B", lw=0.8, ls="--", label="L* = L (limit)")
+        place_labels(ax4, d4["n_layers"].to_list(), d4["lstar_gradient"].to_list(), list(d4["_label"]))
         ax4.set_xlabel("number of layers L")
-        ax4.set_ylabel("L* (gradient, 0-based layer)")
+        ax4.set_ylabel("L* (gradient, 0-based layer); hollow: twin")
         ax4.legend(fontsize=7, loc="upper left")
     else:
         _empty_axes(ax4, "L* (gradient) not available")
-    ax4.set_title("(4) L* vs L with formula prediction")
+    ax4.set_title("(4) L* vs L with the formula's prediction")
 
     fig.suptitle("Sheaf-Laplacian trace across models (notebook 000 panels)", fontsize=12)
     return _save(fig, out_dir, "extended_panels")
@@ -381,70 +211,71 @@ def _lstar_ratio(df: pd.DataFrame) -> pd.Series | None:
 def plot_cross_heritage(summary: pd.DataFrame | None, out_dir: Path | str) -> list[Path]:
     """Notebook 001's two panels (stem ``cross_heritage``).
 
-    (1) predicted L* against empirical L* (definition ``lstar.EMPIRICAL``, ± its std over prompts
-    where it has one) with the y = x diagonal; models whose prediction exceeds L get a hollow red
-    ring. (2) error % by lab: bar = lab mean, black dots = models, orange dashed 10 % threshold.
+    (1) predicted against empirical L* (definition ``lstar.EMPIRICAL``, ± its std over prompts
+    where it has one) with y = x; trained models filled, twins hollow, models with no transition
+    crossed out; red rings mark predictions beyond L. (2) error % of L by lab over the trained
+    models with a transition only: bar = lab mean, dots = models in their colours, dashed line =
+    the 10 % threshold.
     """
     df = _clean_summary(summary)
-    colours = lab_colour_map(df["_lab"] if len(df) else [])
-    fig = _new_figure(13, 5.5)
+    colours = model_colour_map(df["_label"] if len(df) else [])
+    fig = _new_figure(13, 6)
     ax1, ax2 = fig.subplots(1, 2)
 
     emp = lstar.DEFINITIONS[lstar.EMPIRICAL]
     emp_col = emp.columns[0]
-    # Only a definition taken over prompts has a std column (the one after its L*).
     std_col = emp.columns[1] if emp.over == "prompts" else None
-    if len(df) and {"lstar_predicted", emp_col} <= set(df.columns):
-        d1 = df[df["lstar_predicted"].notna() & df[emp_col].notna()]
-    else:
-        d1 = pd.DataFrame()
+    d1 = df[df["lstar_predicted"].notna() & df[emp_col].notna()] if len(df) and {"lstar_predicted", emp_col} <= set(df.columns) else pd.DataFrame()
     if len(d1):
         x = d1[emp_col].to_numpy(dtype=float)
         y = d1["lstar_predicted"].to_numpy(dtype=float)
         xerr = d1[std_col].fillna(0).to_numpy(dtype=float) if std_col in d1.columns else None
         ax1.errorbar(x, y, xerr=xerr, fmt="none", ecolor="grey", capsize=2, lw=0.8, zorder=1)
-        for lab, grp in d1.groupby("_lab"):
-            ax1.scatter(grp[emp_col], grp["lstar_predicted"], color=colours[lab],
-                        s=50, edgecolor="black", lw=0.5, zorder=3, label=lab)
-        for xi, yi, name in zip(x, y, d1["_label"]):
-            ax1.annotate(name, (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        _scatter_models(ax1, d1, emp_col, "lstar_predicted", colours, s=55)
+        flat = d1["no_transition"].to_numpy(dtype=bool)
+        if flat.any():
+            ax1.scatter(x[flat], y[flat], marker="x", s=90, color="black", zorder=5, label="no transition")
         exceeds = d1["exceeds_L"].to_numpy(dtype=bool) if "exceeds_L" in d1.columns else np.zeros(len(d1), bool)
         if exceeds.any():
-            ax1.scatter(x[exceeds], y[exceeds], s=220, facecolors="none", edgecolors="red",
-                        lw=1.6, zorder=4, label="prediction > L")
+            ax1.scatter(x[exceeds], y[exceeds], s=240, facecolors="none", edgecolors="red", lw=1.4, zorder=4,
+                        label="prediction > L")
         lo = float(min(np.nanmin(x), np.nanmin(y), 0.0))
         hi = float(max(np.nanmax(x), np.nanmax(y))) * 1.08 + 0.5
         ax1.plot([lo, hi], [lo, hi], color="black", ls="--", lw=0.9, label="y = x")
         ax1.set_xlim(lo, hi)
         ax1.set_ylim(lo, hi)
+        place_labels(ax1, x.tolist(), y.tolist(), list(d1["_label"]))
         ax1.set_xlabel(f"empirical L* ({emp.name} definition{', prompt mean ± std' if std_col else ''})")
         ax1.set_ylabel("predicted L* = L(0.11 + 0.012L + 4.9/H)")
-        ax1.legend(fontsize=7, loc="upper left")
+        ax1.legend(fontsize=7, loc="upper left", title="filled: trained, hollow: random-init twin",
+                   title_fontsize=7)
     else:
         _empty_axes(ax1, "predicted / empirical L* not available")
     ax1.set_title("(1) Predicted vs empirical L*")
 
-    if len(df) and "error_pct" in df.columns and df["error_pct"].notna().any():
-        d2 = df[df["error_pct"].notna()]
+    evidence = df[~df["_twin"] & ~df["no_transition"]] if len(df) else df
+    if len(evidence) and "error_pct" in evidence.columns and evidence["error_pct"].notna().any():
+        d2 = evidence[evidence["error_pct"].notna()]
         labs = sorted(d2["_lab"].unique())
         means = [float(d2.loc[d2["_lab"] == lab, "error_pct"].mean()) for lab in labs]
         pos = np.arange(len(labs))
-        ax2.bar(pos, means, color=[colours[lab] for lab in labs], alpha=0.75,
-                edgecolor="black", lw=0.4, label="lab mean")
-        # Deterministic jitter so overlapping models stay visible and SVGs stay reproducible.
-        rng = np.random.default_rng(0)
+        ax2.bar(pos, means, color="#D5D8DC", edgecolor="black", lw=0.4, label="lab mean")
         for i, lab in enumerate(labs):
-            vals = d2.loc[d2["_lab"] == lab, "error_pct"].to_numpy(dtype=float)
-            jitter = rng.uniform(-0.15, 0.15, size=len(vals)) if len(vals) > 1 else np.zeros(1)
-            ax2.scatter(i + jitter, vals, color="black", s=16, zorder=3,
-                        label="models" if i == 0 else None)
-        ax2.axhline(_THRESHOLD_PCT, color="orange", ls="--", lw=1.5, label="10% threshold")
+            grp = d2[d2["_lab"] == lab]
+            offsets = np.linspace(-0.2, 0.2, len(grp)) if len(grp) > 1 else np.zeros(1)
+            for off, (_, r) in zip(offsets, grp.iterrows()):
+                ax2.scatter([i + off], [r["error_pct"]], color=colours[r["_base"]], edgecolor="black", lw=0.5,
+                            s=40, zorder=3, label=r["_label"])
+        ax2.axhline(_THRESHOLD_PCT, color="orange", ls="--", lw=1.5, label="10 % threshold")
         ax2.set_xticks(pos, labs, rotation=30, ha="right", fontsize=8)
         ax2.set_ylabel("error % of L  (|pred − emp| / L · 100)")
         ax2.legend(fontsize=7, loc="upper right")
+        n_out = int(len(df) - len(evidence))
+        ax2.set_title(f"(2) Prediction error by lab, trained models only ({n_out} control(s) or flat left out)",
+                      fontsize=10)
     else:
-        _empty_axes(ax2, "error % not available")
-    ax2.set_title("(2) Prediction error by lab")
+        _empty_axes(ax2, "no trained model with a transition: no error to show")
+        ax2.set_title("(2) Prediction error by lab")
 
     fig.suptitle("Cross-heritage test of the L* formula (notebook 001 panels)", fontsize=12)
     return _save(fig, out_dir, "cross_heritage")
@@ -455,12 +286,12 @@ def plot_layer_profiles(
 ) -> list[Path]:
     """Small multiples of each model's layer trace (stem ``layer_profiles``).
 
-    Thin grey lines are single prompts, the bold line their mean; vertical lines mark L* (one
-    per definition), the attention-sink layer and the massive-activation layer where the model's
-    result or the optional ``summary`` row provides them.
+    Thin grey lines are single prompts, the bold line their mean in the model's colour (dashed for
+    a twin); vertical lines mark L* (one per definition), the attention-sink layer and the
+    massive-activation layer. A model with no transition says so in its title.
     """
     models = [m for m in _ok_models(results) if _prompt_layer_traces(m).size]
-    colours = lab_colour_map(_model_lab(m) for m in models)
+    colours = model_colour_map(_model_name(m) for m in models)
     extra = _clean_summary(summary)
     by_spec: dict[str, Mapping[str, Any]] = {}
     if len(extra) and "spec" in extra.columns:
@@ -474,7 +305,6 @@ def plot_layer_profiles(
     if not models:
         _empty_axes(axes[0], "no successful model with per-prompt traces")
 
-    # Neutral colours + distinct line styles: lab colours are already used by the mean lines.
     definitions = list(lstar.DEFINITIONS.values())
     markers = (
         *((f"L* ({d.name})", "black", _LSTAR_DASHES[i % len(_LSTAR_DASHES)]) for i, d in enumerate(definitions)),
@@ -485,27 +315,28 @@ def plot_layer_profiles(
     for ax, m in zip(axes, models):
         rows = _prompt_layer_traces(m)
         layers = np.arange(rows.shape[1])
-        for row in rows:
-            ax.plot(layers, row, color="grey", lw=0.6, alpha=0.6)
-        lab = _model_lab(m)
-        ax.plot(layers, rows.mean(axis=0), color=colours[lab], lw=2.2)
+        for r in rows:
+            ax.plot(layers, r, color="grey", lw=0.6, alpha=0.6)
+        name = _model_name(m)
+        twin = is_twin(m.get("init"), name)
+        ax.plot(layers, rows.mean(axis=0), color=colours[base_name(name)], lw=2.2, ls="--" if twin else "-")
         if _wants_log(rows.ravel()):
             ax.set_yscale("log")
         row = by_spec.get(str(m.get("spec")), {})
+        flat = bool(row.get("no_transition")) if len(row) else bool(lstar.transition_test(rows)["flat"])
         positions = (
             *(_first_finite(_get(m, "lstar", d.name, d.value_key), row.get(d.columns[0])) for d in definitions),
             _first_finite(m.get("sink_layer"), _get(m, "diagnostics", "sink_layer"), row.get("sink_layer")),
-            _first_finite(m.get("massive_activation_layer"),
-                          _get(m, "diagnostics", "massive_activation_layer"),
+            _first_finite(m.get("massive_activation_layer"), _get(m, "diagnostics", "massive_activation_layer"),
                           row.get("massive_activation_layer")),
         )
-        for (label, colour, style), pos in zip(markers, positions):
-            if pos is not None:
+        for i, ((label, colour, style), pos) in enumerate(zip(markers, positions)):
+            if pos is not None and not (flat and i < len(definitions)):
                 ax.axvline(pos, color=colour, ls=style, lw=1.5)
                 used.add(label)
-        title = _short_name(m.get("spec") or m.get("model_id"))
-        ax.set_title(f"{title}  (L={m.get('n_layers', len(layers))}, H={m.get('n_heads', '?')})",
-                     fontsize=9)
+        tags = [t for t, on in (("random-init control", twin), ("no transition", flat)) if on]
+        ax.set_title(f"{name}  (L={m.get('n_layers', len(layers))}, H={m.get('n_heads', '?')})"
+                     + (f"\n{', '.join(tags)}" if tags else ""), fontsize=9)
         ax.set_xlabel("layer (0-based)", fontsize=8)
         ax.set_ylabel("layer trace", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -513,9 +344,9 @@ def plot_layer_profiles(
         ax.set_visible(False)
 
     handles = [Line2D([], [], color="grey", lw=0.6, label="single prompt"),
-               Line2D([], [], color="black", lw=2.2, label="prompt mean (lab colour)")]
+               Line2D([], [], color="black", lw=2.2, label="prompt mean (model colour)"),
+               Line2D([], [], color="black", lw=2.2, ls="--", label="prompt mean, random-init twin")]
     handles += [Line2D([], [], color=c, ls=s, lw=1.5, label=lbl) for lbl, c, s in markers if lbl in used]
-    # Rows of at most four: one L* entry per definition would run past a narrow figure.
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
     fig.suptitle("Per-model layer trace profiles", fontsize=12)
     return _save(fig, out_dir, "layer_profiles")
@@ -541,7 +372,8 @@ def write_all_figures(out_dir: Path) -> list[Path]:
     summary = pd.read_csv(summary_path) if summary_path.exists() else summary_from_results(results)
     fig_dir = run_dir / "figures"
     paths: list[Path] = []
-    paths += plot_extended_panels(results, summary, fig_dir)
+    paths += plot_domain(results, fig_dir)
     paths += plot_cross_heritage(summary, fig_dir)
+    paths += plot_extended_panels(results, summary, fig_dir)
     paths += plot_layer_profiles(results, fig_dir, summary=summary)
     return paths

@@ -11,15 +11,8 @@ import numpy as np
 import pandas as pd
 
 from sheafscope.measures import lstar
-from sheafscope.outputs import stats
-
-SINK_THRESHOLD = 0.5
-LAYER_DEFINITIONS = {
-    "sink_layer": f"first layer whose first-token attention mass (mean over heads, query positions i >= 1 and prompts) "
-                  f"reaches {SINK_THRESHOLD}; empty if none",
-    "massive_activation_layer": "layer l (0-based) whose output has the largest jump of max|hidden| over its input: "
-                                "argmax_l M[l+1] / M[l], M the prompt-mean max |hidden state| (M[0] = embeddings)",
-}
+from sheafscope.outputs import claims, samples, stats
+from sheafscope.outputs.samples import LAYER_DEFINITIONS
 
 # Notebook 000's REFERENCE_RESULTS (mean multi-head trace, fp16 on the hub models). The Pythia
 # rows were produced with rows 2*hidden: of query_key_value as "W_V", which is not W_V (D1).
@@ -34,17 +27,13 @@ N_BOOT = 1000
 
 
 def sink_layer(model: dict[str, Any]) -> int | None:
-    mass = np.mean([np.asarray(p["first_token_mass"]).mean(axis=1) for p in model["prompts"]], axis=0)
-    hits = np.flatnonzero(mass >= SINK_THRESHOLD)
-    return int(hits[0]) if hits.size else None
+    """The model's attention-sink layer (``samples.LAYER_DEFINITIONS``)."""
+    return samples.sink_layer(samples.arrays_of(model))
 
 
 def massive_activation_layer(model: dict[str, Any]) -> int | None:
-    m = np.mean([p["max_abs_hidden"] for p in model["prompts"]], axis=0)
-    if m.size < 2:
-        return None
-    ratio = m[1:] / np.maximum(m[:-1], 1e-30)
-    return int(np.argmax(ratio))
+    """The model's massive-activation layer (``samples.LAYER_DEFINITIONS``)."""
+    return samples.massive_activation_layer(samples.arrays_of(model))
 
 
 def _row(model: dict[str, Any]) -> dict[str, Any]:
@@ -66,6 +55,7 @@ def _row(model: dict[str, Any]) -> dict[str, Any]:
     mt, mt_lo, mt_hi = stats.bootstrap_ci(traces, lambda t: float(t.mean()), n_boot=N_BOOT)
     ls = model["lstar"]
     f = ls["formula"]
+    transition = lstar.transition_test(traces)
     lstar_columns: dict[str, Any] = {}
     for d in lstar.DEFINITIONS.values():
         if d.name in ls:  # results written before a definition was added lack it
@@ -87,6 +77,9 @@ def _row(model: dict[str, Any]) -> dict[str, Any]:
         "error_pct": f["error_pct"],
         "sink_layer": sink_layer(model),
         "massive_activation_layer": massive_activation_layer(model),
+        # True where every L* above is an argmax of noise (lstar.TRANSITION_RULE).
+        "no_transition": transition["flat"],
+        "transition_z": transition["step_z"],
     }
 
 
@@ -95,27 +88,47 @@ def summary_frame(models: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame([_row(m) for m in models])
 
 
-def analysis_block(models: list[dict[str, Any]], summary: pd.DataFrame) -> dict[str, Any]:
-    """MAPE by lab, verdict, refit with leave-one-lab-out CV and baselines, reference
-    comparison and twin-vs-trained, over the models that ran. Random-init twins are
-    controls: they are kept out of the formula's statistics."""
+def analysis_block(models: list[dict[str, Any]], summary: pd.DataFrame, n_boot: int = N_BOOT) -> dict[str, Any]:
+    """The claims with their verdicts, intervals and baselines; MAPE by lab, refit with
+    leave-one-lab-out CV and baselines; reference comparison and twin-vs-trained. Random-init twins
+    are controls and models with no transition have no L*: both are kept out of the statistics."""
     out: dict[str, Any] = {"layer_definitions": LAYER_DEFINITIONS, "warnings": []}
     ok = summary[summary["status"] == "ok"] if "status" in summary else summary.iloc[0:0]
     trained = ok[ok["init"] != "random"]
-    if len(trained):
+    flat = trained["no_transition"].fillna(False).astype(bool) if "no_transition" in trained else False
+    out["controls"] = [str(m) for m in ok.loc[ok["init"] == "random", "model"]] if len(ok) else []
+    out["no_transition"] = [str(m) for m in trained.loc[flat, "model"]] if len(trained) else []
+    evidence = trained[~flat] if len(trained) else trained
+    out["claims"] = _jsonable(claims.evaluate_all(models, summary, n_boot=n_boot))
+    formula = next(c for c in out["claims"] if c["key"] == "formula")
+    if len(evidence):
         emp = lstar.DEFINITIONS[lstar.EMPIRICAL]
         df = pd.DataFrame({
-            "model": trained["model"], "lab": trained["lab"], "L": trained["n_layers"], "H": trained["n_heads"],
-            "lstar_empirical": trained[emp.columns[0]],  # the definition's L* column
+            "model": evidence["model"], "lab": evidence["lab"], "L": evidence["n_layers"], "H": evidence["n_heads"],
+            "lstar_empirical": evidence[emp.columns[0]],  # the definition's L* column
         })
         out["mape"] = stats.mape_by_lab(df)
         out["mape"]["empirical_definition"] = f"{emp.name} ({emp.source})"
+        out["mape"]["verdict"] = formula["verdict"]
+        out["mape"]["verdict_reason"] = formula["verdict_reason"]
+        out["mape"]["thresholds"] = formula["thresholds"]
+        out["mape"]["overall"].update({k: formula[k] for k in ("ci", "ci_models", "ci_prompts", "level")})
         if df["lab"].nunique() >= 2 and len(df) >= 2:
-            out["compare"] = stats.compare_models(df).reset_index().to_dict(orient="records")
+            intervals = {b["name"]: b for b in formula["baselines"]} | {formula["claimed"]: formula}
+            of_target = formula.get("pct_of_target", {})
+            out["compare"] = [
+                {**r, **_ci_columns(intervals.get(r["predictor"]), "mape_of_L"),
+                 **_ci_columns(of_target.get(r["predictor"]), "mape_of_lstar")}
+                for r in stats.compare_models(df).reset_index().to_dict(orient="records")
+            ]
             out["cross_validation"] = _jsonable(stats.leave_one_group_out(df))
         fit = stats.fit_formula(df["L"], df["H"], df["lstar_empirical"])
         out["refit_in_sample"] = {"coef": list(map(float, fit.coef)), "rank": int(fit.rank), "n": int(fit.n),
-                                  "residual_rms": float(fit.residual_rms)}
+                                  "residual_rms": float(fit.residual_rms),
+                                  "interpolation": bool(fit.n <= 3)}
+    for name in out["no_transition"]:
+        out["warnings"].append(f"{name}: no transition (its layer profile is flat within prompt-to-prompt noise); "
+                               "its L* is not evidence and is left out of the verdicts")
     for _, r in ok.iterrows():
         if r.get("exceeds_L"):
             out["warnings"].append(f"{r['model']}: the formula predicts L* = {r['lstar_predicted']:.1f} > L = {r['n_layers']} (D10)")
@@ -134,6 +147,14 @@ def analysis_block(models: list[dict[str, Any]], summary: pd.DataFrame) -> dict[
     for _, r in failed.iterrows():
         out["warnings"].append(f"{r['model']} failed: {r['error']}")
     return out
+
+
+def _ci_columns(block: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
+    # Flat columns so the comparison stays one table row per predictor.
+    if not block:
+        return {}
+    lo, hi = block["ci"]
+    return {f"{prefix}_ci_low": lo, f"{prefix}_ci_high": hi}
 
 
 def _lstar_value(model: dict[str, Any], d: lstar.LStarDefinition) -> float | None:

@@ -8,8 +8,9 @@ Everything else in sheafscope is architecture-agnostic.
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -203,6 +204,21 @@ class Adapter:
             d_model=int(cfg.hidden_size),
             causal=self.causal,
         )
+
+    @contextmanager
+    def onloaded(self, layer: int) -> Iterator[None]:
+        """Layer `layer`'s weights readable while open: modules whose weights accelerate
+        offloaded to the CPU or disk (on the meta device in between) have them loaded through
+        their offload hooks, and put back afterwards. A no-op for a model on its devices."""
+        with ExitStack() as stack:
+            modules = [m for m in self.blocks[layer].modules() if hasattr(m, "_hf_hook")]
+            if modules:
+                from accelerate.utils import align_module_device, has_offloaded_params
+
+                for m in modules:
+                    if has_offloaded_params(m):
+                        stack.enter_context(align_module_device(m))
+            yield
 
     def attention(self, layer: int) -> nn.Module:
         """The attention module of a layer."""
