@@ -243,3 +243,44 @@ def test_verdict_line_when_no_trained_model_ran(tmp_path):
     assert _verdict_line(tmp_path, [{"status": "ok", "init": "random"}]).startswith("none: no trained model ran")
     assert _verdict_line(tmp_path, [{"status": "failed"}]) == "none: no model ran"
     assert _report_line(tmp_path).startswith("not written")
+
+
+def test_a_suites_options_apply_unless_the_command_line_gives_them(tiny_dirs, tmp_path):
+    prompts = _prompts(tmp_path, PROMPTS)
+    suite = tmp_path / "suite.toml"
+    suite.write_text(f'name = "t"\nprompts = "{prompts}"\n[options]\ndtype = "bfloat16"\nrestriction_map = "ov"\n'
+                     f'[[models]]\nspec = "{tiny_dirs["llama"]}"\n')
+    for extra, dtype in (([], "bfloat16"), (["--dtype", "float32"], "float32")):
+        out = tmp_path / f"out-{dtype}"
+        assert main(["run", "--quiet", "--suite", str(suite), "--out", str(out), *extra]) == 0
+        res = json.loads((out / "results.json").read_text())
+        assert res["options"]["dtype"] == dtype and res["models"][0]["dtype"] == dtype
+        assert res["options"]["restriction_map"] == "ov" and res["models"][0]["restriction_map"] == "ov"
+
+
+def test_a_grid_suite_runs_each_condition_and_reports_the_spread_of_lstar(tiny_dirs, tmp_path, capsys):
+    """The robustness suite's mechanism on a tiny model: 2 dtypes x 2 prompt sets (and 8-bit,
+    left out on a machine without a GPU); the spread is checked against each condition's results."""
+    a, b = _prompts(tmp_path, PROMPTS), tmp_path / "b.txt"
+    b.write_text("Water boils at 100 degrees.\nThe quick brown fox jumps over the lazy dog again and again.\n")
+    suite = tmp_path / "grid.toml"
+    suite.write_text(f'name = "g"\n[grid]\ndtype = ["float32", "bfloat16"]\nprompts = ["{a}", "{b}"]\n'
+                     'quantize = ["none", "8bit"]\n'
+                     + f'[[models]]\nspec = "{tiny_dirs["llama"]}"\n')
+    out = tmp_path / "out"
+    assert main(["run", "--no-progress", "--suite", str(suite), "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    table = json.loads((out / "robustness.json").read_text())
+    names = [c["name"] for c in table["conditions"]]
+    assert len(names) == 4 and {s["why"] for s in table["skipped"]} <= {"bitsandbytes quantization needs a CUDA GPU",
+                                                                          "bitsandbytes is not installed"}
+    assert len(table["skipped"]) == 4 and "left out" in cap.err
+    for spec in (str(tiny_dirs["llama"]),):
+        seen = []
+        for name, cond in zip(names, table["conditions"]):
+            res = json.loads((out / name / "results.json").read_text())
+            assert res["options"]["dtype"] == cond["dtype"]
+            seen.append(next(m for m in res["models"] if m["spec"] == spec)["lstar"]["diff"]["mean"])
+        assert table["spread"][spec]["diff"]["spread"] == pytest.approx(max(seen) - min(seen), abs=0)
+    assert table["verdict_flips"] == {}  # one trained model: no verdict in any condition, so nothing flips
+    assert (out / "figures" / "robustness.png").stat().st_size > 1000 and "Verdict flips: none" in cap.out

@@ -19,6 +19,7 @@ from sheafscope.capture.batching import capture_all
 from sheafscope.errors import ConfigError, PromptError
 from sheafscope.models.adapters import Adapter, adapter_for
 from sheafscope.models.loading import LoadedModel
+from sheafscope.measures import intrinsic
 from sheafscope.measures.lstar import lstar_block
 from sheafscope.measures.restriction import norms_sq
 
@@ -195,6 +196,9 @@ class Part:
     wv_norm_sq: np.ndarray
     prompts: dict[int, PromptResult]  # by index in the run's prompt list
     skipped: dict[int, str]  # index -> why it could not be measured
+    # index -> (layers + 1, d) float32 residual-stream means; large, so never in to_dict (units
+    # keep them beside their JSON record: units.write_pooled)
+    pooled: dict[int, np.ndarray] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"info": self.info, "wv_norm_sq": self.wv_norm_sq.tolist(),
@@ -240,15 +244,17 @@ def measure(
             items.append((i, ids, truncated))
     run_info: dict[str, Any] = {}
     prompts: dict[int, PromptResult] = {}
+    pooled: dict[int, np.ndarray] = {}
     if items:
         caps, run_info = capture_all(target, [ids[0] for _, ids, _ in items], path, batch_tokens, progress)
         prompts = {i: prompt_result(texts[i], cap, truncated, norm_sq) for (i, _, truncated), cap in zip(items, caps)}
+        pooled = {i: cap.pooled for (i, _, _), cap in zip(items, caps) if cap.pooled is not None}
     if path != attention:
         path = f"eager (fallback: {loaded.adapter.fast_path_note or loaded.adapter.family + ' is not supported by the fast path'})"
     info = model_info(loaded, restriction_map, path)
     info.update(run_info)
     info["elapsed_s"] = time.time() - t0
-    return Part(info, norm_sq, prompts, skipped)
+    return Part(info, norm_sq, prompts, skipped, pooled)
 
 
 def _merged_run_info(parts: list[Part]) -> dict[str, Any]:
@@ -289,10 +295,21 @@ def assemble(parts: list[Part], n_prompts: int) -> ModelResult:
     res = ModelResult(info, first.wv_norm_sq, [prompts[i] for i in sorted(prompts)], {}, warnings)
     n_layers, n_heads = info["n_layers"], info["n_heads"]
     res.lstar = lstar_block(res.layer_traces, n_layers, n_heads)
+    res.info["intrinsic_dimension"] = _id_profile(parts, sorted(prompts))
     if res.lstar["formula"]["exceeds_L"]:
         f = res.lstar["formula"]
         warnings.append(f"D10: the formula predicts L* = {f['predicted']:.1f}, beyond the last layer (L = {n_layers}); not clipped")
     return res
+
+
+def _id_profile(parts: list[Part], order: list[int]) -> dict[str, Any]:
+    """The ID profile over every measured prompt's pooled streams, in prompt order."""
+    pooled = {i: v for p in parts for i, v in p.pooled.items()}
+    lacking = [i for i in order if i not in pooled]
+    if lacking:
+        return intrinsic.unavailable(f"the pooled hidden states of {len(lacking)} of {len(order)} measured prompt(s) "
+                                     "were not kept (results from before the ID profile?)", len(order) - len(lacking))
+    return intrinsic.id_profile(np.stack([pooled[i] for i in order]))
 
 
 def analyze(

@@ -314,6 +314,15 @@ def check_out(out: Path) -> None:
                               "pass a directory you can write to, or fix its permissions") from None
 
 
+def apply_suite_options(args: argparse.Namespace, options: dict) -> None:
+    """A suite's [options] (e.g. quantize = "4bit") apply where the command line left the
+    option at its default; an option given on the command line wins."""
+    defaults = _parser().parse_args(["run"])
+    for key, value in options.items():
+        if getattr(args, key) == getattr(defaults, key):
+            setattr(args, key, value)
+
+
 def check_room(entries: list[ModelEntry], args: argparse.Namespace) -> None:
     """A placement that cannot work, and weights that cannot fit their devices, refused from
     the configs before any model loads (`sheafscope plan` shows the whole estimate)."""
@@ -379,8 +388,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is refused here, before any model loads or --out is touched.
     try:
-        if args.device is not None:
-            check_device(args.device)
         suite = None
         if args.models:
             entries = [ModelEntry(s) for s in args.models]
@@ -389,6 +396,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             suite = load_suite(args.suite or "offline")
             entries = suite.models
             prompt_source = args.prompts or suite.prompts
+            apply_suite_options(args, suite.options)
+        if args.device is not None:
+            check_device(args.device)
         check_models(entries, args.init, args.quantize)  # an unknown name fails now, not after an hour of other models
         prompts, label = load_prompts(prompt_source)
         prompts = validate_prompts(prompts)
@@ -412,6 +422,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     tame_libraries(verbose=args.verbose, quiet=args.quiet or not main_process, progress=not args.no_progress)
     if not args.quiet and main_process:
         print(f"sheafscope {__version__}: {len(entries)} model(s) x {len(prompts)} prompt(s) ({label}) -> {out}", file=sys.stderr)
+    if suite is not None and suite.grid:
+        return _run_grid(suite, entries, prompt_source, opts, out, args)
     outcome = run(entries, prompts, opts, out, prompt_source=label, force=args.force,
                   show_progress=not (args.no_progress or args.quiet), suite=suite.to_dict() if suite else None)
     if not outcome.main:
@@ -422,6 +434,55 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"\n{outcome.n_failed} of {len(outcome.models)} model(s) failed; the others' results are written.", file=sys.stderr)
         return EXIT_MODEL_FAILED
     return EXIT_OK
+
+
+def _run_grid(suite, entries, prompt_source: str | None, opts, out: Path, args: argparse.Namespace) -> int:
+    """One run per condition of the suite's grid into OUT/<condition>/, then the comparison."""
+    from dataclasses import replace
+
+    from sheafscope import grid
+    from sheafscope.analysis import validate_prompts
+    from sheafscope.prompts import load_prompts
+    from sheafscope.runner import run
+
+    cells, skipped = grid.conditions(suite.grid)
+    for s in skipped:
+        print(f"sheafscope: condition {s['condition']} left out: {s['why']}", file=sys.stderr)
+    inputs = {}
+    for cell in cells:  # every condition's prompts are read before the first runs
+        settings = dict(cell.settings)
+        prompts, label = load_prompts(settings.pop("prompts", prompt_source))
+        inputs[cell.name] = (validate_prompts(prompts), label, replace(opts, **settings))
+    failed = 0
+    for cell in cells:
+        prompts, label, cell_opts = inputs[cell.name]
+        if not args.quiet:
+            print(f"sheafscope: condition {cell.name}: {len(entries)} model(s) x {len(prompts)} prompt(s) ({label})",
+                  file=sys.stderr)
+        outcome = run(entries, prompts, cell_opts, out / cell.name, prompt_source=label, force=args.force,
+                      show_progress=not (args.no_progress or args.quiet), suite=suite.to_dict())
+        if not outcome.main:
+            continue
+        failed += outcome.n_failed
+    if os.environ.get("RANK", "0") != "0":
+        return EXIT_OK
+    table = grid.compare(out, cells, skipped)
+    grid.write(out, table)
+    print_grid(table, out)
+    return EXIT_MODEL_FAILED if failed else EXIT_OK
+
+
+def print_grid(table: dict, out: Path) -> None:
+    from sheafscope.measures.lstar import DEFINITIONS
+
+    print(f"\nL* across {len(table['conditions'])} condition(s): spread = max - min over the conditions a model ran in")
+    print(f"{'model':28s} {'ran':>4s} " + " ".join(f"{'L*' + n + ' spread':>20s}" for n in DEFINITIONS))
+    for model, s in table["spread"].items():
+        cells = [f"{s[n]['spread']:20.2f}" if s.get(n) else f"{'-':>20s}" for n in DEFINITIONS]
+        print(f"{model:28s} {s['conditions_ok']:>4d} " + " ".join(cells))
+    flips = table["verdict_flips"]
+    print("Verdict flips: " + ("; ".join(f"{c}: {' / '.join(v)}" for c, v in flips.items()) if flips else "none"))
+    print(f"Results: {out / 'robustness.json'}, robustness.csv, figures/robustness.png; each condition in {out}/<condition>/")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

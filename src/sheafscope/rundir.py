@@ -245,7 +245,7 @@ def remove_temporaries(out_dir: Path) -> None:
     """Temporary files of atomic writes (.NAME.XXXX.tmp) that a killed run left; we hold the
     lock, so no other run is writing them."""
     for d in (out_dir, out_dir / "models", *(out_dir / "units").glob("*/")):
-        for pattern in (".*.json.*.tmp", ".*.csv.*.tmp"):
+        for pattern in (".*.json.*.tmp", ".*.csv.*.tmp", ".*.npz.*.tmp"):
             for path in d.glob(pattern):
                 try:
                     path.unlink(missing_ok=True)

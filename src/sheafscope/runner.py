@@ -32,7 +32,8 @@ from sheafscope.outputs.io import atomic_write_json, read_json
 from sheafscope.processes import Processes
 from sheafscope.resume import COMMIT, code_identity, jsonable, key_changes, key_hash, listed, resume_key
 from sheafscope.rundir import RunLock, check_distinct, earlier_run_differs, prepare_dir, remove_earlier_run, remove_temporaries
-from sheafscope.units import ModelEntry, Unit, failed_entry, finished, merge, model_units, remove_units, slug
+from sheafscope.units import (ModelEntry, Unit, failed_entry, finished, merge, model_units, remove_units, slug,
+                              write_pooled)
 
 __all__ = ["ModelEntry", "RunOptions", "RunOutcome", "run", "slug"]
 
@@ -74,6 +75,7 @@ def environment() -> dict[str, Any]:
 
 
 def definitions(restriction_map: str) -> dict[str, Any]:
+    from sheafscope.measures.intrinsic import DEFINITION as INTRINSIC_DEFINITION
     from sheafscope.measures.lstar import DEFINITIONS, FORMULA_TEXT
     from sheafscope.measures.restriction import RESTRICTION_MAPS
 
@@ -86,6 +88,7 @@ def definitions(restriction_map: str) -> dict[str, Any]:
         "legacy_trace_full": "notebook 000's trace_full (D8): offdiag mass of the head-averaged attention times ||R_0||_F^2 of head 0 only; a legacy number",
         "first_token_mass": "mean over query positions i >= 1 of A_h[i, 0] (attention-sink mass)",
         "max_abs_hidden": "max |h| over tokens and channels of each residual stream (embeddings, then after each layer)",
+        "intrinsic_dimension": INTRINSIC_DEFINITION,
         "lstar": {k: {"definition": v.definition, "source": v.source} for k, v in DEFINITIONS.items()},
         "formula": FORMULA_TEXT,
         "error_pct": "|predicted - empirical| / L * 100, empirical = diff-definition mean (notebook 001)",
@@ -194,6 +197,8 @@ def _compute(units: list[Unit], prompts: list[str], options: RunOptions, procs: 
                     record = {"status": "failed", "error": _error_of(e)}
             record.update(shard={"index": unit.index, "count": unit.count, "prompts": unit.prompts},
                           process=procs.rank, fingerprint=unit.key["fingerprint"], resume_key=unit.key)
+            if record["status"] == "ok":  # before the record, which marks the unit finished
+                write_pooled(unit, part.pooled)
             unit.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(unit.path, record)
             if record["status"] != "ok":

@@ -22,10 +22,11 @@ class Suite:
     prompts: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # conditions: one run each (grid.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "path": self.path, "prompts": self.prompts,
-                "options": self.options, "models": [{"spec": m.spec, **m.metadata} for m in self.models]}
+                "options": self.options, "grid": self.grid, "models": [{"spec": m.spec, **m.metadata} for m in self.models]}
 
 
 def _builtin_dir() -> Path:
@@ -68,4 +69,5 @@ def load_suite(name_or_path: str | Path) -> Suite:
         prompts=prompts,
         options=options,
         path=str(path),
+        grid=dict(raw.get("grid", {})),
     )

@@ -3,7 +3,8 @@
 A run splits each model's prompts into shards that depend on the prompts alone (never on how
 many processes run), so one process or many compute every prompt in the same batches and give
 the same numbers. Each unit is written to DIR/units/<model>/<k>-of-<n>.json atomically with its
-resume key; a rerun computes only the units that are missing, failed or out of date. When all
+resume key, its prompts' pooled hidden states beside it in <k>-of-<n>.npz (written first: the
+JSON record is what marks a unit finished); a rerun computes only the units that are missing, failed or out of date. When all
 of a model's units are there, one process merges them into the model's result (L* and every
 statistic across prompts are computed there, never per shard) and removes the unit files.
 """
@@ -11,14 +12,18 @@ statistic across prompts are computed there, never per shard) and removes the un
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sheafscope.errors import SheafscopeError
-from sheafscope.outputs.io import read_json
+from sheafscope.outputs.io import file_mode, read_json, write_error
 from sheafscope.resume import key_hash
 
 # Prompts per shard: enough for full batches of short prompts, few enough that a study's
@@ -79,13 +84,48 @@ def model_units(entry: ModelEntry, prompts: list[str], model_key: dict[str, Any]
     return units
 
 
+def pooled_path(unit: Unit) -> Path:
+    return unit.path.with_suffix(".npz")
+
+
+def write_pooled(unit: Unit, pooled: dict[int, np.ndarray]) -> None:
+    """The unit's pooled hidden states (prompt index -> (layers + 1, d)), written atomically beside
+    its record; OutputWriteError as for any result file."""
+    path = pooled_path(unit)
+    indices = sorted(pooled)
+    arrays = np.stack([pooled[i] for i in indices]) if indices else np.zeros((0, 0, 0), dtype=np.float32)
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, indices=np.asarray(indices, dtype=np.int64), pooled=arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from e
+        raise
+
+
+def read_pooled(unit: Unit) -> dict[int, np.ndarray]:
+    with np.load(pooled_path(unit)) as f:
+        return {int(i): v for i, v in zip(f["indices"], f["pooled"])}
+
+
 def finished(unit: Unit) -> dict[str, Any] | None:
-    """The unit's earlier record if it is complete, measured and has this unit's key."""
+    """The unit's earlier record if it is complete, measured and has this unit's key (and its
+    pooled hidden states are there)."""
     try:
         record = read_json(unit.path)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if isinstance(record, dict) and record.get("status") == "ok" and record.get("fingerprint") == unit.key["fingerprint"]:
+    if (isinstance(record, dict) and record.get("status") == "ok" and record.get("fingerprint") == unit.key["fingerprint"]
+            and pooled_path(unit).is_file()):
         return record
     return None
 
@@ -112,6 +152,12 @@ def merge(units: list[Unit], prompts: list[str]) -> dict[str, Any]:
     if bad is not None:
         return {**failed_entry(entry, bad.get("error") or {"type": "Error", "message": "unit failed"}), "units": done}
     parts = [Part.from_dict(r["part"]) for r in records]
+    for u, p in zip(units, parts):
+        try:
+            p.pooled = read_pooled(u)
+        except (OSError, ValueError, KeyError) as e:
+            return {**failed_entry(entry, SheafscopeError(f"unit {pooled_path(u)} could not be read ({type(e).__name__}); "
+                                                          "rerun to recompute it")), "units": done}
     for d, p in zip(done, parts):
         d.update(device=p.info.get("device"), elapsed_s=p.info.get("elapsed_s"), load_seconds=p.info.get("load_seconds"))
     try:

@@ -2,10 +2,10 @@
 
 `capture(target, prompts, attention)` runs one batch of token-id prompts through the model and
 returns, per prompt, layer and head, the off-diagonal attention mass n - sum_i A[i,i] and the
-first-token mass, with the residual streams' maxima, and what ran. Two implementations:
-"fast" (fast.py: statistics from the fused kernels' log-sum-exp, inside the forward pass) and
-"eager" (eager.py: every attention matrix explicit, the reference). batching.py runs many
-prompts through either.
+first-token mass, with the residual streams' maxima and means over positions 1..n-1, and what
+ran. Two implementations: "fast" (fast.py: statistics from the fused kernels' log-sum-exp,
+inside the forward pass) and "eager" (eager.py: every attention matrix explicit, the
+reference). batching.py runs many prompts through either.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ class PromptCapture:
     offdiag_mass: np.ndarray  # (layers, heads): n - sum_i A_h[i,i]
     first_token_mass: np.ndarray  # (layers, heads): mean over i >= 1 of A_h[i, 0]
     max_abs_hidden: np.ndarray  # (layers + 1,): max |h| of each residual stream
+    # (layers + 1, d) float32: each residual stream's mean over positions 1..n-1 (position 0, the
+    # attention sink, carries massive activations that would dominate the mean); a narrower stream
+    # zero-padded to d (stack_streams)
+    pooled: np.ndarray | None = None
 
 
 @dataclass
@@ -102,6 +106,14 @@ def launch(target: Target, prompts: list[torch.Tensor], attention: str = "fast")
         if path_for(target, attention) == "eager":
             return eager.capture_each(target, prompts)
         return fast_batch.launch(target, prompts)
+
+
+def stack_streams(streams: list[torch.Tensor]) -> torch.Tensor:
+    """Per-stream tensors (..., d_s) stacked on a new first axis, the narrower ones zero-padded to
+    the widest d: a stream may be narrower (OPT projects its last hidden state down), and zero
+    columns leave every distance between points, and so their intrinsic dimension, unchanged."""
+    width = max(s.shape[-1] for s in streams)
+    return torch.stack([torch.nn.functional.pad(s, (0, width - s.shape[-1])) for s in streams])
 
 
 def check_finite(what: str, values: torch.Tensor | np.ndarray, dtype: torch.dtype) -> None:

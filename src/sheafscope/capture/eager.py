@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sheafscope.capture import BatchCapture, PromptCapture, Target, check_finite
+from sheafscope.capture import BatchCapture, PromptCapture, Target, check_finite, stack_streams
 from sheafscope.errors import SheafscopeError
 from sheafscope.sheaf import offdiag_mass
 
@@ -51,4 +51,7 @@ def capture_one(target: Target, input_ids: torch.Tensor) -> PromptCapture:
     for layer, h in enumerate(out.hidden_states):
         check_finite(f"the hidden state after layer {layer - 1}" if layer else "the embeddings", h, h.dtype)
     max_abs = torch.stack([h[0].abs().max().double().to(home) for h in out.hidden_states])
-    return PromptCapture(n, torch.stack(off).cpu().numpy(), torch.stack(sink).cpu().numpy(), max_abs.cpu().numpy())
+    # position 0 (the attention sink) is left out of the mean: its massive activations would dominate it
+    pooled = stack_streams([h[0, 1:].to(torch.float32).mean(dim=0).to(home) for h in out.hidden_states])
+    return PromptCapture(n, torch.stack(off).cpu().numpy(), torch.stack(sink).cpu().numpy(), max_abs.cpu().numpy(),
+                         pooled.cpu().numpy())

@@ -2,7 +2,8 @@
 
 Right padding with no mask is exact for causal models: a real token's row sees only earlier
 keys, all real, so no padding mask is built and the fused kernels run as on one prompt.
-Bidirectional models (BERT) get the padding mask. Rows at padded positions are never counted.
+Bidirectional models (BERT) get the padding mask. Rows at padded positions are never counted,
+nor pooled into a residual stream's mean.
 """
 
 from __future__ import annotations
@@ -13,23 +14,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from sheafscope.capture import BatchCapture, PromptCapture, Target, check_finite
+from sheafscope.capture import BatchCapture, PromptCapture, Target, check_finite, stack_streams
 from sheafscope.capture.fast import Recorder
 from sheafscope.errors import SheafscopeError
 
 
-def _keep_stream(streams: list[torch.Tensor], module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-    """Forward pre-hook on a block: the max |h| of each position of its input stream."""
+def _keep_stream(streams: list[torch.Tensor], sums: list[torch.Tensor], later: torch.Tensor, module: nn.Module,
+                 args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook on a block: the max |h| of each position of its input stream, and the
+    stream's sum over each prompt's positions 1..n-1."""
     h = args[0] if args else kwargs["hidden_states"]
     streams.append(torch.linalg.vector_norm(h, ord=torch.inf, dim=-1))
+    sums.append(_masked_sum(h, later))
+
+
+def _masked_sum(h: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
+    """(b, d) float32 sums of h (b, n, d) over the positions where `later` (b, n) holds; `where`
+    rather than a product, so that nothing at a padded position can reach the sum."""
+    keep = later.to(h.device)[..., None]
+    return torch.where(keep, h, 0).sum(dim=1, dtype=torch.float32)
 
 
 class Pending:
     """A batch whose forward pass has run (or is queued on the device); `result` reads it."""
 
-    def __init__(self, target: Target, recorder: Recorder, streams: list[torch.Tensor], lengths: list[int],
-                 dtype: torch.dtype):
-        self.target, self.recorder, self.streams = target, recorder, streams
+    def __init__(self, target: Target, recorder: Recorder, streams: list[torch.Tensor], sums: list[torch.Tensor],
+                 lengths: list[int], dtype: torch.dtype):
+        self.target, self.recorder, self.streams, self.sums = target, recorder, streams, sums
         self.lengths, self.dtype = lengths, dtype
 
     def result(self) -> BatchCapture:
@@ -50,10 +61,14 @@ class Pending:
         first_mass = torch.where(later[None, :, None], first, 0.0).sum(-1) / later.sum(-1)[None, :, None]
         streams = torch.stack([s.to(device, torch.float64) for s in self.streams])  # (L + 1, b, n)
         maxima = torch.where(valid[None], streams, -torch.inf).amax(-1)
-        off_mass, first_mass, maxima = (t.cpu().numpy() for t in (off_mass, first_mass, maxima))
+        counts = later.sum(-1).to(torch.float32)
+        pooled = stack_streams([s.to(device) for s in self.sums]) / counts[None, :, None]  # (L + 1, b, d)
+        pooled = pooled.transpose(0, 1).contiguous()  # one (L + 1, d) block per prompt
+        off_mass, first_mass, maxima, pooled = (t.cpu().numpy() for t in (off_mass, first_mass, maxima, pooled))
         check_finite("the residual stream or attention", maxima, self.dtype)
         check_finite("the attention statistics", off_mass, self.dtype)
-        prompts = [PromptCapture(n, off_mass[:, b], first_mass[:, b], maxima[:, b]) for b, n in enumerate(self.lengths)]
+        prompts = [PromptCapture(n, off_mass[:, b], first_mass[:, b], maxima[:, b], pooled[b])
+                   for b, n in enumerate(self.lengths)]
         return BatchCapture(prompts, rec.ran, rec.fallbacks)
 
 
@@ -71,8 +86,11 @@ def launch(target: Target, prompts: list[torch.Tensor]) -> Pending:
     mask = valid.long() if padded and not target.causal else None
     layer_of = {id(m): layer for layer, m in enumerate(target.attention_modules)}
     recorder = Recorder(layer_of, valid)
+    later = valid.clone()
+    later[:, 0] = False  # the residual streams are pooled over positions 1..n-1
     streams: list[torch.Tensor] = []
-    hooks = [block.register_forward_pre_hook(partial(_keep_stream, streams), with_kwargs=True)
+    sums: list[torch.Tensor] = []
+    hooks = [block.register_forward_pre_hook(partial(_keep_stream, streams, sums, later), with_kwargs=True)
              for block in target.blocks]
     try:
         with recorder:
@@ -82,5 +100,6 @@ def launch(target: Target, prompts: list[torch.Tensor]) -> Pending:
             hook.remove()
     last = out[0] if isinstance(out, tuple) else out.last_hidden_state
     streams.append(torch.linalg.vector_norm(last, ord=torch.inf, dim=-1))
+    sums.append(_masked_sum(last, later))
     dtype = next(target.model.parameters()).dtype
-    return Pending(target, recorder, streams, lengths, dtype)
+    return Pending(target, recorder, streams, sums, lengths, dtype)

@@ -54,6 +54,7 @@ class Claim:
     labels: Mapping[str, str]
     verdict_of: Callable[[float, int], str]
     also_pct_of_target: bool = False
+    interval_note: str = ""  # how the interval treats this claim's target, where it differs
 
 
 def _layer_verdict(value: float, n: int) -> str:
@@ -85,7 +86,8 @@ _LAYER_LABELS = {
 }
 
 
-def layer_claim(key: str, layer: str, target_of: Callable[[Arrays, Mapping[str, Any]], float | None]) -> Claim:
+def layer_claim(key: str, layer: str, target_of: Callable[[Arrays, Mapping[str, Any]], float | None],
+                interval_note: str = "") -> Claim:
     """The claim "L* is the <layer>" (e.g. the attention-sink layer): L* as its predictor."""
     return Claim(
         key=key,
@@ -96,11 +98,22 @@ def layer_claim(key: str, layer: str, target_of: Callable[[Arrays, Mapping[str, 
         claimed="lstar",
         labels={"lstar": f"{EMPIRICAL_LABEL}", **_LAYER_LABELS},
         verdict_of=_layer_verdict,
+        interval_note=interval_note,
     )
 
 
 def _empirical(arrays: Arrays, row: Mapping[str, Any]) -> float | None:
     return samples.empirical_lstar(arrays)
+
+
+def _id_peak(arrays: Arrays, row: Mapping[str, Any]) -> float | None:
+    # The summary row's point estimate: a TwoNN fit per resample would be slow, and resampled
+    # prompts repeat points, which TwoNN cannot use (a zero nearest-neighbour distance).
+    value = row.get("intrinsic_dimension_peak_layer")
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 CLAIMS: list[Claim] = [
@@ -122,6 +135,10 @@ CLAIMS: list[Claim] = [
     ),
     layer_claim("sink", "attention-sink layer", lambda a, row: samples.sink_layer(a)),
     layer_claim("massive_activation", "massive-activation layer", lambda a, row: samples.massive_activation_layer(a)),
+    layer_claim("intrinsic_dimension", "intrinsic-dimension peak", _id_peak,
+                interval_note="; the intrinsic-dimension peak is each model's point estimate (one TwoNN fit over all "
+                              "its prompts) in every resample, not refit: resampled prompts repeat points, which "
+                              "TwoNN cannot use, so only L* and the models carry the interval's variation"),
 ]
 
 
@@ -205,8 +222,10 @@ def evaluate(claim: Claim, models: Sequence[ModelSample], excluded: Mapping[str,
         **main,
         "level": level,
         "n_boot": n_boot,
+        "interval_note": claim.interval_note.removeprefix("; ") or None,
         "interval_method": ("percentile bootstrap; ci: models resampled, and each model's prompts resampled "
                             "with every L*, layer and refit recomputed; ci_models, ci_prompts: one level alone"
+                            + claim.interval_note
                             if judged else f"none: fewer than {MIN_MODELS_FOR_VERDICT} trained models, numbers only"),
         "thresholds": {"validated_below_pct": VERDICT_THRESHOLDS[0], "partial_below_pct": VERDICT_THRESHOLDS[1],
                        "source": "notebook 001"},

@@ -63,8 +63,8 @@ __all__ = [
 FIGURE_STEMS: tuple[str, ...] = ("domain", "cross_heritage", "extended_panels", "layer_profiles")
 
 # Dash patterns of the L* lines in the layer profiles, one per definition in registry order:
-# black because the model colours are taken by the mean lines, and none of them the sink's "--"
-# or the massive activation's ":".
+# black because the model colours are taken by the mean lines, and none of them the sink's "--",
+# the massive activation's ":" or the intrinsic-dimension peak's long dashes.
 _LSTAR_DASHES: tuple[Any, ...] = ("-.", (0, (6, 1.5, 1, 1.5, 1, 1.5)), (0, (10, 3)), (0, (3, 1, 1, 1)), (0, (1, 1)))
 
 
@@ -287,8 +287,8 @@ def plot_layer_profiles(
     """Small multiples of each model's layer trace (stem ``layer_profiles``).
 
     Thin grey lines are single prompts, the bold line their mean in the model's colour (dashed for
-    a twin); vertical lines mark L* (one per definition), the attention-sink layer and the
-    massive-activation layer. A model with no transition says so in its title.
+    a twin); vertical lines mark L* (one per definition), the attention-sink layer, the
+    massive-activation layer and the intrinsic-dimension peak. A model with no transition says so in its title.
     """
     models = [m for m in _ok_models(results) if _prompt_layer_traces(m).size]
     colours = model_colour_map(_model_name(m) for m in models)
@@ -310,6 +310,7 @@ def plot_layer_profiles(
         *((f"L* ({d.name})", "black", _LSTAR_DASHES[i % len(_LSTAR_DASHES)]) for i, d in enumerate(definitions)),
         ("attention sink", "#2C3E50", "--"),
         ("massive activation", "#7F8C8D", ":"),
+        ("intrinsic-dimension peak", "#8E44AD", (0, (8, 2))),
     )
     used: set[str] = set()
     for ax, m in zip(axes, models):
@@ -329,6 +330,7 @@ def plot_layer_profiles(
             _first_finite(m.get("sink_layer"), _get(m, "diagnostics", "sink_layer"), row.get("sink_layer")),
             _first_finite(m.get("massive_activation_layer"), _get(m, "diagnostics", "massive_activation_layer"),
                           row.get("massive_activation_layer")),
+            _first_finite(_get(m, "intrinsic_dimension", "peak_layer"), row.get("intrinsic_dimension_peak_layer")),
         )
         for i, ((label, colour, style), pos) in enumerate(zip(markers, positions)):
             if pos is not None and not (flat and i < len(definitions)):

@@ -47,7 +47,8 @@ _FIGURE_CAPTIONS: dict[str, str] = {
     "layer_profiles": (
         "Per-model layer trace: grey = single prompts, bold = mean (dashed for a random-init twin); "
         "a flat profile is titled \"no transition\" and has no L* line; vertical lines mark L* "
-        f"({', '.join(lstar.DEFINITIONS)}), attention-sink and massive-activation layers where known."
+        f"({', '.join(lstar.DEFINITIONS)}), attention-sink and massive-activation layers and the "
+        "intrinsic-dimension peak (largest TwoNN ID of a layer's output) where known."
     ),
 }
 

@@ -77,7 +77,9 @@ def section_claims(analysis: Any) -> str:
                                            if best else "—"),
             "beats it": best.get("beaten") if best else "—",
         })
-    items = "".join(f"<li><b>{_e(c.get('claim'))}</b>: {_e(c.get('verdict_reason'))}</li>" for c in claims)
+    items = "".join(f"<li><b>{_e(c.get('claim'))}</b>: {_e(c.get('verdict_reason'))}"
+                    + (f" (interval: {_e(c['interval_note'])})" if c.get("interval_note") else "") + "</li>"
+                    for c in claims)
     return (head + '<div id="claims-list">' + _table(rows, list(rows[0]), cell_class=_claim_cell_class)
             + f'<ul class="reasons">{items}</ul></div>')
 
@@ -177,13 +179,15 @@ def section_summary(summary: pd.DataFrame | None) -> str:
         row["error % of L"] = r.get("error_pct")
         row["sink"] = r.get("sink_layer")
         row["massive act."] = r.get("massive_activation_layer")
+        row["ID peak"] = r.get("intrinsic_dimension_peak_layer")
         row["step z"] = r.get("transition_z")
         row["status"] = r.get("status")
         compact.append(row)
     return ('<h2 id="summary">Summary</h2>'
             '<p class="sub">L* with its 95 % bootstrap interval over prompts; "no transition" where the layer '
             "profile is flat within prompt-to-prompt noise (step z: largest step of the mean trace over its "
-            "standard error; rule in the definitions below).</p>"
+            "standard error; rule in the definitions below). sink, massive act. and ID peak (the layer whose "
+            "output has the largest TwoNN intrinsic dimension) are 0-based layers, as L* is.</p>"
             + '<div id="summary-table" class="fit">'
             + _table(compact, list(compact[0]), row_class=lambda r: "failed" if str(r.get("status")).lower() == "failed" else "")
             + "</div><details><summary>Every column of summary.csv</summary>"

@@ -1,6 +1,7 @@
 """A model's per-prompt numbers as arrays, and the layers read off them (L*, the attention-sink
 layer, the massive-activation layer), so that the summary and every bootstrap resample of prompts
-compute them by the same functions."""
+compute them by the same functions; and the intrinsic-dimension peak, which is the model's own
+(one TwoNN fit over all its prompts) and not recomputed per resample."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from sheafscope.measures import lstar
+from sheafscope.measures import intrinsic, lstar
 
 SINK_THRESHOLD = 0.5
 LAYER_DEFINITIONS = {
@@ -19,6 +20,7 @@ LAYER_DEFINITIONS = {
                   f"reaches {SINK_THRESHOLD}; empty if none",
     "massive_activation_layer": "layer l (0-based) whose output has the largest jump of max|hidden| over its input: "
                                 "argmax_l M[l+1] / M[l], M the prompt-mean max |hidden state| (M[0] = embeddings)",
+    "intrinsic_dimension_peak_layer": intrinsic.DEFINITION,
     "transition": lstar.TRANSITION_RULE,
 }
 
@@ -93,3 +95,12 @@ def massive_activation_layer(arrays: Arrays) -> int | None:
         return None
     ratio = m[1:] / np.maximum(m[:-1], 1e-30)
     return int(np.argmax(ratio))
+
+
+def intrinsic_dimension_peak(model: Mapping[str, Any]) -> int | None:
+    """The layer (0-based) whose output has the largest TwoNN intrinsic dimension, from a
+    results.json model entry; None where the run did not compute one (too few prompts, or
+    results from before the ID profile)."""
+    block = model.get("intrinsic_dimension")
+    peak = block.get("peak_layer") if isinstance(block, Mapping) else None
+    return None if peak is None else int(peak)

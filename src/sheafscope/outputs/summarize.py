@@ -36,6 +36,11 @@ def massive_activation_layer(model: dict[str, Any]) -> int | None:
     return samples.massive_activation_layer(samples.arrays_of(model))
 
 
+def intrinsic_dimension_peak(model: dict[str, Any]) -> int | None:
+    """The model's intrinsic-dimension peak layer (``samples.LAYER_DEFINITIONS``)."""
+    return samples.intrinsic_dimension_peak(model)
+
+
 def _row(model: dict[str, Any]) -> dict[str, Any]:
     meta = model.get("metadata") or {}
     base = {
@@ -77,6 +82,7 @@ def _row(model: dict[str, Any]) -> dict[str, Any]:
         "error_pct": f["error_pct"],
         "sink_layer": sink_layer(model),
         "massive_activation_layer": massive_activation_layer(model),
+        "intrinsic_dimension_peak_layer": intrinsic_dimension_peak(model),
         # True where every L* above is an argmax of noise (lstar.TRANSITION_RULE).
         "no_transition": transition["flat"],
         "transition_z": transition["step_z"],
