@@ -3,6 +3,8 @@ traces in results.json rather than against typed numbers."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 from importlib.resources import files
@@ -28,8 +30,11 @@ def offline_run(tmp_path_factory) -> Path:
     prompts = out / "p.txt"
     prompts.write_text("The capital of France is Paris.\nOnce upon a time in a land far away\n"
                        "def fibonacci(n): return n if n < 2 else\n")
-    rc = main(["run", "--no-progress", "--suite", "offline", "--prompts", str(prompts), "--out", str(out)])
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(["run", "--no-progress", "--suite", "offline", "--prompts", str(prompts), "--out", str(out)])
     assert rc == 0
+    (out / "stdout.txt").write_text(stdout.getvalue())
     return out
 
 
@@ -57,6 +62,11 @@ def test_offline_suite_leaves_every_output(offline_run):
     for m in results["models"]:
         assert m["spec"] in html
     assert re.search(r"\d+\.\d % \[\d+\.\d, \d+\.\d\]", html)  # four trained models: claims with intervals
+    mape = json.loads((offline_run / "analysis.json").read_text())["mape"]
+    lo, hi = mape["overall"]["ci"]
+    assert (offline_run / "stdout.txt").read_text().splitlines()[-2] == (
+        f"Verdict: {mape['verdict']}, MAPE {mape['overall']['mape_of_L']:.1f} % of L [{lo:.1f}, {hi:.1f}] "
+        f"(95 % interval), n = {mape['overall']['n']}")
     jsonschema.validate(results, json.loads(files("sheafscope").joinpath("data/results.schema.json").read_text()))
 
 

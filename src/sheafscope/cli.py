@@ -218,6 +218,9 @@ def _verdict_line(out_dir: Path, models: list[dict]) -> str:
     overall = mape.get("overall") if isinstance(mape.get("overall"), dict) else {}
     value, n = overall.get("mape_of_L"), overall.get("n")
     detail = f"MAPE {value:.1f} % of L" if isinstance(value, (int, float)) else "MAPE not available"
+    ci = overall.get("ci")
+    if isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, (int, float)) and v == v for v in ci):
+        detail += f" [{ci[0]:.1f}, {ci[1]:.1f}] (95 % interval)"
     return f"{mape['verdict']}, {detail}, n = {n}"
 
 
