@@ -104,3 +104,23 @@ def test_analysis_statistics_match_the_summary(offline_run):
     twins = {t["model_id"] for t in analysis["twin_vs_trained"]}
     assert {"HuggingFaceTB/SmolLM2-135M-Instruct", "google/gemma-3-270m"} <= twins
     assert any("D10" in w for w in analysis["warnings"])  # smollm2 and gemma3: prediction > L
+
+
+def test_the_offline_report_renders_its_claims_with_intervals_in_headless_chromium(offline_run, tmp_path):
+    """The real run's page, as a browser renders it: the claims list with each judged claim's
+    interval, and the domain figure (four trained models, so the claims are judged)."""
+    import tempfile
+
+    from test_report import CHROMIUM, _chromium
+
+    if not CHROMIUM.exists():
+        pytest.fail("/usr/bin/chromium is missing: run `apt-get install -y chromium` (CI's script installs it)")
+    with tempfile.TemporaryDirectory(prefix="sheafscope-chromium-") as tmp:
+        dom = _chromium("--dump-dom", "--virtual-time-budget=5000", "--window-size=1280,2000",
+                        (offline_run / "report.html").resolve().as_uri(), user_dir=Path(tmp))
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    claims = dom.stdout[dom.stdout.index('id="claims-list"'):]
+    claims = claims[:claims.index("</table>")]
+    judged = [c for c in json.loads((offline_run / "analysis.json").read_text())["claims"] if c["n"] >= 3]
+    assert judged and len(re.findall(r"\d+\.\d % \[\d+\.\d, \d+\.\d\]", claims)) >= len(judged)
+    assert 'id="fig-domain"' in dom.stdout
