@@ -32,7 +32,7 @@ from sheafscope.outputs.io import atomic_write_json, read_json
 from sheafscope.processes import Processes
 from sheafscope.resume import COMMIT, code_identity, jsonable, key_changes, key_hash, listed, resume_key
 from sheafscope.rundir import RunLock, check_distinct, earlier_run_differs, prepare_dir, remove_earlier_run, remove_temporaries
-from sheafscope.units import (ModelEntry, Unit, failed_entry, finished, merge, model_units, remove_units, slug,
+from sheafscope.units import (ModelEntry, Unit, finished, merge, model_units, remove_units, slug,
                               write_pooled)
 
 __all__ = ["ModelEntry", "RunOptions", "RunOutcome", "run", "slug"]
