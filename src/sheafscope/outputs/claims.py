@@ -22,7 +22,6 @@ from sheafscope.outputs import crossval, samples
 from sheafscope.outputs.bootstrap import nested_bootstrap
 from sheafscope.outputs.formula import (
     MIN_MODELS_FOR_VERDICT,
-    NO_VERDICT,
     VERDICT_THRESHOLDS,
     error_pct_of_L,
     error_pct_of_lstar,
@@ -58,15 +57,8 @@ class Claim:
 
 
 def _layer_verdict(value: float, n: int) -> str:
-    if math.isnan(value):
-        return "NO DATA"
-    if n < MIN_MODELS_FOR_VERDICT:
-        return NO_VERDICT
-    if value < VERDICT_THRESHOLDS[0]:
-        return "HOLDS"
-    if value < VERDICT_THRESHOLDS[1]:
-        return "PARTLY HOLDS"
-    return "DOES NOT HOLD"
+    # The formula's thresholds, in words for a claim about a layer.
+    return verdict(value, n, labels=("HOLDS", "PARTLY HOLDS", "DOES NOT HOLD"))
 
 
 def _layer_predictors(df: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -110,12 +110,16 @@ def error_pct_of_lstar(predicted: ArrayLike, empirical: ArrayLike) -> float | np
     return _as_result(_safe_ratio_pct(diff, np.abs(emp)))
 
 
-def verdict(mape_pct: float, n: int | None = None) -> str:
+FORMULA_VERDICTS = ("FORMULA GENERALIZES", "PARTIAL GENERALIZATION", "CALIBRATION NEEDED")
+
+
+def verdict(mape_pct: float, n: int | None = None, labels: tuple[str, str, str] = FORMULA_VERDICTS) -> str:
     """Notebook 001's verdict on a MAPE-of-L (percent) over ``n`` trained models.
 
-    ``< 10`` -> ``"FORMULA GENERALIZES"``, ``< 15`` -> ``"PARTIAL GENERALIZATION"``,
-    otherwise ``"CALIBRATION NEEDED"``; NaN (no models) -> ``"NO DATA"``; ``n`` below
-    :data:`MIN_MODELS_FOR_VERDICT` -> ``"NO VERDICT"`` whatever the MAPE.
+    ``< 10`` -> ``labels[0]`` (``"FORMULA GENERALIZES"``), ``< 15`` -> ``labels[1]``
+    (``"PARTIAL GENERALIZATION"``), otherwise ``labels[2]`` (``"CALIBRATION NEEDED"``); NaN (no
+    models) -> ``"NO DATA"``; ``n`` below :data:`MIN_MODELS_FOR_VERDICT` -> ``"NO VERDICT"``
+    whatever the MAPE.
     """
     value = float(mape_pct)
     if math.isnan(value):
@@ -123,10 +127,10 @@ def verdict(mape_pct: float, n: int | None = None) -> str:
     if n is not None and n < MIN_MODELS_FOR_VERDICT:
         return NO_VERDICT
     if value < VERDICT_THRESHOLDS[0]:
-        return "FORMULA GENERALIZES"
+        return labels[0]
     if value < VERDICT_THRESHOLDS[1]:
-        return "PARTIAL GENERALIZATION"
-    return "CALIBRATION NEEDED"
+        return labels[1]
+    return labels[2]
 
 
 # ---------------------------------------------------------------------------
