@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import inspect
 import json
 import os
 import platform
@@ -57,9 +56,7 @@ class Methods:
     def __init__(self, loaded, batch_tokens: int | None):
         self.loaded, self.batch_tokens = loaded, batch_tokens
         pad_id = getattr(loaded.tokenizer, "pad_token_id", None) or 0
-        # target_of(loaded) per the interface; the redesign's working tree has target_of(model, pad_id)
-        first = next(iter(inspect.signature(target_of).parameters))
-        self.target = target_of(loaded) if first == "loaded" else target_of(loaded.model, pad_id)
+        self.target = target_of(loaded.model, pad_id, loaded.adapter)
         self.budget = batch_tokens or BATCH_TOKENS.get(loaded.device.type, BATCH_TOKENS["cpu"])
         self.norm_sq = norms_sq(loaded.adapter, "raw_wv").numpy()  # once per model, never timed
         self.capture_info: dict = {}  # capture_all's info from the last run of b
@@ -310,7 +307,7 @@ def main() -> int:
     p.add_argument("--prompts", default="notebooks,research-v1,mixed", help="prompt sets: built-in names, 'mixed', or files ('': none)")
     p.add_argument("--methods", default="abcd", help="subset of abcd")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
-    p.add_argument("--pairs", type=int, default=15, help="GPU: interleaved a/b pairs per workload")
+    p.add_argument("--pairs", type=int, default=15, help="interleaved a/b pairs per workload (within --max-seconds)")
     p.add_argument("--max-seconds", type=float, default=300.0, help="time budget per configuration")
     p.add_argument("--context", type=int, default=None, help="max_position_embeddings of a random twin")
     p.add_argument("--device-map", default=None, help="auto, balanced or sequential: one model over every visible GPU")
@@ -355,7 +352,7 @@ def main() -> int:
             mem = r.get("peak_mem_bytes")
             print(f"  {w['workload']:<14} {m} {METHODS[m]:<21} " + (r["skipped"] if "skipped" in r else f"{r['median_s']:.4f} s"
                   + ("" if mem is None else f", peak +{mem / 2**20:.0f} MiB")), flush=True)
-        if dev == "cuda" and all("median_s" in w["results"].get(m, {}) for m in "ab"):
+        if all("median_s" in w["results"].get(m, {}) for m in "ab"):
             try:
                 w["interleaved"] = interleaved(methods, w["prompts"], args)
             except torch.OutOfMemoryError:

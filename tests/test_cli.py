@@ -236,13 +236,13 @@ def test_stdout_ends_with_the_verdict_and_the_report_and_quiet_is_quiet(tiny_dir
 
 
 def test_verdict_line_when_no_trained_model_ran(tmp_path):
-    from sheafscope.cli import _report_line, _verdict_line
+    from sheafscope.cli import report_line, verdict_line
 
-    assert _verdict_line(tmp_path, []).startswith("not available")
+    assert verdict_line(tmp_path, []).startswith("not available")
     (tmp_path / "analysis.json").write_text(json.dumps({"warnings": []}))
-    assert _verdict_line(tmp_path, [{"status": "ok", "init": "random"}]).startswith("none: no trained model ran")
-    assert _verdict_line(tmp_path, [{"status": "failed"}]) == "none: no model ran"
-    assert _report_line(tmp_path).startswith("not written")
+    assert verdict_line(tmp_path, [{"status": "ok", "init": "random"}]).startswith("none: no trained model ran")
+    assert verdict_line(tmp_path, [{"status": "failed"}]) == "none: no model ran"
+    assert report_line(tmp_path).startswith("not written")
 
 
 def test_a_suites_options_apply_unless_the_command_line_gives_them(tiny_dirs, tmp_path):
@@ -282,5 +282,7 @@ def test_a_grid_suite_runs_each_condition_and_reports_the_spread_of_lstar(tiny_d
             assert res["options"]["dtype"] == cond["dtype"]
             seen.append(next(m for m in res["models"] if m["spec"] == spec)["lstar"]["diff"]["mean"])
         assert table["spread"][spec]["diff"]["spread"] == pytest.approx(max(seen) - min(seen), abs=0)
-    assert table["verdict_flips"] == {}  # one trained model: no verdict in any condition, so nothing flips
+    # one trained model: no condition judges any claim, so nothing flips and each says why
+    assert table["verdict_flips"] == {} and set(table["not_judged"]["formula"]) == set(names)
+    assert all("at least 3" in why for why in table["not_judged"]["formula"].values())
     assert (out / "figures" / "robustness.png").stat().st_size > 1000 and "Verdict flips: none" in cap.out

@@ -14,7 +14,7 @@ from tiny_models import TINY_CONFIGS
 
 from sheafscope.models import twins
 from sheafscope.models.catalog import find
-from sheafscope.models.loading import _auto_class
+from sheafscope.models.loading import model_class_for
 
 # A reduced-depth, narrower copy of the llama-3.1-70b catalog config (its rope scaling, GQA and
 # untied output layer kept).
@@ -23,7 +23,7 @@ SMALL_70B = dict(num_hidden_layers=3, hidden_size=256, intermediate_size=512, nu
 
 
 def _twin(config, seed=0, device_map=None, offload_dir=None, dtype=torch.float32):
-    model = twins.empty(config, _auto_class(config.model_type), dtype, None)
+    model = twins.empty(config, model_class_for(config.model_type), dtype, None)
     return twins.materialize(model, seed, "cpu", device_map, offload_dir)
 
 
@@ -46,7 +46,7 @@ def test_twin_init_follows_transformers_own_init(family):
     config = getattr(transformers, cls_name)(**kwargs)
     twin = _twin(config)
     torch.manual_seed(0)
-    ref = _auto_class(config.model_type).from_config(config, dtype=torch.float32)
+    ref = model_class_for(config.model_type).from_config(config, dtype=torch.float32)
     ref_params = dict(ref.named_parameters())
     assert set(dict(twin.named_parameters())) == set(ref_params)
     for name, p in twin.named_parameters():

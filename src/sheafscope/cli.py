@@ -201,7 +201,7 @@ def print_summary(models: list[dict], out_dir: Path) -> None:
     print(f"Results: {out_dir}/results.json, summary.csv, analysis.json")
 
 
-def _verdict_line(out_dir: Path, models: list[dict]) -> str:
+def verdict_line(out_dir: Path, models: list[dict]) -> str:
     """The formula's verdict as analysis.json states it (sheafscope.outputs.stats.verdict)."""
     try:
         analysis = json.loads((out_dir / "analysis.json").read_text(encoding="utf-8"))
@@ -221,7 +221,7 @@ def _verdict_line(out_dir: Path, models: list[dict]) -> str:
     return f"{mape['verdict']}, {detail}, n = {n}"
 
 
-def _report_line(out_dir: Path) -> str:
+def report_line(out_dir: Path) -> str:
     report, results = out_dir / "report.html", out_dir / "results.json"
     try:  # a report older than results.json is a previous run's: the write failed (logged above)
         if report.stat().st_mtime_ns >= results.stat().st_mtime_ns:
@@ -233,8 +233,8 @@ def _report_line(out_dir: Path) -> str:
 
 def print_verdict(models: list[dict], out_dir: Path) -> None:
     """The last lines of a run's stdout: the verdict and where the report is."""
-    print(f"Verdict: {_verdict_line(out_dir, models)}")
-    print(f"Report: {_report_line(out_dir)}")
+    print(f"Verdict: {verdict_line(out_dir, models)}")
+    print(f"Report: {report_line(out_dir)}")
 
 
 def apply_suite_options(args: argparse.Namespace, options: dict) -> None:
@@ -383,8 +383,12 @@ def print_grid(table: dict, out: Path) -> None:
     for model, s in table["spread"].items():
         cells = [f"{s[n]['spread']:20.2f}" if s.get(n) else f"{'-':>20s}" for n in DEFINITIONS]
         print(f"{model:28s} {s['conditions_ok']:>4d} " + " ".join(cells))
-    flips = table["verdict_flips"]
-    print("Verdict flips: " + ("; ".join(f"{c}: {' / '.join(v)}" for c, v in flips.items()) if flips else "none"))
+    flips, settled = table["verdict_flips"], table["settled_flips"]
+    print("Verdict flips: " + ("; ".join(f"{c}: {' / '.join(v)}" + (" (each settled: a real flip)" if c in settled else
+                                                                     " (not every verdict settled: within the intervals)")
+                                         for c, v in flips.items()) if flips else "none among the conditions that judged"))
+    for claim, where in table["not_judged"].items():
+        print(f"Not judged: {claim} in {', '.join(where)} (robustness.json: not_judged)")
     print(f"Results: {out / 'robustness.json'}, robustness.csv, figures/robustness.png; each condition in {out}/<condition>/")
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from sheafscope.errors import ConfigError
 from sheafscope.measures.lstar import DEFINITIONS
+from sheafscope.outputs.formula import NOT_VERDICTS
 from sheafscope.outputs.io import atomic_write_json, atomic_write_text
 
 GRID_KEYS = {"dtype", "quantize", "prompts", "restriction_map", "max_tokens", "seed"}
@@ -77,13 +78,16 @@ def _lstar_of(model: dict[str, Any]) -> dict[str, float | None]:
 
 def compare(out_dir: Path, cells: list[Condition], skipped: list[dict[str, str]]) -> dict[str, Any]:
     """Each model's L* (every definition) per condition, its spread (max - min over the
-    conditions where it ran), and the verdict of each claim per condition with whether it flips."""
-    rows, verdicts = [], {}
+    conditions where it ran), and the verdict of each claim per condition with whether it flips.
+    NO DATA and NO VERDICT are not verdicts: a claim judged in one condition and not in another
+    has not flipped; it is listed under not_judged with the reason."""
+    rows, verdicts, claims_of = [], {}, {}
     for cell in cells:
         d = out_dir / cell.name
         results = json.loads((d / "results.json").read_text(encoding="utf-8"))
         analysis = json.loads((d / "analysis.json").read_text(encoding="utf-8"))
-        verdicts[cell.name] = {c["key"]: c.get("verdict") for c in analysis.get("claims", [])}
+        claims_of[cell.name] = {c["key"]: c for c in analysis.get("claims", [])}
+        verdicts[cell.name] = {k: c.get("verdict") for k, c in claims_of[cell.name].items()}
         for m in results["models"]:
             rows.append({"model": m["spec"], "condition": cell.name, **cell.settings, "status": m["status"],
                          "n_layers": m.get("n_layers"), **{f"lstar_{k}": v for k, v in _lstar_of(m).items()}})
@@ -95,18 +99,38 @@ def compare(out_dir: Path, cells: list[Condition], skipped: list[dict[str, str]]
         for name in DEFINITIONS:
             values = [r[f"lstar_{name}"] for r in mine if r[f"lstar_{name}"] is not None]
             spread[model][name] = {"min": min(values), "max": max(values), "spread": max(values) - min(values)} if values else None
-    claims = sorted({k for v in verdicts.values() for k in v})
-    flips = {c: sorted({v.get(c) for v in verdicts.values() if v.get(c) is not None}) for c in claims}
+    judged: dict[str, dict[str, dict]] = {}
+    not_judged: dict[str, dict[str, str]] = {}
+    for cond, claims in claims_of.items():
+        for key, c in claims.items():
+            if c.get("verdict") in NOT_VERDICTS:
+                not_judged.setdefault(key, {})[cond] = f"{c.get('verdict')}: {c.get('verdict_reason') or 'no reason recorded'}"
+            elif c.get("verdict") is not None:
+                judged.setdefault(key, {})[cond] = c
+    flips, settled_flips = {}, {}
+    for key, by_cond in sorted(judged.items()):
+        seen = sorted({c["verdict"] for c in by_cond.values()})
+        if len(seen) > 1:
+            flips[key] = seen
+            settled = sorted({c["verdict"] for c in by_cond.values() if c.get("settled")})
+            if len(settled) > 1:
+                settled_flips[key] = settled
     return {
         "conditions": [{"name": c.name, **c.settings} for c in cells],
         "skipped": skipped,
         "lstar": rows,
         "spread": spread,
         "verdicts": verdicts,
-        "verdict_flips": {c: v for c, v in flips.items() if len(v) > 1},
+        "verdict_flips": flips,
+        "settled_flips": settled_flips,
+        "not_judged": not_judged,
         "definitions": {
             "spread": "max - min of a model's L* over the conditions in which it ran",
-            "verdict_flips": "claims whose verdict differs between conditions, with the verdicts seen",
+            "verdict_flips": "claims whose verdict differs between the conditions that judged them, with the verdicts "
+                             "seen (NO DATA and NO VERDICT are not verdicts)",
+            "settled_flips": "claims with two different verdicts each settled (its 95 % interval within one band): a "
+                             "flip the data support, not one within the intervals' noise",
+            "not_judged": "per claim, the conditions that gave no verdict, and why",
         },
     }
 
@@ -127,10 +151,10 @@ def write(out_dir: Path, table: dict[str, Any]) -> None:
 def plot(out_dir: Path, table: dict[str, Any]) -> None:
     """L*/L (the empirical definition) of every model across the conditions."""
     from sheafscope.measures.lstar import EMPIRICAL
-    from sheafscope.outputs.plotting import _new_figure, _save
+    from sheafscope.outputs.plotting import new_figure, save_figure
 
     names = [c["name"] for c in table["conditions"]]
-    fig = _new_figure(max(6.0, 1.2 * len(names) + 3), 5)
+    fig = new_figure(max(6.0, 1.2 * len(names) + 3), 5)
     ax = fig.subplots()
     for model in table["spread"]:
         ys = []
@@ -143,4 +167,4 @@ def plot(out_dir: Path, table: dict[str, Any]) -> None:
     ax.set_ylabel(f"L* / L ({EMPIRICAL} definition)")
     ax.set_title("L* per model across conditions (a gap: the model failed there)")
     ax.legend(fontsize=7)
-    _save(fig, out_dir / "figures", "robustness")
+    save_figure(fig, out_dir / "figures", "robustness")

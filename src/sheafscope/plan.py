@@ -268,7 +268,7 @@ def plan(
     from sheafscope.capture import ATTENTION_PATHS
     from sheafscope.models import meta
     from sheafscope.models.loading import default_device, parse_spec
-    from sheafscope.models.placement import (_check_device_map_value, check_budgets, choose_device_map,
+    from sheafscope.models.placement import (check_device_map_value, check_budgets, choose_device_map,
                                              normalize_max_memory)
 
     if attention not in ATTENTION_PATHS:
@@ -288,7 +288,7 @@ def plan(
     check_budgets(model, budgets, spec)
     placed = None
     if device_map is not None:
-        placed = choose_device_map(model, _check_device_map_value(device_map), budgets)
+        placed = choose_device_map(model, check_device_map_value(device_map), budgets)
     twin = parse_spec(spec.strip(), init)[1] == "random"
     return plan_for_model(model, spec=spec, device=device, placed=placed, device_map=device_map, budgets=budgets,
                           offload_dir=offload_dir, processes=processes, longest_prompt_tokens=longest_prompt_tokens,

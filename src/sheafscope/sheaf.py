@@ -34,10 +34,11 @@ def row_stats_from_scores(scores: torch.Tensor, own: torch.Tensor) -> tuple[torc
     Returns (1 - A[i,i], A[i,0]). The off-diagonal mass is summed from the off-diagonal
     entries (all >= 0), so it keeps full precision where A[i,i] is close to 1 (D6).
     """
-    e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    e = (scores - scores.amax(dim=-1, keepdim=True)).exp_()
     total = e.sum(dim=-1)
-    off = e.scatter(-1, own[..., None], 0.0).sum(dim=-1) / total
-    return off, e[..., 0] / total
+    first = e[..., 0] / total
+    # in place: e is ours, and a copy of every row's scores is the largest cost here
+    return e.scatter_(-1, own[..., None], 0.0).sum(dim=-1) / total, first
 
 
 def row_stats_from_lse(own_score: torch.Tensor, first_score: torch.Tensor,

@@ -24,7 +24,7 @@ def _keep_stream(streams: list[torch.Tensor], sums: list[torch.Tensor], later: t
     """Forward pre-hook on a block: the max |h| of each position of its input stream, and the
     stream's sum over each prompt's positions 1..n-1."""
     h = args[0] if args else kwargs["hidden_states"]
-    streams.append(torch.linalg.vector_norm(h, ord=torch.inf, dim=-1))
+    streams.append(h.abs().amax(dim=-1))
     sums.append(_masked_sum(h, later))
 
 
@@ -99,7 +99,7 @@ def launch(target: Target, prompts: list[torch.Tensor]) -> Pending:
         for hook in hooks:
             hook.remove()
     last = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    streams.append(torch.linalg.vector_norm(last, ord=torch.inf, dim=-1))
+    streams.append(last.abs().amax(dim=-1))
     sums.append(_masked_sum(last, later))
     dtype = next(target.model.parameters()).dtype
     return Pending(target, recorder, streams, sums, lengths, dtype)

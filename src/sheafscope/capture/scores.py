@@ -46,8 +46,8 @@ class Scores:
             s = torch.tanh(s / self.softcap) * self.softcap
         if self.bias is not None:
             s = s + _take(self.bias, select).to(s.dtype)
-        if self.causal:
-            s = s.masked_fill(keys[None, :] > rows[:, None], -torch.inf)
+        if self.causal:  # in place: s is always a fresh product here
+            s = s.masked_fill_(keys[None, :] > rows[:, None], -torch.inf)
         return s if self.mask is None else masked(s, _take(self.mask, select))
 
     def block(self, q: torch.Tensor, k: torch.Tensor, q0: int, q1: int, dtype: torch.dtype) -> torch.Tensor:
@@ -55,7 +55,7 @@ class Scores:
         b, h, _, d = q.shape
         g = h // k.shape[1]
         qb = q[:, :, q0:q1].to(dtype).reshape(b, k.shape[1], g * (q1 - q0), d)
-        s = (qb @ k.to(dtype).transpose(-1, -2)).reshape(b, h, q1 - q0, -1) * self.scale
+        s = (qb @ k.to(dtype).transpose(-1, -2)).reshape(b, h, q1 - q0, -1).mul_(self.scale)
         rows = torch.arange(q0, q1, device=q.device)
         keys = torch.arange(k.shape[2], device=q.device)
         full = (slice(None), slice(None), slice(q0, q1))
@@ -94,13 +94,14 @@ class Scores:
         b, h, n, d = q.shape
         dtype = stat_dtype(q)
         qg = q.to(dtype).view(b, k.shape[1], h // k.shape[1], n, d)
-        out = []
-        for keys, column in ((k, None), (k[:, :, :1], 0)):
-            s = (qg * keys.to(dtype)[:, :, None]).sum(-1).reshape(b, h, n) * self.scale
-            if self.mask is not None:
-                s = masked(s, self.mask.diagonal(dim1=-2, dim2=-1) if column is None else self.mask[..., column])
-            out.append(s)
-        return out[0], out[1]
+        kd = k.to(dtype)
+        # einsum contracts d as a batched product, with no (b, h, n, d) temporary
+        own = torch.einsum("bkgnd,bknd->bkgn", qg, kd).reshape(b, h, n) * self.scale
+        first = torch.einsum("bkgnd,bkd->bkgn", qg, kd[:, :, 0]).reshape(b, h, n) * self.scale
+        if self.mask is not None:
+            own = masked(own, self.mask.diagonal(dim1=-2, dim2=-1))
+            first = masked(first, self.mask[..., 0])
+        return own, first
 
 
 def masked(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

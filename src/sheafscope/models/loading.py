@@ -106,7 +106,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         raise ConfigError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}") from None
 
 
-def _auto_class(model_type: str):
+def model_class_for(model_type: str):
     import transformers
 
     return getattr(transformers, adapter_class(model_type).auto_class)
@@ -127,7 +127,7 @@ def _from_pretrained(path_or_id: str, dtype, device, attn, placement: Placement 
     config = transformers.AutoConfig.from_pretrained(
         path_or_id, **{k: v for k, v in kw.items() if k in ("revision", "token", "gguf_file", "local_files_only")})
     model_type = getattr(config, "model_type", "?")
-    cls = _auto_class(model_type)  # fails here, before any weight is read, if unsupported
+    cls = model_class_for(model_type)  # fails here, before any weight is read, if unsupported
     attn = _attention_for(model_type, attn)
     if placement is not None:
         kw.update(placement.from_pretrained_kwargs())  # over --quantize's device_map="auto"
@@ -343,7 +343,7 @@ def _in_hub_cache(hub_id: str, revision: str | None) -> bool:
         return False
 
 
-def _hub_preflight(spec: str, hub_id: str, revision: str | None) -> bool:
+def hub_preflight(spec: str, hub_id: str, revision: str | None) -> bool:
     """Whether to load from the local hub cache only; refuses at once when the hub is off or
     unreachable and the model is not cached."""
     if hub_offline():
@@ -391,7 +391,7 @@ def build_twin(entry: cat.CatalogEntry, seed: int, dtype, device, attn,
     from sheafscope.plan import plan_for_model, require_fit
 
     config = entry.build_config(**(config_overrides or {}))
-    cls = _auto_class(config.model_type)
+    cls = model_class_for(config.model_type)
     attn = _attention_for(config.model_type, attn)
     model = twins.empty(config, cls, dtype, attn)
     placed = choose_device_map(model, placement.device_map, placement.max_memory) if placement else None
@@ -555,7 +555,7 @@ def load_model(
                                  file_sha256=offline.dir_digest(path))
         else:  # hub
             hub_id = entry.hub_id if entry else name
-            local_only = _hub_preflight(spec, hub_id, revision)
+            local_only = hub_preflight(spec, hub_id, revision)
             token = os.environ.get("HF_TOKEN") or None
             hub_kw = dict(revision=revision, token=token, **({"local_files_only": True} if local_only else {}))
             if quantize:

@@ -56,7 +56,7 @@ def config_for(spec: str, init: str = "pretrained", revision: str | None = None,
         return transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name), f"{path.name} (GGUF header)"
     hub_id = entry.hub_id if entry else name
     try:
-        local_only = loading._hub_preflight(spec, hub_id, revision)
+        local_only = loading.hub_preflight(spec, hub_id, revision)
         kw = {"revision": revision, "token": os.environ.get("HF_TOKEN") or None}
         if local_only:
             kw["local_files_only"] = True
@@ -75,9 +75,9 @@ def meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
     they are small, and rotary tables or causal masks are computed from the config)."""
     from accelerate import init_empty_weights
 
-    from sheafscope.models.loading import _auto_class
+    from sheafscope.models.loading import model_class_for
 
-    cls = _auto_class(config.model_type)
+    cls = model_class_for(config.model_type)
     with init_empty_weights(include_buffers=False):
         return cls.from_config(config, dtype=dtype)
 

@@ -142,7 +142,7 @@ def _missing(device: Any, where: str) -> ConfigError | None:
                        "(or plan for another machine with `sheafscope plan --max-memory`)")
 
 
-def _check_device_map_value(device_map: Any) -> str | dict[str, int | str]:
+def check_device_map_value(device_map: Any) -> str | dict[str, int | str]:
     if isinstance(device_map, str):
         if device_map in STRATEGIES:
             return device_map
@@ -293,7 +293,7 @@ def check_placement(
     """
     if device_map is None and max_memory is None and offload_dir is None:
         return None
-    device_map = _check_device_map_value("auto" if device_map is None else device_map)
+    device_map = check_device_map_value("auto" if device_map is None else device_map)
     budgets = normalize_max_memory(max_memory)
     for key in budgets or {}:
         if key != "disk" and (err := _missing(key, f"--max-memory {key}=...")):

@@ -281,10 +281,8 @@ def _best_baseline(baselines: Sequence[Mapping[str, Any]]) -> str | None:
 def _reason(out: Mapping[str, Any]) -> str:
     n, est, (lo, hi) = out["n"], out["estimate"], out["ci"]
     excl = out["excluded"]
-    controls = len(excl.get("random-init controls", []))
-    flat = len(excl.get("no transition", []))
-    left_out = (f" ({controls} random-init control(s) and {flat} model(s) with no transition left out)"
-                if controls or flat else "")
+    left_out = (" (left out: " + "; ".join(f"{len(models)} {why}" for why, models in excl.items() if models) + ")"
+                if any(excl.values()) else "")
     if n < MIN_MODELS_FOR_VERDICT:
         return (f"no verdict: {n} trained model(s) could be scored{left_out}; a verdict needs at least "
                 f"{MIN_MODELS_FOR_VERDICT}, so only the numbers are shown")

@@ -18,9 +18,9 @@ import pandas as pd
 
 from sheafscope.outputs.formula import (
     ArrayLike,
-    _group_labels,
-    _mape_summary,
-    _require,
+    group_labels,
+    mape_summary,
+    require_columns,
     error_pct_of_L,
     error_pct_of_lstar,
     predict_lstar,
@@ -145,11 +145,11 @@ def _cross_validate(
     where: str,
     n_params: int,
 ) -> dict[str, Any]:
-    _require(df, [groups_col, "L", "H", "lstar_empirical"], where)
+    require_columns(df, [groups_col, "L", "H", "lstar_empirical"], where)
     L = df["L"].to_numpy(dtype=float)
     H = df["H"].to_numpy(dtype=float)
     emp = df["lstar_empirical"].to_numpy(dtype=float)
-    groups = _group_labels(df, groups_col)
+    groups = group_labels(df, groups_col)
     names = _model_names(df)
     usable = np.isfinite(L) & np.isfinite(H) & np.isfinite(emp)
 
@@ -197,7 +197,7 @@ def _cross_validate(
         }
         for i in range(len(df))
     ]
-    summary = _mape_summary(err_L, err_lstar)
+    summary = mape_summary(err_L, err_lstar)
     return {
         "groups_col": groups_col,
         "per_model": per_model,
@@ -299,13 +299,13 @@ def compare_models(df: pd.DataFrame, groups_col: str = "lab") -> pd.DataFrame:
     scored) and ``n_interpolating_folds`` (folds left out as interpolations).  A predictor whose folds failed is scored on fewer models: compare
     ``n`` before comparing errors.
     """
-    _require(df, [groups_col, "L", "H", "lstar_empirical"], "compare_models")
+    require_columns(df, [groups_col, "L", "H", "lstar_empirical"], "compare_models")
     L = df["L"].to_numpy(dtype=float)
     H = df["H"].to_numpy(dtype=float)
     emp = df["lstar_empirical"].to_numpy(dtype=float)
     published = np.asarray(predict_lstar(L, H), dtype=float)
     rows = {
-        "formula_published": _mape_summary(
+        "formula_published": mape_summary(
             np.asarray(error_pct_of_L(published, emp, L), dtype=float),
             np.asarray(error_pct_of_lstar(published, emp), dtype=float),
         ),
@@ -328,7 +328,7 @@ def compare_models(df: pd.DataFrame, groups_col: str = "lab") -> pd.DataFrame:
 def predictions(df: pd.DataFrame, groups_col: str = "lab") -> dict[str, np.ndarray]:
     """Each predictor's out-of-sample L* per model (rows of ``df``), NaN where it is not scored
     (an interpolating or failed fold): the inputs of a bootstrap that refits on every resample."""
-    _require(df, [groups_col, "L", "H", "lstar_empirical"], "predictions")
+    require_columns(df, [groups_col, "L", "H", "lstar_empirical"], "predictions")
     L = df["L"].to_numpy(dtype=float)
     H = df["H"].to_numpy(dtype=float)
     cv = {

@@ -13,7 +13,7 @@ from matplotlib.lines import Line2D
 
 from sheafscope.outputs.domain import domain_table
 from sheafscope.outputs.formula import predict_lstar
-from sheafscope.outputs.plotting import _new_figure, _save, place_labels
+from sheafscope.outputs.plotting import new_figure, save_figure, place_labels
 
 
 def plot_domain(results: Mapping[str, Any] | None, out_dir: Path | str) -> list[Path]:
@@ -28,7 +28,7 @@ def plot_domain(results: Mapping[str, Any] | None, out_dir: Path | str) -> list[
     LL, HH = np.meshgrid(L, H)
     ratio = np.asarray(predict_lstar(LL, HH)) / LL
 
-    fig = _new_figure(11, 7)
+    fig = new_figure(11, 7)
     ax = fig.subplots()
     # Diverging at 1: blue where the predicted transition lies inside the model, red beyond it.
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0)
@@ -63,4 +63,4 @@ def plot_domain(results: Mapping[str, Any] | None, out_dir: Path | str) -> list[
     ], fontsize=7, loc="upper right")
     ax.set_title("Where the formula can hold: predicted L*/L = 0.11 + 0.012·L + 4.9/H (from configs alone)",
                  fontsize=11)
-    return _save(fig, out_dir, "domain")
+    return save_figure(fig, out_dir, "domain")

@@ -22,18 +22,18 @@ from matplotlib.lines import Line2D
 from sheafscope.measures import lstar
 from sheafscope.outputs.figure_domain import plot_domain
 from sheafscope.outputs.plotting import (
-    _THRESHOLD_PCT,
+    THRESHOLD_PCT,
     LAB_COLOURS,
-    _as_float,
-    _clean_summary,
-    _empty_axes,
-    _get,
-    _new_figure,
-    _ok_models,
-    _prompt_layer_traces,
-    _save,
-    _short_name,
-    _wants_log,
+    as_float,
+    clean_summary,
+    empty_axes,
+    nested_get,
+    new_figure,
+    ok_models,
+    prompt_layer_traces,
+    save_figure,
+    short_name,
+    wants_log,
     base_name,
     is_twin,
     lab_colour_map,
@@ -69,7 +69,7 @@ _LSTAR_DASHES: tuple[Any, ...] = ("-.", (0, (6, 1.5, 1, 1.5, 1, 1.5)), (0, (10, 
 
 
 def _model_name(model: Mapping[str, Any]) -> str:
-    return _short_name(model.get("spec") or model.get("model_id"))
+    return short_name(model.get("spec") or model.get("model_id"))
 
 
 def _model_legend(ax: Any, colours: Mapping[str, str], df: pd.DataFrame, **kw: Any) -> None:
@@ -105,11 +105,11 @@ def plot_extended_panels(
     (log y), (3) L*/L per model with the 0.5 line, (4) L* (gradient) against L with the formula's
     prediction at each model's (L, H). Twins are hollow bars and points.
     """
-    models = _ok_models(results)
-    df = _clean_summary(summary if summary is not None else summary_from_results(results))
+    models = ok_models(results)
+    df = clean_summary(summary if summary is not None else summary_from_results(results))
     colours = model_colour_map([_model_name(m) for m in models] + (list(df["_label"]) if len(df) else []))
 
-    fig = _new_figure(13, 10)
+    fig = new_figure(13, 10)
     ax1, ax2, ax3, ax4 = fig.subplots(2, 2).ravel()
 
     all_vals: list[float] = []
@@ -123,13 +123,13 @@ def plot_extended_panels(
                  mfc="none" if twin else None, label=_model_name(m))
         all_vals.extend(mean.tolist())
     if all_vals:
-        if _wants_log(all_vals):
+        if wants_log(all_vals):
             ax1.set_yscale("log")
         ax1.set_xlabel("normalised layer l / L  (l 0-based)")
         ax1.set_ylabel("multi-head layer trace (prompt mean)")
         ax1.legend(fontsize=6.5, ncols=2, loc="best")
     else:
-        _empty_axes(ax1, "no per-prompt traces available")
+        empty_axes(ax1, "no per-prompt traces available")
     ax1.set_title("(1) Layer trace vs depth (dashed: random-init twin)")
 
     def bars(ax: Any, d: pd.DataFrame, col: str) -> np.ndarray:
@@ -153,7 +153,7 @@ def plot_extended_panels(
         ax2.set_yscale("log")
         ax2.set_ylabel("mean multi-head trace (log); hatched: twin")
     else:
-        _empty_axes(ax2, "mean trace not available")
+        empty_axes(ax2, "mean trace not available")
     ax2.set_title("(2) Mean trace per model")
 
     ratio = _lstar_ratio(df)
@@ -166,7 +166,7 @@ def plot_extended_panels(
         ax3.set_ylim(0, max(1.05, float(d3["_ratio"].max()) * 1.1))
         ax3.legend(fontsize=7, loc="upper left")
     else:
-        _empty_axes(ax3, "L*/L not available")
+        empty_axes(ax3, "L*/L not available")
     ax3.set_title("(3) Relative transition depth L*/L")
 
     if len(df) and {"n_layers", "lstar_gradient"} <= set(df.columns) and df["lstar_gradient"].notna().any():
@@ -191,11 +191,11 @@ def plot_extended_panels(
         ax4.set_ylabel("L* (gradient, 0-based layer); hollow: twin")
         ax4.legend(fontsize=7, loc="upper left")
     else:
-        _empty_axes(ax4, "L* (gradient) not available")
+        empty_axes(ax4, "L* (gradient) not available")
     ax4.set_title("(4) L* vs L with the formula's prediction")
 
     fig.suptitle("Sheaf-Laplacian trace across models (notebook 000 panels)", fontsize=12)
-    return _save(fig, out_dir, "extended_panels")
+    return save_figure(fig, out_dir, "extended_panels")
 
 
 def _lstar_ratio(df: pd.DataFrame) -> pd.Series | None:
@@ -217,9 +217,9 @@ def plot_cross_heritage(summary: pd.DataFrame | None, out_dir: Path | str) -> li
     models with a transition only: bar = lab mean, dots = models in their colours, dashed line =
     the 10 % threshold.
     """
-    df = _clean_summary(summary)
+    df = clean_summary(summary)
     colours = model_colour_map(df["_label"] if len(df) else [])
-    fig = _new_figure(13, 6)
+    fig = new_figure(13, 6)
     ax1, ax2 = fig.subplots(1, 2)
 
     emp = lstar.DEFINITIONS[lstar.EMPIRICAL]
@@ -250,7 +250,7 @@ def plot_cross_heritage(summary: pd.DataFrame | None, out_dir: Path | str) -> li
         ax1.legend(fontsize=7, loc="upper left", title="filled: trained, hollow: random-init twin",
                    title_fontsize=7)
     else:
-        _empty_axes(ax1, "predicted / empirical L* not available")
+        empty_axes(ax1, "predicted / empirical L* not available")
     ax1.set_title("(1) Predicted vs empirical L*")
 
     evidence = df[~df["_twin"] & ~df["no_transition"]] if len(df) else df
@@ -266,7 +266,7 @@ def plot_cross_heritage(summary: pd.DataFrame | None, out_dir: Path | str) -> li
             for off, (_, r) in zip(offsets, grp.iterrows()):
                 ax2.scatter([i + off], [r["error_pct"]], color=colours[r["_base"]], edgecolor="black", lw=0.5,
                             s=40, zorder=3, label=r["_label"])
-        ax2.axhline(_THRESHOLD_PCT, color="orange", ls="--", lw=1.5, label="10 % threshold")
+        ax2.axhline(THRESHOLD_PCT, color="orange", ls="--", lw=1.5, label="10 % threshold")
         ax2.set_xticks(pos, labs, rotation=30, ha="right", fontsize=8)
         ax2.set_ylabel("error % of L  (|pred − emp| / L · 100)")
         ax2.legend(fontsize=7, loc="upper right")
@@ -274,11 +274,11 @@ def plot_cross_heritage(summary: pd.DataFrame | None, out_dir: Path | str) -> li
         ax2.set_title(f"(2) Prediction error by lab, trained models only ({n_out} control(s) or flat left out)",
                       fontsize=10)
     else:
-        _empty_axes(ax2, "no trained model with a transition: no error to show")
+        empty_axes(ax2, "no trained model with a transition: no error to show")
         ax2.set_title("(2) Prediction error by lab")
 
     fig.suptitle("Cross-heritage test of the L* formula (notebook 001 panels)", fontsize=12)
-    return _save(fig, out_dir, "cross_heritage")
+    return save_figure(fig, out_dir, "cross_heritage")
 
 
 def plot_layer_profiles(
@@ -290,9 +290,9 @@ def plot_layer_profiles(
     a twin); vertical lines mark L* (one per definition), the attention-sink layer, the
     massive-activation layer and the intrinsic-dimension peak. A model with no transition says so in its title.
     """
-    models = [m for m in _ok_models(results) if _prompt_layer_traces(m).size]
+    models = [m for m in ok_models(results) if prompt_layer_traces(m).size]
     colours = model_colour_map(_model_name(m) for m in models)
-    extra = _clean_summary(summary)
+    extra = clean_summary(summary)
     by_spec: dict[str, Mapping[str, Any]] = {}
     if len(extra) and "spec" in extra.columns:
         by_spec = {str(r["spec"]): r for _, r in extra.iterrows()}
@@ -300,10 +300,10 @@ def plot_layer_profiles(
     n = max(len(models), 1)
     ncols = min(3, n)
     nrows = math.ceil(n / ncols)
-    fig = _new_figure(4.6 * ncols, 3.3 * nrows + 0.6)
+    fig = new_figure(4.6 * ncols, 3.3 * nrows + 0.6)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     if not models:
-        _empty_axes(axes[0], "no successful model with per-prompt traces")
+        empty_axes(axes[0], "no successful model with per-prompt traces")
 
     definitions = list(lstar.DEFINITIONS.values())
     markers = (
@@ -314,23 +314,23 @@ def plot_layer_profiles(
     )
     used: set[str] = set()
     for ax, m in zip(axes, models):
-        rows = _prompt_layer_traces(m)
+        rows = prompt_layer_traces(m)
         layers = np.arange(rows.shape[1])
         for r in rows:
             ax.plot(layers, r, color="grey", lw=0.6, alpha=0.6)
         name = _model_name(m)
         twin = is_twin(m.get("init"), name)
         ax.plot(layers, rows.mean(axis=0), color=colours[base_name(name)], lw=2.2, ls="--" if twin else "-")
-        if _wants_log(rows.ravel()):
+        if wants_log(rows.ravel()):
             ax.set_yscale("log")
         row = by_spec.get(str(m.get("spec")), {})
         flat = bool(row.get("no_transition")) if len(row) else bool(lstar.transition_test(rows)["flat"])
         positions = (
-            *(_first_finite(_get(m, "lstar", d.name, d.value_key), row.get(d.columns[0])) for d in definitions),
-            _first_finite(m.get("sink_layer"), _get(m, "diagnostics", "sink_layer"), row.get("sink_layer")),
-            _first_finite(m.get("massive_activation_layer"), _get(m, "diagnostics", "massive_activation_layer"),
+            *(_first_finite(nested_get(m, "lstar", d.name, d.value_key), row.get(d.columns[0])) for d in definitions),
+            _first_finite(m.get("sink_layer"), nested_get(m, "diagnostics", "sink_layer"), row.get("sink_layer")),
+            _first_finite(m.get("massive_activation_layer"), nested_get(m, "diagnostics", "massive_activation_layer"),
                           row.get("massive_activation_layer")),
-            _first_finite(_get(m, "intrinsic_dimension", "peak_layer"), row.get("intrinsic_dimension_peak_layer")),
+            _first_finite(nested_get(m, "intrinsic_dimension", "peak_layer"), row.get("intrinsic_dimension_peak_layer")),
         )
         for i, ((label, colour, style), pos) in enumerate(zip(markers, positions)):
             if pos is not None and not (flat and i < len(definitions)):
@@ -351,12 +351,12 @@ def plot_layer_profiles(
     handles += [Line2D([], [], color=c, ls=s, lw=1.5, label=lbl) for lbl, c, s in markers if lbl in used]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
     fig.suptitle("Per-model layer trace profiles", fontsize=12)
-    return _save(fig, out_dir, "layer_profiles")
+    return save_figure(fig, out_dir, "layer_profiles")
 
 
 def _first_finite(*values: Any) -> float | None:
     for v in values:
-        f = _as_float(v)
+        f = as_float(v)
         if math.isfinite(f):
             return f
     return None

@@ -30,6 +30,9 @@ VERDICT_THRESHOLDS: tuple[float, float] = (10.0, 15.0)
 MIN_MODELS_FOR_VERDICT = 3
 
 NO_VERDICT = "NO VERDICT"
+NO_DATA = "NO DATA"
+#: What `verdict` returns when it cannot judge: the numbers, not a verdict.
+NOT_VERDICTS = (NO_DATA, NO_VERDICT)
 
 ArrayLike = float | int | Sequence[float] | np.ndarray
 
@@ -123,7 +126,7 @@ def verdict(mape_pct: float, n: int | None = None, labels: tuple[str, str, str] 
     """
     value = float(mape_pct)
     if math.isnan(value):
-        return "NO DATA"
+        return NO_DATA
     if n is not None and n < MIN_MODELS_FOR_VERDICT:
         return NO_VERDICT
     if value < VERDICT_THRESHOLDS[0]:
@@ -138,7 +141,7 @@ def verdict(mape_pct: float, n: int | None = None, labels: tuple[str, str, str] 
 # ---------------------------------------------------------------------------
 
 
-def _require(df: pd.DataFrame, columns: Sequence[str], where: str) -> None:
+def require_columns(df: pd.DataFrame, columns: Sequence[str], where: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise KeyError(
@@ -146,7 +149,7 @@ def _require(df: pd.DataFrame, columns: Sequence[str], where: str) -> None:
         )
 
 
-def _mape_summary(err_L: np.ndarray, err_lstar: np.ndarray) -> dict[str, Any]:
+def mape_summary(err_L: np.ndarray, err_lstar: np.ndarray) -> dict[str, Any]:
     # n counts the models that actually have an error (failed models with NaN
     # L* are not silently averaged in as if they were scored).
     valid_L = np.isfinite(err_L)
@@ -158,7 +161,7 @@ def _mape_summary(err_L: np.ndarray, err_lstar: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _group_labels(df: pd.DataFrame, groups_col: str) -> np.ndarray:
+def group_labels(df: pd.DataFrame, groups_col: str) -> np.ndarray:
     # A model with no lab still needs a fold of its own rather than vanishing
     # from the cross-validation.
     return df[groups_col].astype(object).where(df[groups_col].notna(), "<unknown>").astype(str).to_numpy()
@@ -185,7 +188,7 @@ def mape_by_lab(
         models with a finite error; an empty group has ``n = 0`` and NaN means.
         ``verdict`` is :func:`verdict` of the overall MAPE-of-L.
     """
-    _require(df, ["lab", "L", "H", "lstar_empirical"], "mape_by_lab")
+    require_columns(df, ["lab", "L", "H", "lstar_empirical"], "mape_by_lab")
     L = df["L"].to_numpy(dtype=float)
     H = df["H"].to_numpy(dtype=float)
     emp = df["lstar_empirical"].to_numpy(dtype=float)
@@ -196,19 +199,19 @@ def mape_by_lab(
     err_L = np.asarray(error_pct_of_L(pred, emp, L), dtype=float)
     err_lstar = np.asarray(error_pct_of_lstar(pred, emp), dtype=float)
 
-    labs = _group_labels(df, "lab")
+    labs = group_labels(df, "lab")
     in_sample = np.isin(labs, [str(x) for x in in_sample_labs])
 
     by_lab = {
-        lab: _mape_summary(err_L[labs == lab], err_lstar[labs == lab])
+        lab: mape_summary(err_L[labs == lab], err_lstar[labs == lab])
         for lab in sorted(set(labs.tolist()))
     }
-    overall = _mape_summary(err_L, err_lstar)
+    overall = mape_summary(err_L, err_lstar)
     return {
         "by_lab": by_lab,
         "overall": overall,
-        "in_sample": _mape_summary(err_L[in_sample], err_lstar[in_sample]),
-        "out_of_sample": _mape_summary(err_L[~in_sample], err_lstar[~in_sample]),
+        "in_sample": mape_summary(err_L[in_sample], err_lstar[in_sample]),
+        "out_of_sample": mape_summary(err_L[~in_sample], err_lstar[~in_sample]),
         "verdict": verdict(overall["mape_of_L"]),
         # A predicted transition layer beyond the last layer is impossible, so
         # count it separately from the error average, which hides it.

@@ -17,7 +17,7 @@ NOT_AVAILABLE = "not available"
 _PCT_KEYS = {"error_pct", "mape_of_L", "mape_of_lstar", "mape"}
 
 # Minimal CSS: readable tables, wide tables scroll instead of breaking the layout.
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
  margin:0 auto;max-width:1240px;padding:1.2rem 1.6rem 3rem;color:#222;line-height:1.45;
  background:#fff}
@@ -59,7 +59,7 @@ ul.reasons li{margin:.3rem 0;font-size:.88rem}
 """
 
 # The only script on the page: lets a headless browser test confirm the embedded images decoded.
-_IMAGE_CHECK_SCRIPT = """<script>
+IMAGE_CHECK_SCRIPT = """<script>
 window.addEventListener("load", function () {
   var imgs = document.querySelectorAll("img"), n = 0;
   for (var i = 0; i < imgs.length; i++) {
@@ -77,15 +77,15 @@ window.addEventListener("load", function () {
 # --------------------------------------------------------------------------- formatting
 
 
-def _e(value: Any) -> str:
+def esc(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _na() -> str:
+def na_cell() -> str:
     return f'<span class="na">{NOT_AVAILABLE}</span>'
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
     if value is None:
         return True
     if isinstance(value, float) and math.isnan(value):
@@ -116,32 +116,32 @@ def _cell(value: Any, key: str = "") -> tuple[str, bool]:
     """HTML for one table cell and whether it is numeric (right-aligned)."""
     if isinstance(value, (bool, np.bool_)):
         return ("yes" if value else "no"), False
-    if _is_missing(value):
+    if is_missing(value):
         return "—", False
     if isinstance(value, (int, float)) or hasattr(value, "dtype"):
         try:
-            return _e(_fmt_number(float(value), key)), True
+            return esc(_fmt_number(float(value), key)), True
         except (TypeError, ValueError):
             pass
     if isinstance(value, (dict, list, tuple)):
-        return f"<code>{_e(json.dumps(value, default=str))}</code>", False
+        return f"<code>{esc(json.dumps(value, default=str))}</code>", False
     if key == "exceeds_L" and str(value).strip().lower() in {"true", "false"}:
         return ("yes" if str(value).strip().lower() == "true" else "no"), False
-    return _e(value), False
+    return esc(value), False
 
 
-def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
            row_class: Any = None, cell_class: Callable[[str, Any], str] | None = None) -> str:
     """An HTML table of ``rows`` (dicts); columns default to the union of keys, in order."""
     if not rows:
-        return f"<p>{_na()}</p>"
+        return f"<p>{na_cell()}</p>"
     if columns is None:
         columns = []
         for row in rows:
             for key in row:
                 if key not in columns:
                     columns.append(key)
-    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = []
     for row in rows:
         cls = row_class(row) if row_class else ""
@@ -149,35 +149,35 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = No
         for col in columns:
             text, numeric = _cell(row.get(col), col)
             classes = " ".join(c for c in ("num" if numeric else "", cell_class(col, row.get(col)) if cell_class else "") if c)
-            cells.append(f'<td class="{_e(classes)}">{text}</td>' if classes else f"<td>{text}</td>")
-        attr = f' class="{_e(cls)}"' if cls else ""
+            cells.append(f'<td class="{esc(classes)}">{text}</td>' if classes else f"<td>{text}</td>")
+        attr = f' class="{esc(cls)}"' if cls else ""
         body.append(f"<tr{attr}>{''.join(cells)}</tr>")
     return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
-def _kv_table(mapping: Any) -> str:
+def html_kv_table(mapping: Any) -> str:
     if not isinstance(mapping, Mapping) or not mapping:
-        return f"<p>{_na()}</p>"
+        return f"<p>{na_cell()}</p>"
     rows = []
     for key, value in mapping.items():
         text, numeric = _cell(value, str(key))
         cls = ' class="num"' if numeric else ""
-        rows.append(f"<tr><th>{_e(key)}</th><td{cls}>{text}</td></tr>")
+        rows.append(f"<tr><th>{esc(key)}</th><td{cls}>{text}</td></tr>")
     return f'<div class="scroll"><table><tbody>{"".join(rows)}</tbody></table></div>'
 
 
-def _definitions(defs: Any) -> str:
+def definitions_html(defs: Any) -> str:
     if not isinstance(defs, Mapping) or not defs:
-        return f"<p>{_na()}</p>"
+        return f"<p>{na_cell()}</p>"
     items = []
     for key, value in defs.items():
-        inner = _definitions(value) if isinstance(value, Mapping) else f"<code>{_e(value)}</code>"
-        items.append(f"<dt>{_e(key)}</dt><dd>{inner}</dd>")
+        inner = definitions_html(value) if isinstance(value, Mapping) else f"<code>{esc(value)}</code>"
+        items.append(f"<dt>{esc(key)}</dt><dd>{inner}</dd>")
     return f'<dl class="defs">{"".join(items)}</dl>'
 
 
-def _ordered(rows: Iterable[Mapping[str, Any]], preferred: Sequence[str]) -> list[str]:
+def ordered(rows: Iterable[Mapping[str, Any]], preferred: Sequence[str]) -> list[str]:
     # Known columns first in their documented order, anything extra the analysis added after.
     rows = list(rows)
     present = {k for r in rows for k in r}
@@ -189,11 +189,11 @@ def _ordered(rows: Iterable[Mapping[str, Any]], preferred: Sequence[str]) -> lis
     return cols
 
 
-def _interval(estimate: Any, ci: Any, unit: str = " %") -> str:
+def interval_text(estimate: Any, ci: Any, unit: str = " %") -> str:
     """``12.3 % [4.5, 20.1]``, or "—" when the estimate is missing."""
-    if _is_missing(estimate):
+    if is_missing(estimate):
         return "—"
     text = f"{float(estimate):.1f}{unit}"
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and not any(_is_missing(v) for v in ci):
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and not any(is_missing(v) for v in ci):
         text += f" [{float(ci[0]):.1f}, {float(ci[1]):.1f}]"
     return text

@@ -41,7 +41,7 @@ _FALLBACK_PALETTE: tuple[str, ...] = (
 )
 _UNKNOWN_LAB = "unknown"
 _DPI = 120
-_THRESHOLD_PCT = 10.0
+THRESHOLD_PCT = 10.0
 # Dash patterns of the L* lines in the layer profiles, one per definition in registry order:
 # black because the lab colours are taken by the mean lines, and none of them the sink's "--"
 TWIN_PREFIX = "random:"
@@ -81,7 +81,7 @@ def _is_failed(status: Any) -> bool:
     return str(status).strip().lower() == "failed"
 
 
-def _ok_models(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+def ok_models(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [m for m in results.get("models") or [] if not _is_failed(m.get("status"))]
 
 
@@ -89,13 +89,13 @@ def _model_lab(model: Mapping[str, Any]) -> str:
     return _lab_name((model.get("metadata") or {}).get("lab"))
 
 
-def _short_name(name: Any) -> str:
+def short_name(name: Any) -> str:
     # Hub ids ("EleutherAI/pythia-160m") are too long for point labels; the org is the lab anyway.
     text = "" if name is None or (isinstance(name, float) and math.isnan(name)) else str(name)
     return text.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _as_float(value: Any) -> float:
+def as_float(value: Any) -> float:
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -112,7 +112,7 @@ def _as_bool(value: Any) -> bool:
     return str(value).strip().lower() in {"true", "1", "yes", "y", "t"}
 
 
-def _get(mapping: Any, *keys: str) -> Any:
+def nested_get(mapping: Any, *keys: str) -> Any:
     cur = mapping
     for key in keys:
         if not isinstance(cur, Mapping):
@@ -123,13 +123,13 @@ def _get(mapping: Any, *keys: str) -> Any:
 
 def mean_layer_trace(model: Mapping[str, Any]) -> np.ndarray:
     """Prompt-mean multi-head layer trace of one model (empty array when it has no prompts)."""
-    rows = _prompt_layer_traces(model)
+    rows = prompt_layer_traces(model)
     if rows.size == 0:
         return rows
     return rows.mean(axis=0)
 
 
-def _prompt_layer_traces(model: Mapping[str, Any]) -> np.ndarray:
+def prompt_layer_traces(model: Mapping[str, Any]) -> np.ndarray:
     rows: list[np.ndarray] = []
     for prompt in model.get("prompts") or []:
         layer = prompt.get("layer_trace")
@@ -144,7 +144,7 @@ def _prompt_layer_traces(model: Mapping[str, Any]) -> np.ndarray:
     return np.vstack([r[:width] for r in rows])
 
 
-def _clean_summary(summary: pd.DataFrame | None) -> pd.DataFrame:
+def clean_summary(summary: pd.DataFrame | None) -> pd.DataFrame:
     """Summary rows of non-failed models with numeric and boolean columns coerced."""
     if summary is None or len(summary) == 0:
         return pd.DataFrame()
@@ -166,7 +166,7 @@ def _clean_summary(summary: pd.DataFrame | None) -> pd.DataFrame:
     df["_lab"] = [_lab_name(v) for v in df["lab"]] if "lab" in df.columns else _UNKNOWN_LAB
     names = df["model"] if "model" in df.columns else pd.Series([None] * len(df), index=df.index)
     specs = df["spec"] if "spec" in df.columns else pd.Series([None] * len(df), index=df.index)
-    df["_label"] = [_short_name(s) or _short_name(n) for n, s in zip(names, specs)]
+    df["_label"] = [short_name(s) or short_name(n) for n, s in zip(names, specs)]
     inits = df["init"] if "init" in df.columns else pd.Series([None] * len(df), index=df.index)
     df["_twin"] = [is_twin(i, label) for i, label in zip(inits, df["_label"])]
     df["_base"] = [base_name(label) for label in df["_label"]]
@@ -182,13 +182,13 @@ def summary_from_results(results: Mapping[str, Any]) -> pd.DataFrame:
     return summary_frame(list(results.get("models") or []))
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, out_dir: Path | str, stem: str) -> list[Path]:
+def save_figure(fig: Figure, out_dir: Path | str, stem: str) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{stem}.png"
@@ -199,14 +199,14 @@ def _save(fig: Figure, out_dir: Path | str, stem: str) -> list[Path]:
     return [png, svg]
 
 
-def _empty_axes(ax: Any, message: str) -> None:
+def empty_axes(ax: Any, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes,
             fontsize=10, color="#777777", wrap=True)
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def _wants_log(values: Sequence[float] | np.ndarray) -> bool:
+def wants_log(values: Sequence[float] | np.ndarray) -> bool:
     # Log scale only helps (and only works) when everything is positive and spans > 2 decades.
     arr = np.asarray(values, dtype=float)
     arr = arr[np.isfinite(arr)]
@@ -225,7 +225,7 @@ def _lab_legend(ax: Any, colours: Mapping[str, str], labs_present: Iterable[str]
 
 def base_name(name: Any) -> str:
     """A twin's name without its ``random:`` prefix: the trained model it mirrors."""
-    text = _short_name(name)
+    text = short_name(name)
     return text[len(TWIN_PREFIX):] if text.startswith(TWIN_PREFIX) else text
 
 
@@ -243,7 +243,7 @@ def _hex(rgba: Sequence[float]) -> str:
 
 def is_twin(init: Any, name: Any = None) -> bool:
     """A random-init twin: a control, never evidence."""
-    return str(init).strip().lower() == "random" or _short_name(name).startswith(TWIN_PREFIX)
+    return str(init).strip().lower() == "random" or short_name(name).startswith(TWIN_PREFIX)
 
 
 def place_labels(ax: Any, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str], **text_kw: Any) -> list[Any]:

@@ -24,7 +24,7 @@ from sheafscope.errors import ResultsError
 from sheafscope.measures import lstar
 
 from .figures import FIGURE_STEMS, write_all_figures
-from .htmlkit import _CSS, _IMAGE_CHECK_SCRIPT, NOT_AVAILABLE, _definitions, _e, _kv_table, _na, _table
+from .htmlkit import CSS, IMAGE_CHECK_SCRIPT, NOT_AVAILABLE, definitions_html, esc, html_kv_table, na_cell, html_table
 from .report_sections import sections
 
 __all__ = ["write_report", "load_results", "main"]
@@ -149,17 +149,17 @@ def _section_provenance(run_dir: Path, results: Any, generator: str) -> str:
     prompt_items = []
     for p in prompts:
         text = p.get("text") if isinstance(p, Mapping) else p
-        prompt_items.append(f"<li><code>{_e(text)}</code></li>")
-    prompt_html = (f"<ol>{''.join(prompt_items)}</ol>" if prompt_items else f"<p>{_na()}</p>")
+        prompt_items.append(f"<li><code>{esc(text)}</code></li>")
+    prompt_html = (f"<ol>{''.join(prompt_items)}</ol>" if prompt_items else f"<p>{na_cell()}</p>")
     return (
         "<h2>Provenance</h2>"
-        f"{_kv_table(facts)}"
+        f"{html_kv_table(facts)}"
         "<h3>Environment</h3>"
-        f"{_kv_table(res.get('environment'))}"
+        f"{html_kv_table(res.get('environment'))}"
         "<h3>Options</h3>"
-        f"{_kv_table(res.get('options'))}"
+        f"{html_kv_table(res.get('options'))}"
         "<details><summary>Definitions</summary>"
-        f"{_definitions(res.get('definitions'))}</details>"
+        f"{definitions_html(res.get('definitions'))}</details>"
         f"<details><summary>Prompts ({len(prompts)})</summary>{prompt_html}</details>"
     )
 
@@ -173,7 +173,7 @@ def _section_warnings(analysis: Any, results: Any, problems: Sequence[str]) -> s
             items.append(f"{m.get('spec') or m.get('model_id')}: {w}")
     if not items:
         return "<h2>Warnings</h2><p>No warnings.</p>"
-    lis = "".join(f"<li>{_e(w)}</li>" for w in items)
+    lis = "".join(f"<li>{esc(w)}</li>" for w in items)
     return f'<h2>Warnings ({len(items)})</h2><ul class="warnings">{lis}</ul>'
 
 
@@ -203,20 +203,20 @@ def _section_failed(results: Any, summary: pd.DataFrame | None) -> str:
     if not rows:
         return "<h2>Failed models</h2><p>None.</p>"
     return (f"<h2>Failed models ({len(rows)})</h2>"
-            + _table(rows, ["spec", "model_id", "error type", "message"]))
+            + html_table(rows, ["spec", "model_id", "error type", "message"]))
 
 
 def _section_figures(figures: Mapping[str, Path]) -> str:
     if not figures:
-        return f"<h2>Figures</h2><p>{_na()}</p>"
+        return f"<h2>Figures</h2><p>{na_cell()}</p>"
     parts = ["<h2>Figures</h2>"]
     for stem, path in figures.items():
         if stem == "domain":  # shown in its own section
             continue
         data = base64.b64encode(path.read_bytes()).decode("ascii")
         parts.append(
-            f'<figure id="fig-{_e(stem)}"><img alt="{_e(stem)}" src="data:image/png;base64,{data}">'
-            f"<figcaption><b>{_e(stem)}</b>: {_e(_FIGURE_CAPTIONS.get(stem, ''))}</figcaption></figure>"
+            f'<figure id="fig-{esc(stem)}"><img alt="{esc(stem)}" src="data:image/png;base64,{data}">'
+            f"<figcaption><b>{esc(stem)}</b>: {esc(_FIGURE_CAPTIONS.get(stem, ''))}</figcaption></figure>"
         )
     return "".join(parts)
 
@@ -245,7 +245,7 @@ def write_report(run_dir: Path) -> Path:
     n_failed = sum(1 for m in _models(results) if str(m.get("status")).lower() == "failed")
     title = f"sheafscope report: {run_dir.name}"
     body = "".join([
-        f"<h1>{_e(title)}</h1>",
+        f"<h1>{esc(title)}</h1>",
         f'<p class="sub">Sheaf-Laplacian trace of attention per layer; test of '
         f"L* = L·(0.11 + 0.012·L + 4.9/H). {n_models} model(s), {n_failed} failed.</p>",
         *sections(results, analysis, summary, figures.get("domain")),
@@ -257,8 +257,8 @@ def write_report(run_dir: Path) -> Path:
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
-        f"<body>{body}{_IMAGE_CHECK_SCRIPT}</body></html>\n"
+        f"<title>{esc(title)}</title><style>{CSS}</style></head>"
+        f"<body>{body}{IMAGE_CHECK_SCRIPT}</body></html>\n"
     )
     out = run_dir / "report.html"
     # Write-then-rename so a viewer never sees a half-written page.

@@ -19,13 +19,13 @@ from sheafscope.outputs.domain import domain_table
 from sheafscope.outputs.formula import MIN_MODELS_FOR_VERDICT, VERDICT_THRESHOLDS
 from sheafscope.outputs.htmlkit import (
     NOT_AVAILABLE,
-    _definitions,
-    _e,
-    _interval,
-    _is_missing,
-    _na,
-    _ordered,
-    _table,
+    definitions_html,
+    esc,
+    interval_text,
+    is_missing,
+    na_cell,
+    ordered,
+    html_table,
 )
 
 _NO_CLAIMS = ("analysis.json has no claims (it was written before they existed); rerun the same "
@@ -64,23 +64,23 @@ def section_claims(analysis: Any) -> str:
             f"{MIN_MODELS_FOR_VERDICT} trained models give no verdict. Random-init twins are controls and "
             "never count.</p>")
     if not claims:
-        return head + f"<p>{_na()}: {_e(_NO_CLAIMS)}</p>"
+        return head + f"<p>{na_cell()}: {esc(_NO_CLAIMS)}</p>"
     rows = []
     for c in claims:
         best = _best(c)
         rows.append({
             "claim": c.get("claim"),
             "verdict": c.get("verdict"),
-            "error, % of L [95 % CI]": _interval(c.get("estimate"), c.get("ci")),
+            "error, % of L [95 % CI]": interval_text(c.get("estimate"), c.get("ci")),
             "n": c.get("n"),
-            "baseline to beat [95 % CI]": (f"{best.get('label')}: {_interval(best.get('estimate'), best.get('ci'))}"
+            "baseline to beat [95 % CI]": (f"{best.get('label')}: {interval_text(best.get('estimate'), best.get('ci'))}"
                                            if best else "—"),
             "beats it": best.get("beaten") if best else "—",
         })
-    items = "".join(f"<li><b>{_e(c.get('claim'))}</b>: {_e(c.get('verdict_reason'))}"
-                    + (f" (interval: {_e(c['interval_note'])})" if c.get("interval_note") else "") + "</li>"
+    items = "".join(f"<li><b>{esc(c.get('claim'))}</b>: {esc(c.get('verdict_reason'))}"
+                    + (f" (interval: {esc(c['interval_note'])})" if c.get("interval_note") else "") + "</li>"
                     for c in claims)
-    return (head + '<div id="claims-list">' + _table(rows, list(rows[0]), cell_class=_claim_cell_class)
+    return (head + '<div id="claims-list">' + html_table(rows, list(rows[0]), cell_class=_claim_cell_class)
             + f'<ul class="reasons">{items}</ul></div>')
 
 
@@ -94,30 +94,30 @@ def section_verdict(analysis: Any) -> str:
     mape = analysis.get("mape") if isinstance(analysis, Mapping) and isinstance(analysis.get("mape"), Mapping) else {}
     verdict = (formula or {}).get("verdict") or mape.get("verdict")
     cls = _verdict_class(str(verdict)) if verdict else ""
-    parts = [f'<div class="verdict {cls}"><p class="text">Verdict: {_e(verdict) if verdict else NOT_AVAILABLE}</p>']
+    parts = [f'<div class="verdict {cls}"><p class="text">Verdict: {esc(verdict) if verdict else NOT_AVAILABLE}</p>']
     if formula is None:
-        parts.append(f"<p>{_na()}: {_e(_NO_CLAIMS)}</p></div>")
+        parts.append(f"<p>{na_cell()}: {esc(_NO_CLAIMS)}</p></div>")
         return "".join(parts)
-    parts.append(f"<p>{_e(formula.get('verdict_reason'))}</p>")
-    rows = [{"predictor": formula.get("claimed_label"), "MAPE of L [95 % CI]": _interval(formula.get("estimate"), formula.get("ci")),
-             "over models": _interval(formula.get("estimate"), formula.get("ci_models")),
-             "over prompts": _interval(formula.get("estimate"), formula.get("ci_prompts")),
+    parts.append(f"<p>{esc(formula.get('verdict_reason'))}</p>")
+    rows = [{"predictor": formula.get("claimed_label"), "MAPE of L [95 % CI]": interval_text(formula.get("estimate"), formula.get("ci")),
+             "over models": interval_text(formula.get("estimate"), formula.get("ci_models")),
+             "over prompts": interval_text(formula.get("estimate"), formula.get("ci_prompts")),
              "n": formula.get("n"), "formula − predictor [95 % CI]": "—", "beaten by the formula": "—"}]
     for b in formula.get("baselines") or []:
         d = b.get("difference") or {}
-        rows.append({"predictor": b.get("label"), "MAPE of L [95 % CI]": _interval(b.get("estimate"), b.get("ci")),
-                     "over models": _interval(b.get("estimate"), b.get("ci_models")),
-                     "over prompts": _interval(b.get("estimate"), b.get("ci_prompts")),
-                     "n": b.get("n"), "formula − predictor [95 % CI]": _interval(d.get("estimate"), d.get("ci"), " pts"),
+        rows.append({"predictor": b.get("label"), "MAPE of L [95 % CI]": interval_text(b.get("estimate"), b.get("ci")),
+                     "over models": interval_text(b.get("estimate"), b.get("ci_models")),
+                     "over prompts": interval_text(b.get("estimate"), b.get("ci_prompts")),
+                     "n": b.get("n"), "formula − predictor [95 % CI]": interval_text(d.get("estimate"), d.get("ci"), " pts"),
                      "beaten by the formula": b.get("beaten")})
-    parts.append("<h3>The formula and the baselines it has to beat</h3>" + _table(rows, list(rows[0])))
+    parts.append("<h3>The formula and the baselines it has to beat</h3>" + html_table(rows, list(rows[0])))
     excluded = formula.get("excluded") or {}
     if excluded:
-        parts.append("<p>Left out: " + "; ".join(f"{_e(k)}: {_e(', '.join(v))}" for k, v in excluded.items()) + "</p>")
+        parts.append("<p>Left out: " + "; ".join(f"{esc(k)}: {esc(', '.join(v))}" for k, v in excluded.items()) + "</p>")
     labs = mape.get("in_sample_labs")
     if isinstance(labs, list) and labs:
-        parts.append(f"<p>In-sample labs (formula calibrated on): {_e(', '.join(map(str, labs)))}; models whose "
-                     f"prediction exceeds L: {_e(mape.get('n_exceeds_L'))}</p>")
+        parts.append(f"<p>In-sample labs (formula calibrated on): {esc(', '.join(map(str, labs)))}; models whose "
+                     f"prediction exceeds L: {esc(mape.get('n_exceeds_L'))}</p>")
     parts.append("</div>")
     return "".join(parts)
 
@@ -142,18 +142,18 @@ def section_domain(results: Any, figure: Path | None) -> str:
             "<p>Predicted L*/L = 0.11 + 0.012·L + 4.9/H depends on the configuration alone. For H heads the "
             "prediction stays inside the model only up to L = (0.89 − 4.9/H) / 0.012 layers, and for no depth "
             f"below H = 5.5. {n_out} of {len(rows)} architectures here lie beyond that line.</p>"
-            + fig + '<div id="domain-table">' + _table(table, list(table[0]) if table else None) + "</div>")
+            + fig + '<div id="domain-table">' + html_table(table, list(table[0]) if table else None) + "</div>")
 
 
 def _lstar_cell(row: Mapping[str, Any], d: lstar.LStarDefinition) -> str:
     if bool(row.get("no_transition")) and str(row.get("no_transition")).lower() not in {"false", "nan"}:
         return "no transition"
     value = row.get(d.columns[0])
-    if _is_missing(value):
+    if is_missing(value):
         return "—"
     lo, hi = row.get(d.columns[-2]), row.get(d.columns[-1])
     text = f"{float(value):.3g}"
-    if not _is_missing(lo) and not _is_missing(hi):
+    if not is_missing(lo) and not is_missing(hi):
         text += f" [{float(lo):.3g}, {float(hi):.3g}]"
     return text
 
@@ -161,7 +161,7 @@ def _lstar_cell(row: Mapping[str, Any], d: lstar.LStarDefinition) -> str:
 def section_summary(summary: pd.DataFrame | None) -> str:
     """A narrow summary (one column per question a reader asks), the full table folded below it."""
     if summary is None or len(summary) == 0:
-        return f"<h2>Summary</h2><p>{_na()}</p>"
+        return f"<h2>Summary</h2><p>{na_cell()}</p>"
     records = summary.to_dict(orient="records")
     compact = []
     for r in records:
@@ -175,7 +175,7 @@ def section_summary(summary: pd.DataFrame | None) -> str:
         for d in lstar.DEFINITIONS.values():
             row[f"L* {d.name} [CI]"] = "failed" if failed else _lstar_cell(r, d)
         pred = r.get("lstar_predicted")
-        row["predicted"] = "—" if _is_missing(pred) else f"{float(pred):.1f}" + (" > L" if str(r.get("exceeds_L")).lower() == "true" else "")
+        row["predicted"] = "—" if is_missing(pred) else f"{float(pred):.1f}" + (" > L" if str(r.get("exceeds_L")).lower() == "true" else "")
         row["error % of L"] = r.get("error_pct")
         row["sink"] = r.get("sink_layer")
         row["massive act."] = r.get("massive_activation_layer")
@@ -189,14 +189,14 @@ def section_summary(summary: pd.DataFrame | None) -> str:
             "standard error; rule in the definitions below). sink, massive act. and ID peak (the layer whose "
             "output has the largest TwoNN intrinsic dimension) are 0-based layers, as L* is.</p>"
             + '<div id="summary-table" class="fit">'
-            + _table(compact, list(compact[0]), row_class=lambda r: "failed" if str(r.get("status")).lower() == "failed" else "")
+            + html_table(compact, list(compact[0]), row_class=lambda r: "failed" if str(r.get("status")).lower() == "failed" else "")
             + "</div><details><summary>Every column of summary.csv</summary>"
-            + _table(records, list(summary.columns)) + "</details>")
+            + html_table(records, list(summary.columns)) + "</details>")
 
 
 def section_definitions(analysis: Any) -> str:
     defs = analysis.get("layer_definitions") if isinstance(analysis, Mapping) else None
-    return '<h3 id="definitions">Definitions used by the verdicts</h3>' + _definitions(defs)
+    return '<h3 id="definitions">Definitions used by the verdicts</h3>' + definitions_html(defs)
 
 
 def section_analysis_tables(analysis: Any) -> str:
@@ -214,16 +214,16 @@ def section_analysis_tables(analysis: Any) -> str:
                  for f in folds if isinstance(f, Mapping)] if isinstance(folds, list) else []
     return (
         "<h2>MAPE by lab (trained models with a transition)</h2>"
-        + _table(lab_rows, _ordered(lab_rows, ["lab", "n", "mape_of_L", "mape_of_lstar"]))
+        + html_table(lab_rows, ordered(lab_rows, ["lab", "n", "mape_of_L", "mape_of_lstar"]))
         + "<h2>Predictor comparison (formula vs baselines)</h2>"
-        + _table(compare_rows, _ordered(compare_rows, ["predictor", "mape_of_L", "mape_of_L_ci_low", "mape_of_L_ci_high",
+        + html_table(compare_rows, ordered(compare_rows, ["predictor", "mape_of_L", "mape_of_L_ci_low", "mape_of_L_ci_high",
                                                        "mape_of_lstar", "n", "n_interpolating_folds"]))
         + "<h3>Refit folds (leave one lab out)</h3>"
         + "<p>A fold with no more training models than the refit has coefficients is an interpolation: "
           "marked, and left out of the cross-validated error.</p>"
-        + _table(fold_rows)
+        + html_table(fold_rows)
         + "<h2>Reference comparison</h2>"
-        + _table(ref_rows, _ordered(ref_rows, ["model", "reference_trace", "measured_trace", "note"]))
+        + html_table(ref_rows, ordered(ref_rows, ["model", "reference_trace", "measured_trace", "note"]))
     )
 
 
