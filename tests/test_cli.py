@@ -236,7 +236,7 @@ def test_stdout_ends_with_the_verdict_and_the_report_and_quiet_is_quiet(tiny_dir
 
 
 def test_verdict_line_when_no_trained_model_ran(tmp_path):
-    from sheafscope.cli import report_line, verdict_line
+    from sheafscope.outputs.console import report_line, verdict_line
 
     assert verdict_line(tmp_path, []).startswith("not available")
     (tmp_path / "analysis.json").write_text(json.dumps({"warnings": []}))

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from sheafscope import load_model
-from sheafscope.models import loading, offline
+from sheafscope.models import gguf_weights, hub, loading, offline
 from sheafscope.errors import ConfigError, ModelLoadError, UnknownModelError, UnsupportedArchitectureError
 from sheafscope.models.loading import check_spec, classify_spec, weights_sha256
 from tiny_models import build_tiny
@@ -78,7 +78,7 @@ def test_hub_path_passes_revision_and_token(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: True)
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", record("config", tiny.config))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", record("model", tiny))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record("tokenizer", object()))
@@ -196,7 +196,7 @@ def test_quantization_that_did_not_apply_is_an_error_not_a_note(tmp_path, monkey
     tiny = build_tiny("llama")
     tiny.save_pretrained(tmp_path)
     transformers.AutoTokenizer.from_pretrained(str(offline.model_dir("minilm-l6"))).save_pretrained(tmp_path)
-    monkeypatch.setattr(loading, "_quantization", lambda quantize, dtype: {})  # bitsandbytes silently skipped
+    monkeypatch.setattr(loading, "quantization_kwargs", lambda quantize, dtype: {})  # bitsandbytes silently skipped
     with pytest.raises(ModelLoadError, match="--quantize 4bit did not apply.*no bitsandbytes Linear4bit layer"):
         load_model(str(tmp_path), quantize="4bit", device="cpu")
 
@@ -204,7 +204,7 @@ def test_quantization_that_did_not_apply_is_an_error_not_a_note(tmp_path, monkey
 # -- GGUF: the header first ------------------------------------------------------------------------
 def test_an_unsupported_gguf_architecture_is_refused_before_dequantization(tmp_path, monkeypatch):
     monkeypatch.setenv("SHEAFSCOPE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(loading, "_dequantize_gguf", _boom)
+    monkeypatch.setattr(gguf_weights, "dequantize", _boom)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _boom)
     path = write_gguf(tmp_path / "m.gguf", "mamba")  # transformers reads mamba GGUFs; sheafscope has no adapter
     with pytest.raises(UnsupportedArchitectureError,
@@ -231,7 +231,7 @@ def test_gguf_architecture_names_map_to_transformers_model_types():
 
 def test_a_truncated_gguf_is_named_truncated(tmp_path, monkeypatch):
     monkeypatch.setenv("SHEAFSCOPE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(loading, "_dequantize_gguf", _boom)
+    monkeypatch.setattr(gguf_weights, "dequantize", _boom)
     whole = write_gguf(tmp_path / "whole.gguf", "llama")
     from sheafscope.models.gguf_header import read_header
 
@@ -251,7 +251,7 @@ def test_a_truncated_gguf_is_named_truncated(tmp_path, monkeypatch):
 
 def test_a_truncated_real_gguf_is_named_truncated_not_a_reshape_error(tmp_path, monkeypatch):
     monkeypatch.setenv("SHEAFSCOPE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(loading, "_dequantize_gguf", _boom)
+    monkeypatch.setattr(gguf_weights, "dequantize", _boom)
     src = _smollm2_gguf()
     size = src.stat().st_size
     with open(src, "rb") as f:
@@ -284,7 +284,7 @@ def test_a_gguf_file_is_dequantized_once_then_loaded_from_the_cache(tmp_path, mo
     assert [p.name for p in _models_cached(cache)] == [cached.name]
     assert "GGUF (" in first.notes[0]  # the tensor types, from the header
     # The second load neither dequantizes nor rehashes the file.
-    monkeypatch.setattr(loading, "_dequantize_gguf", _boom)
+    monkeypatch.setattr(gguf_weights, "dequantize", _boom)
     monkeypatch.setattr(offline, "sha256_file", _boom)
     second = load_model(str(path), device="cpu")
     assert second.file_sha256 == sha and second.notes == first.notes
@@ -319,7 +319,7 @@ def test_the_default_cache_is_the_users_not_the_checkout(monkeypatch):
 def test_a_hub_id_with_the_hub_switched_off_fails_at_once(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", _boom)
-    monkeypatch.setattr(loading, "hub_reachable", _boom)
+    monkeypatch.setattr(hub, "hub_reachable", _boom)
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set and someone/not-cached is not in the local hub cache.*offline alias"):
         load_model("someone/not-cached", device="cpu")
 
@@ -330,7 +330,7 @@ def test_a_hub_id_with_the_hub_unreachable_fails_at_once(monkeypatch):
     for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
-    assert loading.hub_reachable() is False
+    assert hub.hub_reachable() is False
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", _boom)
     with pytest.raises(ModelLoadError, match="cannot be reached from this machine.*offline alias"):
         load_model("someone/not-cached", device="cpu")

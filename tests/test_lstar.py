@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.unit
 
-from sheafscope import cli
+from sheafscope.outputs import console
 from sheafscope.measures import lstar
 from sheafscope.measures.lstar import DEFINITIONS, LStarDefinition, lstar_block
 from sheafscope.outputs.summarize import analysis_block, summary_frame
@@ -131,7 +131,7 @@ def test_a_registered_definition_reaches_results_summary_analysis_and_cli(monkey
     assert pair["trained_lstar_half"] == pair["twin_lstar_half"] == 4.0
     assert pair["trained_lstar_diff"] == 4.0  # the existing keys stay: diffs argmax 2 -> 3, 4 -> 5
 
-    cli.print_summary([trained], out_dir=".")
+    console.print_summary([trained], out_dir=".")
     out = capsys.readouterr().out
     header, _, line = out.strip("\n").splitlines()[:3]
     assert "L*last" in header and "L*half" in header and "L*gradient" in header

@@ -1,4 +1,4 @@
-"""Tests for sheafscope.outputs.stats.
+"""Tests for the cross-model statistics (outputs/formula, crossval, bootstrap).
 
 Expected values are computed here by plain arithmetic (or by an independent
 numpy routine such as ``np.linalg.pinv``), never copied from the module's output.
@@ -15,18 +15,19 @@ import pytest
 
 pytestmark = pytest.mark.unit
 
-from sheafscope.outputs.stats import (
-    FORMULA_COEFFICIENTS,
+from sheafscope.outputs.bootstrap import bootstrap_ci, nested_bootstrap
+from sheafscope.outputs.crossval import (
     FormulaFit,
     baseline_half,
     baseline_ratio,
-    bootstrap_ci,
-    nested_bootstrap,
     compare_models,
-    error_pct_of_L,
-    error_pct_of_lstar,
     fit_formula,
     leave_one_group_out,
+)
+from sheafscope.outputs.formula import (
+    FORMULA_COEFFICIENTS,
+    error_pct_of_L,
+    error_pct_of_lstar,
     mape_by_lab,
     predict_lstar,
     verdict,

@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-from sheafscope.outputs import stats
+from sheafscope.outputs.formula import verdict
 from sheafscope.cli import main
 from sheafscope.measures.lstar import lstar_diff, lstar_gradient
 from sheafscope.suites import list_suites, load_suite
@@ -97,7 +97,7 @@ def test_analysis_statistics_match_the_summary(offline_run):
     errors = np.abs(trained["lstar_predicted"] - trained["lstar_diff_mean"]) / trained["n_layers"] * 100
     assert analysis["mape"]["overall"]["mape_of_L"] == pytest.approx(errors.mean())
     assert analysis["mape"]["overall"]["n"] == len(trained) == 4
-    assert analysis["mape"]["verdict"] == stats.verdict(errors.mean())
+    assert analysis["mape"]["verdict"] == verdict(errors.mean())
     assert analysis["mape"]["n_exceeds_L"] == int((trained["lstar_predicted"] > trained["n_layers"]).sum())
     predictors = {r["predictor"] for r in analysis["compare"]}
     assert {"formula_published", "formula_refit_cv", "half", "ratio_cv"} <= predictors

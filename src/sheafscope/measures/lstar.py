@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sheafscope.outputs import stats
+from sheafscope.outputs.bootstrap import bootstrap_ci
+from sheafscope.outputs.formula import predict_lstar
 
 FORMULA_TEXT = "L* = L * (0.11 + 0.012 L + 4.9 / H)"
 
@@ -97,11 +98,11 @@ class LStarDefinition:
         if self.over == "prompts":
             values = [block["mean"], block["std"]]
             samples = np.asarray(block["per_prompt"], dtype=float)
-            _, lo, hi = stats.bootstrap_ci(samples, lambda x: float(x.mean()), n_boot=n_boot)
+            _, lo, hi = bootstrap_ci(samples, lambda x: float(x.mean()), n_boot=n_boot)
         else:
             values = [block["value"]]
             # Resamples with no L* (None) are left out of the interval by bootstrap_ci (NaN).
-            _, lo, hi = stats.bootstrap_ci(np.asarray(layer_traces, dtype=np.float64),
+            _, lo, hi = bootstrap_ci(np.asarray(layer_traces, dtype=np.float64),
                                            lambda t: _number(self.layer(t.mean(axis=0))), n_boot=n_boot)
         return dict(zip(self.columns, [*values, lo, hi]))
 
@@ -178,7 +179,7 @@ def lstar_block(layer_traces: np.ndarray, n_layers: int, n_heads: int) -> dict:
     out: dict[str, Any] = {d.name: d.block(layer_traces) for d in DEFINITIONS.values()}
     emp = DEFINITIONS[EMPIRICAL]
     empirical = out[emp.name][emp.value_key]
-    predicted = float(stats.predict_lstar(n_layers, n_heads))
+    predicted = float(predict_lstar(n_layers, n_heads))
     out["formula"] = {
         "text": FORMULA_TEXT,
         "L": n_layers,

@@ -17,15 +17,8 @@ into the cache (models/offline.py) and loaded from there afterwards.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import re
-import shutil
-import socket
-import threading
 import time
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,18 +26,16 @@ from typing import Any
 import torch
 
 from sheafscope.models import catalog as cat
-from sheafscope.models import gguf_header, offline
+from sheafscope.models import gguf_header, gguf_weights, offline
 from sheafscope.models.adapters import Adapter, adapter_class, adapter_for
+from sheafscope.models.hub import HUB_ID, hub_hint, hub_preflight
 from sheafscope.models.placement import Placement, check_placement, input_device, recorded_map
+from sheafscope.models.quantize import check_quantize, quantization_kwargs, quiet_bitsandbytes, verify_quantized
 from sheafscope.errors import ConfigError, ModelLoadError, SheafscopeError, UnknownModelError
 
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 TWIN_TOKENIZER = "minilm-l6"
-QUANTIZE = ("4bit", "8bit")
-HUB_PROBE_SECONDS = 3.0
 
 
 @dataclass
@@ -135,128 +126,6 @@ def _from_pretrained(path_or_id: str, dtype, device, attn, placement: Placement 
     return cls.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn, **kw).to(device).eval()
 
 
-def _quantization(quantize: str | None, dtype: torch.dtype) -> dict:
-    if quantize is None:
-        return {}
-    from transformers import BitsAndBytesConfig
-
-    if quantize == "4bit":
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    else:
-        q = BitsAndBytesConfig(load_in_8bit=True)
-    return {"quantization_config": q, "device_map": "auto"}
-
-
-_NOT_QUANTIZABLE = {
-    "random-init": "a random-init twin is built from a config, not loaded from a checkpoint; quantizing random weights "
-                   "measures nothing. Drop --quantize, or quantize a trained checkpoint (a hub id or a local directory)",
-    "offline-package": "the offline models are GGUF files, already quantized (Q4) and dequantized by transformers at load; "
-                       "bitsandbytes cannot apply to them. Drop --quantize (the alias is measured from its GGUF weights), "
-                       "or pass a hub id or a local transformers directory",
-    "gguf-file": "a GGUF file is already quantized and is dequantized by transformers at load; bitsandbytes cannot "
-                 "apply to it. Drop --quantize, or pass a hub id or a local transformers directory",
-}
-
-
-def _check_quantize(spec: str, kind: str, quantize: str | None) -> None:
-    """--quantize applies to hub and local-directory checkpoints, or is refused here, before loading."""
-    if quantize is None:
-        return
-    if quantize not in QUANTIZE:
-        raise ConfigError(f"--quantize must be 4bit or 8bit, not '{quantize}'")
-    if kind in _NOT_QUANTIZABLE:
-        raise ConfigError(f"--quantize {quantize} does not apply to '{spec}' ({kind}): {_NOT_QUANTIZABLE[kind]}")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ConfigError(f"--quantize {quantize} needs the bitsandbytes package: pip install bitsandbytes") from None
-
-
-def _verify_quantized(loaded: "LoadedModel", quantize: str) -> str:
-    """That bitsandbytes really replaced the linear layers; the note that says so."""
-    import bitsandbytes as bnb
-
-    cls = bnb.nn.Linear4bit if quantize == "4bit" else bnb.nn.Linear8bitLt
-    n = sum(isinstance(m, cls) for m in loaded.model.modules())
-    if n == 0:
-        raise ModelLoadError(
-            f"--quantize {quantize} did not apply to '{loaded.spec}': the loaded model has no bitsandbytes "
-            f"{cls.__name__} layer (transformers or bitsandbytes skipped the quantization). Load it without --quantize"
-        )
-    if isinstance(loaded.adapter.value_input_module(0), cls):
-        return f"bitsandbytes {quantize}: {n} linear layers quantized; value weights dequantized for ||W_V||"
-    return f"bitsandbytes {quantize}: {n} linear layers quantized, not the value projections (read as stored)"
-
-
-class _OncePerMessage(logging.Filter):
-    """bitsandbytes' 8-bit matmul warns about the float16 cast on every call of every layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if msg in self.seen:
-            return False
-        self.seen.add(msg)
-        return True
-
-
-_BNB_FILTER = _OncePerMessage()
-
-
-def _quiet_bitsandbytes() -> None:
-    logger = logging.getLogger("bitsandbytes.autograd._functions")
-    if _BNB_FILTER not in logger.filters:
-        logger.addFilter(_BNB_FILTER)
-
-
-# -- GGUF -------------------------------------------------------------------------------------
-def _gguf_preflight(path: Path, sha256: str) -> tuple[Path, gguf_header.GGUFHeader | None]:
-    """The dequantized cache of a GGUF, and (when it must still be built) the GGUF's header,
-    checked: truncation and unsupported architectures are refused here, before dequantizing."""
-    cached = offline.gguf_cache(sha256)
-    if offline.is_complete(cached):
-        return cached, None
-    header = gguf_header.read_header(path)
-    gguf_header.check_supported(header)
-    return cached, header
-
-
-def _dequantize_gguf(gguf: Path, header: gguf_header.GGUFHeader, target: Path, provenance: dict) -> None:
-    """Dequantize a GGUF with transformers (slow) and save it as plain safetensors at target."""
-    import transformers
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    need = header.n_elements * 4  # float32
-    free = shutil.disk_usage(target.parent).free
-    if free < need * 1.05:
-        raise ModelLoadError(
-            f"dequantizing {gguf.name} needs about {need / 1e9:.1f} GB in the cache {target.parent}, "
-            f"which has {free / 1e9:.1f} GB free: free space there or set SHEAFSCOPE_CACHE to another directory"
-        )
-    log.warning("dequantizing %s from GGUF once (slow); later runs load %s", gguf.name, target)
-    t0 = time.time()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    offline.save_dequantized(model, tok, target, {
-        **provenance, "architecture": header.architecture, "tensor_types": list(header.tensor_types),
-        "dequantize_s": round(time.time() - t0, 1),
-    })
-    del model
-
-
-def _gguf_note(cached: Path, default: str) -> str:
-    try:
-        types = json.loads((cached / "sheafscope-provenance.json").read_text()).get("tensor_types")
-    except (OSError, ValueError):
-        types = None
-    if not types:
-        return default
-    return f"weights dequantized by transformers from a GGUF ({', '.join(types)} tensors)"
-
-
 def _load_offline(alias: str, dtype, device, attn, placement: Placement | None = None) -> LoadedModel:
     import transformers
 
@@ -273,12 +142,12 @@ def _load_offline(alias: str, dtype, device, attn, placement: Placement | None =
         gguf = offline.gguf_file(alias)
         header = gguf_header.read_header(gguf)
         gguf_header.check_supported(header)
-        _dequantize_gguf(gguf, header, cached, {"alias": alias, "gguf_sha256": w.sha256})
+        gguf_weights.dequantize(gguf, header, cached, {"alias": alias, "gguf_sha256": w.sha256})
     model = _from_pretrained(str(cached), dtype, device, attn, placement)
     tok = transformers.AutoTokenizer.from_pretrained(str(cached))
     return LoadedModel(model, tok, alias, entry.hub_id, "offline-package", file_sha256=w.sha256,
                        tokenizer_from=f"{alias} (from its GGUF)", metadata=entry.metadata,
-                       notes=[_gguf_note(cached, "weights dequantized from a Q4 GGUF by transformers")])
+                       notes=[gguf_weights.provenance_note(cached, "weights dequantized from a Q4 GGUF by transformers")])
 
 
 def _load_gguf_file(spec: str, path: Path, dtype, device, attn, placement: Placement | None = None) -> LoadedModel:
@@ -287,79 +156,13 @@ def _load_gguf_file(spec: str, path: Path, dtype, device, attn, placement: Place
     import transformers
 
     sha = offline.sha256_cached(path)
-    cached, header = _gguf_preflight(path, sha)
+    cached, header = gguf_weights.cache_or_header(path, sha)
     if header is not None:
-        _dequantize_gguf(path, header, cached, {"gguf": str(path), "gguf_sha256": sha})
+        gguf_weights.dequantize(path, header, cached, {"gguf": str(path), "gguf_sha256": sha})
     model = _from_pretrained(str(cached), dtype, device, attn, placement)
     tok = transformers.AutoTokenizer.from_pretrained(str(cached))
     return LoadedModel(model, tok, spec, path.name, "gguf-file", file_sha256=sha, tokenizer_from=f"{path.name} (GGUF)",
-                       notes=[_gguf_note(cached, "weights dequantized from a GGUF by transformers")])
-
-
-# -- the hub ----------------------------------------------------------------------------------
-def _hub_hint(known_unreachable: bool = False) -> str:
-    lead = " Use" if known_unreachable else " This machine may not reach the model hub: use"
-    return f"{lead} an offline alias ({', '.join(offline.OFFLINE_WEIGHTS)}), a local directory, or --init random."
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def hub_offline() -> bool:
-    """Whether the hub is switched off ($HF_HUB_OFFLINE or $TRANSFORMERS_OFFLINE)."""
-    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
-
-
-def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
-    """A quick TCP probe of the hub endpoint ($HF_ENDPOINT). Without it, an unreachable hub
-    costs transformers' retries (about 35 s and ten warnings) before the error. Behind a proxy
-    ($HTTPS_PROXY, $ALL_PROXY) the probe cannot tell, so the hub counts as reachable."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    ok: list[bool] = []
-
-    def probe():  # in a thread: name resolution ignores socket timeouts
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(ok)
-
-
-def _in_hub_cache(hub_id: str, revision: str | None) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(hub_id, "config.json", revision=revision), str)
-    except Exception:
-        return False
-
-
-def hub_preflight(spec: str, hub_id: str, revision: str | None) -> bool:
-    """Whether to load from the local hub cache only; refuses at once when the hub is off or
-    unreachable and the model is not cached."""
-    if hub_offline():
-        if not _in_hub_cache(hub_id, revision):
-            raise ModelLoadError(
-                f"could not load '{spec}' (hub): HF_HUB_OFFLINE is set and {hub_id}"
-                f"{'@' + revision if revision else ''} is not in the local hub cache.{_hub_hint(True)}"
-            )
-        return True
-    if hub_reachable():
-        return False
-    if _in_hub_cache(hub_id, revision):
-        log.warning("the model hub is unreachable: loading %s from the local hub cache", hub_id)
-        return True
-    raise ModelLoadError(f"could not load '{spec}' (hub): the model hub cannot be reached from this machine "
-                         f"and {hub_id} is not in the local hub cache.{_hub_hint(True)}")
+                       notes=[gguf_weights.provenance_note(cached, "weights dequantized from a GGUF by transformers")])
 
 
 def twin_tokenizer(entry: cat.CatalogEntry) -> tuple[Any, str]:
@@ -462,10 +265,10 @@ def check_spec(spec: str, init: str = "pretrained", quantize: str | None = None)
     Returns the kind. A GGUF file is hashed here (once per version of the file: the hash is
     remembered in the cache)."""
     kind = classify_spec(spec, init)
-    _check_quantize(spec, kind, quantize)
+    check_quantize(spec, kind, quantize)
     if kind == "gguf-file":
         path = Path(parse_spec(spec.strip(), init)[0]).expanduser().resolve()
-        _gguf_preflight(path, offline.sha256_cached(path))
+        gguf_weights.cache_or_header(path, offline.sha256_cached(path))
     return kind
 
 
@@ -531,7 +334,7 @@ def load_model(
     kind = classify_spec(spec, init)
     if config_overrides and kind != "random-init":
         raise ConfigError(f"config overrides apply to random-init twins only, not to '{spec}' ({kind})")
-    _check_quantize(spec, kind, quantize)  # before anything is read
+    check_quantize(spec, kind, quantize)  # before anything is read
     placement = check_placement(
         spec, init=init, dtype=torch_dtype, device=device, device_map=device_map, max_memory=max_memory,
         offload_dir=offload_dir, revision=revision, config_overrides=config_overrides)
@@ -547,9 +350,9 @@ def load_model(
         elif kind == "local-dir":
             path = Path(name).expanduser().resolve()
             if quantize:
-                _quiet_bitsandbytes()
+                quiet_bitsandbytes()
             model = _from_pretrained(str(path), torch_dtype, device, attn_implementation, placement,
-                                     **_quantization(quantize, torch_dtype))
+                                     **quantization_kwargs(quantize, torch_dtype))
             tok = transformers.AutoTokenizer.from_pretrained(str(path))
             loaded = LoadedModel(model, tok, spec, str(path), "local-dir", tokenizer_from=str(path),
                                  file_sha256=offline.dir_digest(path))
@@ -559,9 +362,9 @@ def load_model(
             token = os.environ.get("HF_TOKEN") or None
             hub_kw = dict(revision=revision, token=token, **({"local_files_only": True} if local_only else {}))
             if quantize:
-                _quiet_bitsandbytes()
+                quiet_bitsandbytes()
             model = _from_pretrained(hub_id, torch_dtype, device, attn_implementation, placement, **hub_kw,
-                                     **_quantization(quantize, torch_dtype))
+                                     **quantization_kwargs(quantize, torch_dtype))
             tok = transformers.AutoTokenizer.from_pretrained(hub_id, **hub_kw)
             commit = getattr(model.config, "_commit_hash", None)
             loaded = LoadedModel(model, tok, spec, hub_id, "hub", revision=commit or revision or "main",
@@ -569,13 +372,13 @@ def load_model(
     except SheafscopeError:
         raise
     except (OSError, ValueError, RuntimeError) as e:
-        hint = _hub_hint() if kind == "hub" else ""
+        hint = hub_hint() if kind == "hub" else ""
         raise ModelLoadError(f"could not load '{spec}' ({kind}): {(str(e).splitlines()[0] if str(e) else type(e).__name__).rstrip('.')}.{hint}") from e
     loaded.load_seconds = time.time() - t0
     loaded.device_map = recorded_map(loaded.model)
     loaded.adapter  # resolve now: an unsupported layout fails at load, not mid-run
     if quantize:
-        loaded.notes.append(_verify_quantized(loaded, quantize))
+        loaded.notes.append(verify_quantized(loaded, quantize))
     return loaded
 
 

@@ -28,7 +28,7 @@ def config_for(spec: str, init: str = "pretrained", revision: str | None = None,
     import transformers
 
     from sheafscope.models import catalog as cat
-    from sheafscope.models import loading, offline
+    from sheafscope.models import hub, loading, offline
 
     kind = loading.check_spec(spec, init)
     name, _ = loading.parse_spec(spec.strip(), init)
@@ -56,7 +56,7 @@ def config_for(spec: str, init: str = "pretrained", revision: str | None = None,
         return transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name), f"{path.name} (GGUF header)"
     hub_id = entry.hub_id if entry else name
     try:
-        local_only = loading.hub_preflight(spec, hub_id, revision)
+        local_only = hub.hub_preflight(spec, hub_id, revision)
         kw = {"revision": revision, "token": os.environ.get("HF_TOKEN") or None}
         if local_only:
             kw["local_files_only"] = True

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from sheafscope.measures import lstar
-from sheafscope.outputs import stats
+from sheafscope.outputs.formula import predict_lstar
 
 #: Colours of the notebooks' labs, kept identical so figures compare with the notebooks'.
 LAB_COLOURS: dict[str, str] = {
@@ -49,7 +49,7 @@ TWIN_PREFIX = "random:"
 
 def predicted_lstar(n_layers: float, n_heads: float) -> float:
     """The formula under test: ``L* = L * (0.11 + 0.012 L + 4.9 / H)``."""
-    return float(stats.predict_lstar(float(n_layers), float(n_heads)))
+    return float(predict_lstar(float(n_layers), float(n_heads)))
 
 
 def lab_colour_map(labs: Iterable[Any]) -> dict[str, str]:

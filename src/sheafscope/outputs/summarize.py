@@ -11,7 +11,10 @@ import numpy as np
 import pandas as pd
 
 from sheafscope.measures import lstar
-from sheafscope.outputs import claims, samples, stats
+from sheafscope.outputs import claims, samples
+from sheafscope.outputs.bootstrap import bootstrap_ci
+from sheafscope.outputs.crossval import compare_models, fit_formula, leave_one_group_out
+from sheafscope.outputs.formula import mape_by_lab
 from sheafscope.outputs.samples import LAYER_DEFINITIONS
 
 # Notebook 000's REFERENCE_RESULTS (mean multi-head trace, fp16 on the hub models). The Pythia
@@ -57,7 +60,7 @@ def _row(model: dict[str, Any]) -> dict[str, Any]:
         return base
     traces = np.array([p["layer_trace"] for p in model["prompts"]])  # (prompts, layers)
     n_layers, n_heads = model["n_layers"], model["n_heads"]
-    mt, mt_lo, mt_hi = stats.bootstrap_ci(traces, lambda t: float(t.mean()), n_boot=N_BOOT)
+    mt, mt_lo, mt_hi = bootstrap_ci(traces, lambda t: float(t.mean()), n_boot=N_BOOT)
     ls = model["lstar"]
     f = ls["formula"]
     transition = lstar.transition_test(traces)
@@ -113,7 +116,7 @@ def analysis_block(models: list[dict[str, Any]], summary: pd.DataFrame, n_boot: 
             "model": evidence["model"], "lab": evidence["lab"], "L": evidence["n_layers"], "H": evidence["n_heads"],
             "lstar_empirical": evidence[emp.columns[0]],  # the definition's L* column
         })
-        out["mape"] = stats.mape_by_lab(df)
+        out["mape"] = mape_by_lab(df)
         out["mape"]["empirical_definition"] = f"{emp.name} ({emp.source})"
         out["mape"]["verdict"] = formula["verdict"]
         out["mape"]["verdict_reason"] = formula["verdict_reason"]
@@ -125,10 +128,10 @@ def analysis_block(models: list[dict[str, Any]], summary: pd.DataFrame, n_boot: 
             out["compare"] = [
                 {**r, **_ci_columns(intervals.get(r["predictor"]), "mape_of_L"),
                  **_ci_columns(of_target.get(r["predictor"]), "mape_of_lstar")}
-                for r in stats.compare_models(df).reset_index().to_dict(orient="records")
+                for r in compare_models(df).reset_index().to_dict(orient="records")
             ]
-            out["cross_validation"] = _jsonable(stats.leave_one_group_out(df))
-        fit = stats.fit_formula(df["L"], df["H"], df["lstar_empirical"])
+            out["cross_validation"] = _jsonable(leave_one_group_out(df))
+        fit = fit_formula(df["L"], df["H"], df["lstar_empirical"])
         out["refit_in_sample"] = {"coef": list(map(float, fit.coef)), "rank": int(fit.rank), "n": int(fit.n),
                                   "residual_rms": float(fit.residual_rms),
                                   "interpolation": bool(fit.n <= 3)}
