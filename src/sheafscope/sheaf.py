@@ -37,7 +37,7 @@ def row_stats_from_scores(scores: torch.Tensor, own: torch.Tensor) -> tuple[torc
     e = (scores - scores.amax(dim=-1, keepdim=True)).exp_()
     total = e.sum(dim=-1)
     first = e[..., 0] / total
-    # in place: e is ours, and a copy of every row's scores is the largest cost here
+    # in place: e is ours, and a copy of it would double this function's memory traffic
     return e.scatter_(-1, own[..., None], 0.0).sum(dim=-1) / total, first
 
 
