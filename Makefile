@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml requirements-weights.txt
 
 install: $(STAMP)
 
+# Extra options for `make run`, e.g. ARGS=--force to replace an earlier run of other prompts or options.
+ARGS ?=
+
 run: $(STAMP)
-	$(VENV)/bin/sheafscope run --out results/offline
+	$(VENV)/bin/sheafscope run --out results/offline $(ARGS)
 
 test: $(STAMP)
 	@bash scripts/ensure_chromium.sh
