@@ -22,11 +22,14 @@ def cache_or_header(path: Path, sha256: str) -> tuple[Path, gguf_header.GGUFHead
     """The dequantized cache of a GGUF, and (when it must still be built) the GGUF's header,
     checked: truncation and unsupported architectures are refused here, before dequantizing."""
     cached = offline.gguf_cache(sha256)
-    if offline.is_complete(cached):
-        return cached, None
+    return cached, None if offline.is_complete(cached) else checked_header(path)
+
+
+def checked_header(path: Path) -> gguf_header.GGUFHeader:
+    """The GGUF's header, refused if truncated or of an architecture sheafscope cannot measure."""
     header = gguf_header.read_header(path)
     gguf_header.check_supported(header)
-    return cached, header
+    return header
 
 
 def dequantize(gguf: Path, header: gguf_header.GGUFHeader, target: Path, provenance: dict) -> None:

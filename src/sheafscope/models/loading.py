@@ -140,9 +140,7 @@ def _load_offline(alias: str, dtype, device, attn, placement: Placement | None =
     cached = offline.dequantized_cache(alias)
     if not offline.is_complete(cached):
         gguf = offline.gguf_file(alias)
-        header = gguf_header.read_header(gguf)
-        gguf_header.check_supported(header)
-        gguf_weights.dequantize(gguf, header, cached, {"alias": alias, "gguf_sha256": w.sha256})
+        gguf_weights.dequantize(gguf, gguf_weights.checked_header(gguf), cached, {"alias": alias, "gguf_sha256": w.sha256})
     model = _from_pretrained(str(cached), dtype, device, attn, placement)
     tok = transformers.AutoTokenizer.from_pretrained(str(cached))
     return LoadedModel(model, tok, alias, entry.hub_id, "offline-package", file_sha256=w.sha256,
