@@ -173,9 +173,16 @@ def measure(methods: Methods, method: str, prompts: list[torch.Tensor], args) ->
     out = {"warmup_s": timed(fn, warm, device), "peak_mem_bytes": mem.peak(), "notes": []}
     times: list[float] = []
     if one_by_one:  # the longest prompts, warm: an upper bound on one pass
-        predicted = timed(fn, warm, device) * len(prompts) / len(warm)
-        if predicted > args.max_seconds:
-            return {"skipped": f"one pass predicted {predicted:.0f} s > --max-seconds {args.max_seconds:g}"}
+        per_prompt = timed(fn, warm, device) / len(warm)
+        k = int(args.max_seconds / per_prompt)
+        if k < len(prompts):  # one pass would not fit: time a random sample and scale it (unbiased)
+            if k < 2 * WARM_PROMPTS:
+                return {"skipped": f"one pass predicted {per_prompt * len(prompts):.0f} s > --max-seconds {args.max_seconds:g}"}
+            pick = np.random.default_rng(args.seed).choice(len(prompts), k, replace=False)
+            t = timed(fn, [prompts[i] for i in sorted(pick)], device) * len(prompts) / k
+            out.update(times_s=[t], median_s=t, sampled_prompts=k, loadavg_1min=os.getloadavg()[0])
+            out["notes"].append(f"one pass estimated from a random sample of {k} of {len(prompts)} prompts (time x {len(prompts)}/{k})")
+            return out
     elif out["warmup_s"] > args.max_seconds:
         times, out["notes"] = [out["warmup_s"]], ["the warm-up took longer than --max-seconds: its time is reported"]
     while len(times) < args.repeats:
