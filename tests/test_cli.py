@@ -127,6 +127,19 @@ def test_unsupported_architecture_fails_alone_and_keeps_the_others(tiny_dirs, tm
     assert "FAILED" in stdout
 
 
+@pytest.mark.parametrize("placing", [[], ["--max-memory", "cpu=8GiB"]], ids=["one-device", "placed"])
+def test_a_model_that_cannot_be_loaded_fails_alone_and_keeps_the_others(tiny_dirs, tmp_path, capsys, monkeypatch, placing):
+    """A hub id absent from the cache with the hub off fails at its load, also when placement
+    flags make the runner check every model's room first."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    rc, _, err = _run(["-m", "no-org/no-model", "-m", str(tiny_dirs["llama"]), *placing, "--prompts",
+                          _prompts(tmp_path, PROMPTS), "--out", str(out)], capsys)
+    models = json.loads((out / "results.json").read_text())["models"]
+    assert [m["status"] for m in models] == ["failed", "ok"]
+    assert rc == 1 and "HF_HUB_OFFLINE" in models[0]["error"]["message"] and "1 of 2 model(s) failed" in err
+
+
 def test_one_token_prompt_is_skipped_with_a_reason(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "out"
     rc, _, _ = _run(["-m", str(tiny_dirs["llama"]), "--prompts", _prompts(tmp_path, ["Hello", PROMPTS[0]]), "--out", str(out)], capsys)

@@ -92,6 +92,7 @@ def check_out(out: Path) -> None:
 def check_room(entries: list[ModelEntry], args: argparse.Namespace) -> None:
     """A placement that cannot work, and weights that cannot fit their devices, refused from
     the configs before any model loads (`sheafscope plan` shows the whole estimate)."""
+    from sheafscope.models import meta
     from sheafscope.models.placement import check_placement
     from sheafscope.plan import plan, require_fit
 
@@ -102,10 +103,11 @@ def check_room(entries: list[ModelEntry], args: argparse.Namespace) -> None:
     for e in entries:
         kw = dict(init=args.init, dtype=args.dtype, device=args.device, device_map=args.device_map,
                   max_memory=args.max_memory, offload_dir=args.offload_dir, revision=args.revision)
-        if placing:
-            check_placement(e.spec, **kw)
         try:
-            need = plan(e.spec, **kw)
+            model, _, source = meta.meta_model_for(e.spec, init=args.init, dtype=args.dtype, device=args.device,
+                                                   revision=args.revision)
         except SheafscopeError:
             continue  # the spec's own problem: its load says so, and the other models still run
-        require_fit(need, weights_only=True)
+        if placing:
+            check_placement(e.spec, **kw, model=model)
+        require_fit(plan(e.spec, **kw, meta_model=(model, source)), weights_only=True)

@@ -258,13 +258,15 @@ def plan(
     revision: str | None = None,
     config_overrides: dict[str, Any] | None = None,
     gpu_memory: int | str | None = None,
+    meta_model: tuple[nn.Module, str] | None = None,
 ) -> Plan:
     """What running `spec` needs per device, from its config (catalog entry, a directory's
     config.json, a GGUF header, the hub's config): weights following the device map accelerate
     would choose under `max_memory` (or all on `device`), the activation estimate of the module
     docstring, and each device's capacity. `max_memory` or `offload_dir` imply
     device_map="auto", as for load_model. GPUs this machine lacks may be planned for: each has
-    `gpu_memory` ("80GB"), else its `max_memory` budget, as its memory."""
+    `gpu_memory` ("80GB"), else its `max_memory` budget, as its memory. `meta_model`: the spec's
+    model on the meta device and where its config came from, when the caller has built them."""
     from sheafscope.capture import ATTENTION_PATHS
     from sheafscope.models import meta
     from sheafscope.models.loading import default_device, parse_spec
@@ -283,8 +285,11 @@ def plan(
         device_map = "auto"
     budgets = normalize_max_memory(max_memory)
     gpu_bytes = None if gpu_memory is None else normalize_max_memory({"cpu": gpu_memory})["cpu"]
-    model, _, config_from = meta.meta_model_for(spec, init=init, dtype=dtype, device=device, revision=revision,
-                                                config_overrides=config_overrides)
+    if meta_model is None:
+        model, _, config_from = meta.meta_model_for(spec, init=init, dtype=dtype, device=device, revision=revision,
+                                                    config_overrides=config_overrides)
+    else:
+        model, config_from = meta_model
     check_budgets(model, budgets, spec)
     placed = None
     if device_map is not None:

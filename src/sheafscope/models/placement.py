@@ -282,6 +282,7 @@ def check_placement(
     offload_dir: str | os.PathLike | None = None,
     revision: str | None = None,
     config_overrides: dict[str, Any] | None = None,
+    model: nn.Module | None = None,
 ) -> Placement | None:
     """Refuse a placement that cannot work, before any weight is read; None without one.
 
@@ -289,7 +290,8 @@ def check_placement(
     accelerate to place the model). Checked: the strategy or map; every device named exists on
     this machine; each device that runs layers has room for the largest layer; the offload
     directory can be written; disk offload has an offload directory. Builds the model on the
-    meta device from its config (models/meta.py), so a spec's own refusals come first.
+    meta device from its config (models/meta.py), so a spec's own refusals come first, unless
+    the caller passes that meta `model`.
     """
     if device_map is None and max_memory is None and offload_dir is None:
         return None
@@ -303,10 +305,11 @@ def check_placement(
             if dev != "disk" and (err := _missing(dev, f"the device map (module '{module or '<whole model>'}')")):
                 raise err
 
-    from sheafscope.models import meta
+    if model is None:
+        from sheafscope.models import meta
 
-    model, _, _ = meta.meta_model_for(spec, init=init, dtype=dtype, device=device, revision=revision,
-                                        config_overrides=config_overrides)
+        model, _, _ = meta.meta_model_for(spec, init=init, dtype=dtype, device=device, revision=revision,
+                                            config_overrides=config_overrides)
     check_budgets(model, budgets, spec)
     chosen = choose_device_map(model, device_map, budgets)
     on_disk = sorted(m for m, d in chosen.items() if d == "disk")
