@@ -4,20 +4,20 @@ computed in blocks of query rows where no kernel applies (soft-capping, a positi
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from sheafscope.capture.scores import Scores, masked, stat_dtype
 from sheafscope.sheaf import row_stats_from_scores
 
 # Scores per block of the chunked route (batch x heads x rows x keys): memory O(rows x n).
 BLOCK_ELEMENTS = 1 << 24
-HALF = (torch.float16, torch.bfloat16)
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scores: Scores) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Output (b, h, n, d_v), log-sum-exp (b, h, n) and the kernel's name, from the fused kernel
-    that plain sdpa would run on this device. Raises RuntimeError where there is none."""
-    n = q.shape[2]
+    that plain sdpa would run on these inputs. Raises RuntimeError where there is none."""
+    b, h, n, _ = q.shape
     if q.device.type == "cpu":
         mask = None if scores.mask is None else _additive(scores.mask, q.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -28,11 +28,19 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # the CUDA kernels want as many key heads as query heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if scores.mask is None and q.dtype in HALF:
+    bias = None if scores.mask is None else _cuda_bias(scores.mask, q)
+    # sdpa's own choice among its kernels: the statistics then cost the forward pass no speed
+    choice = torch._fused_sdp_choice(q, k, v, bias, 0.0, scores.causal, scale=scores.scale)
+    if choice == SDPBackend.CUDNN_ATTENTION.value:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, bias, True, 0.0, scores.causal, False, scale=scores.scale)[:2]
+        return out, lse.reshape(b, h, n), "cudnn-cuda"
+    if choice == SDPBackend.FLASH_ATTENTION.value and bias is None:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, scores.causal, False, scale=scores.scale)[:2]
         return out, lse, "flash-cuda"
-    bias = None if scores.mask is None else _cuda_bias(scores.mask, q)
+    if choice not in (SDPBackend.EFFICIENT_ATTENTION.value, SDPBackend.FLASH_ATTENTION.value):
+        raise RuntimeError(f"sdpa would run no fused kernel here (backend {SDPBackend(choice).name})")
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, bias, True, 0.0, scores.causal, scale=scores.scale)[:2]
     return out, lse[..., :n], "efficient-cuda"
