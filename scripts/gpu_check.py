@@ -1,6 +1,6 @@
 """Fast against eager on every catalog family's twin, on a GPU, in bfloat16 and float32.
 
-For each twin small enough for one device (and mistral-7b past its 4,096-token sliding window),
+For each twin small enough for one device (mistral-7b with its sliding window shrunk to 512 tokens, so that 1,200 tokens are past it),
 both attention paths measure the same prompts and the largest relative difference of the
 off-diagonal mass is reported, with the tolerance it must meet. Writes a JSON table.
 
@@ -49,9 +49,11 @@ def main() -> int:
         entry = catalog.find(name)
         for dtype in ("bfloat16", "float32"):
             t0 = time.time()
-            loaded = load_model(f"random:{entry.name}", dtype=dtype, device="cuda")
+            # Mistral's 4,096-token window shrunk to 512, so that the eager reference past it fits one GPU
+            overrides = {"sliding_window": 512} if name == "mistral-7b" else None
+            loaded = load_model(f"random:{entry.name}", dtype=dtype, device="cuda", config_overrides=overrides)
             window = getattr(loaded.model.config, "sliding_window", None)
-            lengths = [40, 300, 1200] + ([window + 700] if window and name == "mistral-7b" else [])
+            lengths = [40, 300, 1200]
             texts = prompts_of(loaded.tokenizer, lengths, seed=1)
             fast = analyze(loaded, texts, attention="fast")
             eager = analyze(loaded, texts, attention="eager")
