@@ -26,21 +26,24 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.device.type != "cuda":
         raise RuntimeError(f"no fused attention kernel with log-sum-exp on {q.device.type}")
     groups = q.shape[1] // k.shape[1]
-    if groups > 1:  # the CUDA kernels want as many key heads as query heads
+    mask = None if scores.mask is None else _additive(scores.mask, q.dtype)
+    # the kernel sdpa itself would choose for this call, so that the statistics cost the forward
+    # pass no speed (the arguments are those transformers' sdpa call passes)
+    choice = torch._fused_sdp_choice(q, k, v, mask, 0.0, scores.causal, scale=scores.scale,
+                                     enable_gqa=groups > 1 and mask is None)
+    if groups > 1:  # the kernels below want as many key heads as query heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    bias = None if scores.mask is None else _cuda_bias(scores.mask, q)
-    # sdpa's own choice among its kernels: the statistics then cost the forward pass no speed
-    choice = torch._fused_sdp_choice(q, k, v, bias, 0.0, scores.causal, scale=scores.scale)
     if choice == SDPBackend.CUDNN_ATTENTION.value:
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, k, v, bias, True, 0.0, scores.causal, False, scale=scores.scale)[:2]
+            q, k, v, mask, True, 0.0, scores.causal, False, scale=scores.scale)[:2]
         return out, lse.reshape(b, h, n), "cudnn-cuda"
-    if choice == SDPBackend.FLASH_ATTENTION.value and bias is None:
+    if choice == SDPBackend.FLASH_ATTENTION.value and mask is None:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, scores.causal, False, scale=scores.scale)[:2]
         return out, lse, "flash-cuda"
     if choice not in (SDPBackend.EFFICIENT_ATTENTION.value, SDPBackend.FLASH_ATTENTION.value):
         raise RuntimeError(f"sdpa would run no fused kernel here (backend {SDPBackend(choice).name})")
+    bias = None if mask is None else _aligned(mask, q)
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, bias, True, 0.0, scores.causal, scale=scores.scale)[:2]
     return out, lse[..., :n], "efficient-cuda"
@@ -72,10 +75,10 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return masked(torch.zeros(mask.shape, dtype=dtype, device=mask.device), mask)
 
 
-def _cuda_bias(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The mask as the memory-efficient kernel takes it: additive, in q's dtype, expanded to
-    (b, h, n, kv), rows stored 16-byte aligned."""
+def _aligned(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """An additive mask as the memory-efficient kernel takes it: expanded to (b, h, n, kv), rows
+    stored 16-byte aligned."""
     kv = mask.shape[-1]
     bias = torch.zeros(*mask.shape[:-1], kv + (-kv) % 8, dtype=q.dtype, device=q.device)[..., :kv]
-    bias.copy_(_additive(mask, q.dtype))
+    bias.copy_(mask)
     return bias.expand(q.shape[0], q.shape[1], q.shape[2], kv)
