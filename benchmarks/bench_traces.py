@@ -256,6 +256,25 @@ def precheck(loaded, w: dict, method: str, last: dict, args) -> str | None:
     return None
 
 
+def profile(methods: Methods, w: dict, path: str) -> None:
+    """One run each of a and b under torch.profiler: where b's time beyond a's goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    device = methods.loaded.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for m in "ab":
+            methods.attention(m)
+            with profiler(activities=activities) as prof:
+                timed(getattr(methods, m), w["prompts"], device)
+            table = prof.key_averages()
+            f.write(f"===== {w['workload']} {m}: by {sort}\n{table.table(sort_by=sort, row_limit=20)}\n")
+            f.write(f"===== {w['workload']} {m}: by cpu_time_total\n{table.table(sort_by='cpu_time_total', row_limit=25)}\n")
+
+
 def environment(loaded, args) -> dict:
     def git(*cmd: str) -> str | None:
         try:
@@ -323,6 +342,8 @@ def main() -> int:
                    help="the fast path's EXACT_KEYS on this device (0: every call takes the lse route)")
     p.add_argument("--hold-bytes", type=int, default=None,
                    help="the fast path's HOLD_BYTES on this device (0: flagged rows recomputed layer by layer)")
+    p.add_argument("--profile", default=None,
+                   help="text file: one profiled run of a and of b per workload, torch.profiler tables by self device and CPU time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file, rewritten after every workload")
     args = p.parse_args()
@@ -364,6 +385,8 @@ def main() -> int:
                 w["interleaved"] = interleaved(methods, w["prompts"], args)
             except torch.OutOfMemoryError:
                 w.setdefault("notes", []).append("interleaved a/b timing: out of memory")
+        if args.profile and all("median_s" in w["results"].get(m, {}) for m in "ab"):
+            profile(methods, w, args.profile)
         w["ratios"] = ratios(w)
         done.append({k: v for k, v in w.items() if k != "prompts"})
         if args.out:

@@ -23,7 +23,8 @@ elif [ "$what" = check ]; then
   python3 scripts/gpu_check.py --out "$out/gpu_check.json" 2>&1 | tail -25
 elif [ "$what" = bench ]; then
   $bench --model random:mistral-7b --context 65536 --lengths 16,512,2048,8192,32768,65536 --corpus-size 1000 \
-    --prompts '' --methods abd --pairs 30 --max-seconds 45 --out "$out/gpu_mistral-7b.json" 2>&1 | tail -20
+    --prompts '' --methods abd --pairs 30 --max-seconds 45 --profile "$out/profile_mistral-7b.txt" \
+    --out "$out/gpu_mistral-7b.json" 2>&1 | tail -20
 elif [ "$what" = long ]; then
   $bench --model random:llama-3.1-8b --context 131072 --lengths 131072 --corpus-size 0 --prompts '' --methods ab \
     --pairs 3 --repeats 1 --out "$out/gpu_llama-3.1-8b_131072.json" 2>&1 | tail -8
