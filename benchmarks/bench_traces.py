@@ -271,6 +271,10 @@ def profile(methods: Methods, w: dict, path: str) -> None:
             with profiler(activities=activities) as prof:
                 timed(getattr(methods, m), w["prompts"], device)
             table = prof.key_averages()
+            # operators called from Python, not from inside other operators: on a GPU, launches
+            ops = sum(1 for e in prof.events() if e.name.startswith("aten::")
+                      and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+            f.write(f"===== {w['workload']} {m}: {ops} operator calls from Python\n")
             f.write(f"===== {w['workload']} {m}: by {sort}\n{table.table(sort_by=sort, row_limit=20)}\n")
             f.write(f"===== {w['workload']} {m}: by cpu_time_total\n{table.table(sort_by='cpu_time_total', row_limit=25)}\n")
 
