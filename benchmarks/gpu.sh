@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/README.md, in one command per machine kind.
-#   bash benchmarks/gpu.sh single OUT   one GPU: check, bench and long below (about 20 minutes on an H100)
+#   bash benchmarks/gpu.sh single OUT   one GPU: check, bench and long below
 #   bash benchmarks/gpu.sh check OUT    CUDA tests, fast vs eager per family (scripts/gpu_check.py)
 #   bash benchmarks/gpu.sh bench OUT    Mistral-7B twin by length, the 1,000-prompt corpus, d at 2,048 and on the corpus
 #   bash benchmarks/gpu.sh long OUT     a Llama-3.1-8B twin at 131,072 tokens against a plain forward

@@ -1,8 +1,9 @@
 """Fast against eager on every catalog family's twin, on a GPU, in bfloat16 and float32.
 
-For each twin small enough for one device (mistral-7b with its sliding window shrunk to 512 tokens, so that 1,200 tokens are past it),
-both attention paths measure the same prompts and the largest relative difference of the
-off-diagonal mass is reported, with the tolerance it must meet. Writes a JSON table.
+For each twin small enough for one device (mistral-7b with its sliding window shrunk to 512
+tokens, so that a 1,200-token prompt runs past it), both attention paths measure the same prompts
+and the largest relative difference of the off-diagonal mass is reported, with the tolerance it
+must meet. Writes a JSON table.
 
     PYTHONPATH=src python scripts/gpu_check.py --out gpu_check.json
 """
