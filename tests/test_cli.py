@@ -74,7 +74,7 @@ PROMPTS = ["The capital of France is Paris.", "Once upon a time in a land far aw
 def test_run_writes_results_with_the_documented_schema(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "out"
     rc, stdout, _ = _run(["-m", str(tiny_dirs["llama"]), "-m", str(tiny_dirs["neox"]), "--prompts",
-                          _prompts(tmp_path, PROMPTS), "--out", str(out)], capsys)
+                       _prompts(tmp_path, PROMPTS), "--out", str(out)], capsys)
     assert rc == 0, stdout
     res = json.loads((out / "results.json").read_text())
     for key in ("sheafscope_version", "environment", "definitions", "options", "prompts", "models"):
@@ -134,7 +134,7 @@ def test_a_model_that_cannot_be_loaded_fails_alone_and_keeps_the_others(tiny_dir
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "out"
     rc, _, err = _run(["-m", "no-org/no-model", "-m", str(tiny_dirs["llama"]), *placing, "--prompts",
-                          _prompts(tmp_path, PROMPTS), "--out", str(out)], capsys)
+                      _prompts(tmp_path, PROMPTS), "--out", str(out)], capsys)
     models = json.loads((out / "results.json").read_text())["models"]
     assert [m["status"] for m in models] == ["failed", "ok"]
     assert rc == 1 and "HF_HUB_OFFLINE" in models[0]["error"]["message"] and "1 of 2 model(s) failed" in err

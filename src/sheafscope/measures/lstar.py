@@ -103,7 +103,7 @@ class LStarDefinition:
             values = [block["value"]]
             # Resamples with no L* (None) are left out of the interval by bootstrap_ci (NaN).
             _, lo, hi = bootstrap_ci(np.asarray(layer_traces, dtype=np.float64),
-                                           lambda t: _number(self.layer(t.mean(axis=0))), n_boot=n_boot)
+                                     lambda t: _number(self.layer(t.mean(axis=0))), n_boot=n_boot)
         return dict(zip(self.columns, [*values, lo, hi]))
 
 
