@@ -93,25 +93,35 @@ class Recorder:
             self.fallbacks.append(why)
 
     def refine(self) -> None:
-        """Recompute exactly the valid rows of held layers whose lse statistics are untrusted:
-        one wait for the device per device the held layers live on."""
+        """Recompute exactly the valid rows of held layers whose lse statistics are untrusted. On a
+        GPU, layers on one device whose scores follow one rule are recomputed together, in a fixed
+        number of launches (launches, not arithmetic, bound this step there); on a CPU layer by
+        layer, which copies nothing."""
         held, self.held = self.held, []
-        by_device: dict[torch.device, list] = {}
+        together: dict[tuple, list] = {}
         for entry in held:
-            by_device.setdefault(entry[1].device, []).append(entry)
-        for device, entries in by_device.items():
-            valid = self.valid.to(device)[:, None, :]
-            flags = torch.stack([(self.off[layer] < LSE_TRUSTED_FROM) & valid for layer, *_ in entries])
-            hits = flags.nonzero().cpu()
-            for j, (layer, q, k, scores) in enumerate(entries):
-                rows = hits[hits[:, 0] == j, 1:].to(device)
-                if len(rows) == 0:
-                    continue
-                bi, hi, ii = rows.unbind(1)
-                off, first = scores.exact_rows(q, k, bi, hi, ii)
-                self.off[layer][bi, hi, ii] = off.to(self.off[layer].dtype)
-                self.first[layer][bi, hi, ii] = first.to(self.first[layer].dtype)
-                self.ran["rows-recomputed"] += len(rows)
+            layer, q, _, scores = entry
+            alone = layer if q.device.type == "cpu" else None
+            together.setdefault((q.device, id(scores.mask), scores.scale, scores.causal, alone), []).append(entry)
+        for entries in together.values():
+            layers, scores = [e[0] for e in entries], entries[0][3]
+            q, k = (_stacked([e[i] for e in entries]) for i in (1, 2))  # (layers, b, h, n, d)
+            off, first = _stacked([self.off[l] for l in layers]), _stacked([self.first[l] for l in layers])
+            flags = (off < LSE_TRUSTED_FROM) & self.valid.to(off.device)[None, :, None, :]
+            li, bi, hi, ii = flags.nonzero().unbind(1)
+            if len(li) == 0:
+                continue
+            batch = q.shape[1]
+            o, f = scores.exact_rows(q.flatten(0, 1), k.flatten(0, 1), li * batch + bi, hi, ii, mask_b=bi)
+            off[li, bi, hi, ii], first[li, bi, hi, ii] = o.to(off.dtype), f.to(first.dtype)
+            for j, layer in enumerate(layers):
+                self.off[layer], self.first[layer] = off[j], first[j]
+            self.ran["rows-recomputed"] += len(li)
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors on a new first axis; one tensor as a view, not a copy."""
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
 
 
 def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -62,10 +62,14 @@ class Scores:
         return self._finish(s, rows, keys, full)
 
     def exact_rows(self, q: torch.Tensor, k: torch.Tensor, bi: torch.Tensor, hi: torch.Tensor,
-                   ii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1 - A_ii, A_i0) of the m query rows (bi, hi, ii), exactly. Rows are grouped by the
-        key head they read, so each group is one product against that head's keys (no per-row
-        copy of the keys), in steps of bounded memory."""
+                   ii: torch.Tensor, mask_b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 - A_ii, A_i0) of the m query rows (bi, hi, ii), exactly; `mask_b` is each row's
+        batch index into the mask where q's batch axis holds more than the mask's (default bi).
+        Rows are grouped by the key head they read, so each group is one product against that
+        head's keys (no per-row copy of the keys), in steps of bounded memory."""
+        mask_b = bi if mask_b is None else mask_b
+        if q.device.type == "cuda":
+            return self._padded_rows(q, k, bi, hi, ii, mask_b)
         dtype = stat_dtype(q)
         n_kv, kv = k.shape[1], k.shape[2]
         group = bi * n_kv + hi // (q.shape[1] // n_kv)
@@ -83,10 +87,45 @@ class Scores:
             for r0 in range(start, start + count, step):
                 sel = order[r0 : min(start + count, r0 + step)]
                 b, h, i = bi[sel], hi[sel], ii[sel]
-                s = self._finish((q[b, h, i].to(dtype) @ keys_t) * self.scale, i, keys, (b, h, i))
+                s = self._finish((q[b, h, i].to(dtype) @ keys_t) * self.scale, i, keys, (mask_b[sel], h, i))
                 off[sel], first[sel] = row_stats_from_scores(s, i)
             start += count
         return off, first
+
+    def _padded_rows(self, q: torch.Tensor, k: torch.Tensor, bi: torch.Tensor, hi: torch.Tensor,
+                     ii: torch.Tensor, mask_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """exact_rows as a few batched products over every key head at once, each head's rows
+        padded to the longest group: on a GPU, kernel launches rather than arithmetic bound a
+        loop over the heads. Padding rows are computed and dropped."""
+        dtype = stat_dtype(q)
+        n_kv, kv, d = k.shape[1], k.shape[2], k.shape[3]
+        n_groups = k.shape[0] * n_kv
+        group = bi * n_kv + hi // (q.shape[1] // n_kv)
+        counts = torch.bincount(group, minlength=n_groups)
+        order = torch.argsort(group, stable=True)
+        g_sorted = group[order]
+        slot = torch.arange(len(order), device=q.device) - (torch.cumsum(counts, 0) - counts)[g_sorted]
+        width = int(counts.max())
+        pad = lambda t: torch.zeros(n_groups, width, dtype=t.dtype, device=q.device).index_put_(  # noqa: E731
+            (g_sorted, slot), t[order])
+        rows, heads, batch = pad(ii), pad(hi), pad(mask_b)
+        queries = torch.zeros(n_groups, width, d, dtype=dtype, device=q.device)
+        queries[g_sorted, slot] = q[bi[order], hi[order], ii[order]].to(dtype)
+        keys_all = k.reshape(n_groups, kv, d)
+        keys = torch.arange(kv, device=q.device)
+        off = torch.empty(n_groups, width, dtype=dtype, device=q.device)
+        first = torch.empty_like(off)
+        step = max(1, ROW_STEP_ELEMENTS // max(1, width * kv))
+        for g0 in range(0, n_groups, step):
+            g1 = min(n_groups, g0 + step)
+            s = (queries[g0:g1] @ keys_all[g0:g1].to(dtype).transpose(1, 2)).mul_(self.scale).flatten(0, 1)
+            i = rows[g0:g1].flatten()
+            s = self._finish(s, i, keys, (batch[g0:g1].flatten(), heads[g0:g1].flatten(), i))
+            o, f = row_stats_from_scores(s, i)
+            off[g0:g1], first[g0:g1] = o.view(g1 - g0, width), f.view(g1 - g0, width)
+        out_off, out_first = torch.empty(len(order), dtype=dtype, device=q.device), torch.empty(len(order), dtype=dtype, device=q.device)
+        out_off[order], out_first[order] = off[g_sorted, slot], first[g_sorted, slot]
+        return out_off, out_first
 
     def own_and_first(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row's score (b, h, n) against its own key and against key 0, for the
