@@ -34,6 +34,10 @@ EXACT_KEYS = {"cpu": 128, "cuda": 64}
 # Held queries and keys (for recomputing flagged rows) beyond this many bytes are processed
 # mid-forward, so that long prompts do not keep every layer's q and k alive.
 HOLD_BYTES = {"cpu": 1 << 28, "cuda": 1 << 30}
+# Whether the held layers' flagged rows are recomputed together, every key head in one padded
+# product: on a GPU launches, not arithmetic, bound this step; on a CPU the padding costs more
+# than a loop over layers and heads.
+BATCHED_REFINE = {"cpu": False, "cuda": True}
 
 _ACTIVE: ContextVar["Recorder | None"] = ContextVar("sheafscope_recorder", default=None)
 
@@ -93,15 +97,13 @@ class Recorder:
             self.fallbacks.append(why)
 
     def refine(self) -> None:
-        """Recompute exactly the valid rows of held layers whose lse statistics are untrusted. On a
-        GPU, layers on one device whose scores follow one rule are recomputed together, in a fixed
-        number of launches (launches, not arithmetic, bound this step there); on a CPU layer by
-        layer, which copies nothing."""
+        """Recompute exactly the valid rows of held layers whose lse statistics are untrusted,
+        layer by layer or, where BATCHED_REFINE holds, all layers sharing a score rule at once."""
         held, self.held = self.held, []
         together: dict[tuple, list] = {}
         for entry in held:
             layer, q, _, scores = entry
-            alone = layer if q.device.type == "cpu" else None
+            alone = None if BATCHED_REFINE.get(q.device.type, False) else layer
             together.setdefault((q.device, id(scores.mask), scores.scale, scores.causal, alone), []).append(entry)
         for entries in together.values():
             layers, scores = [e[0] for e in entries], entries[0][3]
@@ -112,7 +114,8 @@ class Recorder:
             if len(li) == 0:
                 continue
             batch = q.shape[1]
-            o, f = scores.exact_rows(q.flatten(0, 1), k.flatten(0, 1), li * batch + bi, hi, ii, mask_b=bi)
+            o, f = scores.exact_rows(q.flatten(0, 1), k.flatten(0, 1), li * batch + bi, hi, ii, mask_b=bi,
+                                     padded=BATCHED_REFINE.get(q.device.type, False))
             off[li, bi, hi, ii], first[li, bi, hi, ii] = o.to(off.dtype), f.to(first.dtype)
             for j, layer in enumerate(layers):
                 self.off[layer], self.first[layer] = off[j], first[j]

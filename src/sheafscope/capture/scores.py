@@ -62,13 +62,15 @@ class Scores:
         return self._finish(s, rows, keys, full)
 
     def exact_rows(self, q: torch.Tensor, k: torch.Tensor, bi: torch.Tensor, hi: torch.Tensor,
-                   ii: torch.Tensor, mask_b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   ii: torch.Tensor, mask_b: torch.Tensor | None = None,
+                   padded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 - A_ii, A_i0) of the m query rows (bi, hi, ii), exactly; `mask_b` is each row's
         batch index into the mask where q's batch axis holds more than the mask's (default bi).
         Rows are grouped by the key head they read, so each group is one product against that
-        head's keys (no per-row copy of the keys), in steps of bounded memory."""
+        head's keys (no per-row copy of the keys), in steps of bounded memory: a loop over the
+        groups, or (`padded`) a few batched products over all of them."""
         mask_b = bi if mask_b is None else mask_b
-        if q.device.type == "cuda":
+        if padded:
             return self._padded_rows(q, k, bi, hi, ii, mask_b)
         dtype = stat_dtype(q)
         n_kv, kv = k.shape[1], k.shape[2]
@@ -95,8 +97,7 @@ class Scores:
     def _padded_rows(self, q: torch.Tensor, k: torch.Tensor, bi: torch.Tensor, hi: torch.Tensor,
                      ii: torch.Tensor, mask_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """exact_rows as a few batched products over every key head at once, each head's rows
-        padded to the longest group: on a GPU, kernel launches rather than arithmetic bound a
-        loop over the heads. Padding rows are computed and dropped."""
+        padded to the longest group; padding rows are computed and dropped."""
         dtype = stat_dtype(q)
         n_kv, kv, d = k.shape[1], k.shape[2], k.shape[3]
         n_groups = k.shape[0] * n_kv
