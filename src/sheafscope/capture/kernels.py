@@ -4,19 +4,19 @@ computed in blocks of query rows where no kernel applies (soft-capping, a positi
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from sheafscope.capture.scores import Scores, masked, stat_dtype
 from sheafscope.sheaf import row_stats_from_scores
 
 # Scores per block of the chunked route (batch x heads x rows x keys): memory O(rows x n).
 BLOCK_ELEMENTS = 1 << 24
-HALF = (torch.float16, torch.bfloat16)
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scores: Scores) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Output (b, h, n, d_v), log-sum-exp (b, h, n) and the kernel's name, from the fused kernel
-    that plain sdpa would run on this device. Raises RuntimeError where there is none."""
+    that plain sdpa would run on these inputs. Raises RuntimeError where there is none."""
     n = q.shape[2]
     if q.device.type == "cpu":
         mask = None if scores.mask is None else _additive(scores.mask, q.dtype)
@@ -26,13 +26,26 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.device.type != "cuda":
         raise RuntimeError(f"no fused attention kernel with log-sum-exp on {q.device.type}")
     groups = q.shape[1] // k.shape[1]
-    if groups > 1:  # the CUDA kernels want as many key heads as query heads
+    if groups > 1 and scores.mask is not None:  # as transformers' sdpa call: key heads repeated
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if scores.mask is None and q.dtype in HALF:
+    # The kernel plain sdpa would choose for the same arguments (on Hopper, cuDNN's), so that
+    # recording costs no kernel speed against the model's own forward pass.
+    choice = torch._fused_sdp_choice(q, k, v, scores.mask, 0.0, scores.causal, scale=scores.scale,
+                                     enable_gqa=k.shape[1] != q.shape[1])
+    if k.shape[1] != q.shape[1]:  # the kernels below want as many key heads as query heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    mask = None if scores.mask is None else _additive(scores.mask, q.dtype)
+    if choice == SDPBackend.CUDNN_ATTENTION.value:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, mask, True, 0.0, scores.causal, False, scale=scores.scale)[:2]
+        return out, lse.reshape(q.shape[:3]), "cudnn-cuda"
+    if choice == SDPBackend.FLASH_ATTENTION.value and mask is None:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, scores.causal, False, scale=scores.scale)[:2]
         return out, lse, "flash-cuda"
-    bias = None if scores.mask is None else _cuda_bias(scores.mask, q)
+    if choice not in (SDPBackend.EFFICIENT_ATTENTION.value, SDPBackend.FLASH_ATTENTION.value):
+        raise RuntimeError(f"sdpa would run no fused kernel here ({SDPBackend(choice).name})")
+    bias = None if mask is None else _aligned(mask, q)
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, bias, True, 0.0, scores.causal, scale=scores.scale)[:2]
     return out, lse[..., :n], "efficient-cuda"
@@ -64,10 +77,10 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return masked(torch.zeros(mask.shape, dtype=dtype, device=mask.device), mask)
 
 
-def _cuda_bias(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The mask as the memory-efficient kernel takes it: additive, in q's dtype, expanded to
-    (b, h, n, kv), rows stored 16-byte aligned."""
+def _aligned(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """An additive mask as the memory-efficient kernel takes it: expanded to (b, h, n, kv), rows
+    stored 16-byte aligned."""
     kv = mask.shape[-1]
     bias = torch.zeros(*mask.shape[:-1], kv + (-kv) % 8, dtype=q.dtype, device=q.device)[..., :kv]
-    bias.copy_(_additive(mask, q.dtype))
+    bias.copy_(mask)
     return bias.expand(q.shape[0], q.shape[1], q.shape[2], kv)
