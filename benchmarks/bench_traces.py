@@ -346,8 +346,8 @@ def main() -> int:
                    help="the fast path's EXACT_KEYS on this device (0: every call takes the lse route)")
     p.add_argument("--hold-bytes", type=int, default=None,
                    help="the fast path's HOLD_BYTES on this device (0: flagged rows recomputed layer by layer)")
-    p.add_argument("--batched-refine", type=int, choices=(0, 1), default=None,
-                   help="the fast path's BATCHED_REFINE on this device (1: all layers' flagged rows in padded products)")
+    p.add_argument("--together", type=int, choices=(0, 1), default=None,
+                   help="the fast path's TOGETHER on this device (1: held layers settled together, flagged rows in padded products)")
     p.add_argument("--profile", default=None,
                    help="text file: one profiled run of a and of b per workload, torch.profiler tables by self device and CPU time")
     p.add_argument("--seed", type=int, default=0)
@@ -359,7 +359,7 @@ def main() -> int:
     dev = loaded.device.type
     # The capture's tuning tables are public constants; setting them measures what each buys.
     for limit, value in ((fast.EXACT_KEYS, args.exact_keys), (fast.HOLD_BYTES, args.hold_bytes),
-                         (fast.BATCHED_REFINE, None if args.batched_refine is None else bool(args.batched_refine))):
+                         (fast.TOGETHER, None if args.together is None else bool(args.together))):
         if value is not None:
             limit[dev] = value
     args.lengths = LENGTHS.get(dev, LENGTHS["cpu"]) if args.lengths is None else args.lengths

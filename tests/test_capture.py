@@ -55,7 +55,7 @@ def _assert_close(got, want, rtol=RTOL) -> None:
             assert rel_err(getattr(g, f), getattr(w, f)) <= rtol, (f, rel_err(getattr(g, f), getattr(w, f)))
 
 
-@pytest.fixture(params=["exact-rows", "lse", "lse-per-layer", "lse-batched"])
+@pytest.fixture(params=["exact-rows", "lse", "lse-per-layer", "lse-together"])
 def route(request, monkeypatch):
     """The routes of a fused-kernel call: every row exact (small problems), or rows from the
     kernel's log-sum-exp with untrusted ones recomputed (forced by an exact-rows limit of 0),
@@ -65,8 +65,8 @@ def route(request, monkeypatch):
         monkeypatch.setitem(fast.EXACT_KEYS, "cpu", 0)
     if request.param == "lse-per-layer":
         monkeypatch.setitem(fast.HOLD_BYTES, "cpu", 0)
-    if request.param == "lse-batched":
-        monkeypatch.setitem(fast.BATCHED_REFINE, "cpu", True)
+    if request.param == "lse-together":
+        monkeypatch.setitem(fast.TOGETHER, "cpu", True)
     return request.param
 
 
@@ -103,13 +103,13 @@ def test_padding_never_changes_a_prompts_numbers(name, route):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("batched", [False, True], ids=["loop", "batched"])
+@pytest.mark.parametrize("batched", [False, True], ids=["loop", "together"])
 def test_rows_that_attend_to_themselves_keep_full_precision(monkeypatch, batched):
     """Query and key weights scaled up so that heads put almost all their mass on the diagonal
     (1 - A_ii down to ~1e-8), where 1 - A_ii from a float32 log-sum-exp would be noise: the lse
     route must recompute those rows, and its masses equal an eager run head by head."""
     monkeypatch.setitem(fast.EXACT_KEYS, "cpu", 0)
-    monkeypatch.setitem(fast.BATCHED_REFINE, "cpu", batched)
+    monkeypatch.setitem(fast.TOGETHER, "cpu", batched)
     model = build_tiny("llama")
     with torch.no_grad():
         for layer in model.model.layers:

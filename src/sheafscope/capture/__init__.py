@@ -113,7 +113,8 @@ def stack_streams(streams: list[torch.Tensor]) -> torch.Tensor:
     the widest d: a stream may be narrower (OPT projects its last hidden state down), and zero
     columns leave every distance between points, and so their intrinsic dimension, unchanged."""
     width = max(s.shape[-1] for s in streams)
-    return torch.stack([torch.nn.functional.pad(s, (0, width - s.shape[-1])) for s in streams])
+    return torch.stack([torch.nn.functional.pad(s, (0, width - s.shape[-1])) if s.shape[-1] < width else s
+                        for s in streams])
 
 
 def check_finite(what: str, values: torch.Tensor | np.ndarray, dtype: torch.dtype) -> None:

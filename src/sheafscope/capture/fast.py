@@ -34,10 +34,10 @@ EXACT_KEYS = {"cpu": 128, "cuda": 64}
 # Held queries and keys (for recomputing flagged rows) beyond this many bytes are processed
 # mid-forward, so that long prompts do not keep every layer's q and k alive.
 HOLD_BYTES = {"cpu": 1 << 28, "cuda": 1 << 30}
-# Whether the held layers' flagged rows are recomputed together, every key head in one padded
-# product: on a GPU launches, not arithmetic, bound this step; on a CPU the padding costs more
-# than a loop over layers and heads.
-BATCHED_REFINE = {"cpu": False, "cuda": True}
+# Whether held layers are settled together (stacked, flagged rows of every key head in one padded
+# product): on a GPU launches, not arithmetic, bound this step; on a CPU the copies and the
+# padding cost more than a loop over layers and heads.
+TOGETHER = {"cpu": False, "cuda": True}
 
 _ACTIVE: ContextVar["Recorder | None"] = ContextVar("sheafscope_recorder", default=None)
 
@@ -50,7 +50,9 @@ class Recorder:
         self.valid = valid  # (b, n) bool: rows that are real tokens
         self.off: dict[int, torch.Tensor] = {}
         self.first: dict[int, torch.Tensor] = {}
-        self.held: list[tuple[int, torch.Tensor, torch.Tensor, Scores]] = []
+        self.seen: set[int] = set()
+        # (layer, q, k, log-sum-exp, score rule) of layers whose statistics wait for `settle`
+        self.held: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Scores]] = []
         self.ran: Counter = Counter()
         self.fallbacks: list[str] = []
 
@@ -63,12 +65,14 @@ class Recorder:
 
     def record(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scores: Scores) -> torch.Tensor:
-        """The attention output (b, h, n, d_v); the layer's statistics are kept."""
+        """The attention output (b, h, n, d_v); the layer's statistics are kept, or what they
+        are computed from is held until `settle`."""
         layer = self.layer_of.get(id(module))
         if layer is None:
             raise SheafscopeError(f"attention module {type(module).__name__} is not one of the model's layers")
-        if layer in self.off:
+        if layer in self.seen:
             raise SheafscopeError("one capture saw two forward passes; capture one batch per forward pass")
+        self.seen.add(layer)
         out = None
         if scores.softcap is None and scores.bias is None:
             try:
@@ -79,16 +83,14 @@ class Recorder:
         else:
             self._fallback("logit soft-capping" if scores.softcap is not None else "a position bias")
         if out is None:  # no kernel: output and exact statistics from blocks of scores
-            out, off, first = block_statistics(q, k, v, scores)
+            out, self.off[layer], self.first[layer] = block_statistics(q, k, v, scores)
         elif k.shape[2] <= EXACT_KEYS.get(q.device.type, 0):
-            _, off, first = block_statistics(q, k, None, scores)
+            _, self.off[layer], self.first[layer] = block_statistics(q, k, None, scores)
             self.ran["exact-rows"] += 1
         else:
-            off, first = row_stats_from_lse(*scores.own_and_first(q, k), lse.to(stat_dtype(q)))
-            self.held.append((layer, q, k, scores))
-        self.off[layer], self.first[layer] = off, first
-        if sum(t.nbytes + u.nbytes for _, t, u, _ in self.held) > HOLD_BYTES.get(q.device.type, 0):
-            self.refine()
+            self.held.append((layer, q, k, lse, scores))
+            if sum(e[1].nbytes + e[2].nbytes for e in self.held) > HOLD_BYTES.get(q.device.type, 0):
+                self.settle()
         return out
 
     def _fallback(self, why: str) -> None:
@@ -96,30 +98,30 @@ class Recorder:
         if why not in self.fallbacks:
             self.fallbacks.append(why)
 
-    def refine(self) -> None:
-        """Recompute exactly the valid rows of held layers whose lse statistics are untrusted,
-        layer by layer or, where BATCHED_REFINE holds, all layers sharing a score rule at once."""
+    def settle(self) -> None:
+        """The statistics of the held layers from their log-sum-exp, with the valid rows it cannot
+        be trusted with recomputed exactly; layer by layer or, where TOGETHER holds, all layers
+        sharing a score rule at once."""
         held, self.held = self.held, []
-        together: dict[tuple, list] = {}
+        groups: dict[tuple, list] = {}
         for entry in held:
-            layer, q, _, scores = entry
-            alone = None if BATCHED_REFINE.get(q.device.type, False) else layer
-            together.setdefault((q.device, id(scores.mask), scores.scale, scores.causal, alone), []).append(entry)
-        for entries in together.values():
-            layers, scores = [e[0] for e in entries], entries[0][3]
-            q, k = (_stacked([e[i] for e in entries]) for i in (1, 2))  # (layers, b, h, n, d)
-            off, first = _stacked([self.off[l] for l in layers]), _stacked([self.first[l] for l in layers])
+            layer, q, *_, scores = entry
+            alone = None if TOGETHER.get(q.device.type, False) else layer
+            groups.setdefault((q.device, id(scores.mask), scores.scale, scores.causal, alone), []).append(entry)
+        for entries in groups.values():
+            layers, scores = [e[0] for e in entries], entries[0][4]
+            q, k, lse = (_stacked([e[i] for e in entries]) for i in (1, 2, 3))  # (layers, b, ...)
+            own, first = scores.own_and_first(q, k)
+            off, first = row_stats_from_lse(own, first, lse.to(own.dtype))
             flags = (off < LSE_TRUSTED_FROM) & self.valid.to(off.device)[None, :, None, :]
             li, bi, hi, ii = flags.nonzero().unbind(1)
-            if len(li) == 0:
-                continue
-            batch = q.shape[1]
-            o, f = scores.exact_rows(q.flatten(0, 1), k.flatten(0, 1), li * batch + bi, hi, ii, mask_b=bi,
-                                     padded=BATCHED_REFINE.get(q.device.type, False))
-            off[li, bi, hi, ii], first[li, bi, hi, ii] = o.to(off.dtype), f.to(first.dtype)
+            if len(li):
+                o, f = scores.exact_rows(q.flatten(0, 1), k.flatten(0, 1), li * q.shape[1] + bi, hi, ii, mask_b=bi,
+                                         padded=TOGETHER.get(q.device.type, False))
+                off[li, bi, hi, ii], first[li, bi, hi, ii] = o.to(off.dtype), f.to(first.dtype)
+                self.ran["rows-recomputed"] += len(li)
             for j, layer in enumerate(layers):
                 self.off[layer], self.first[layer] = off[j], first[j]
-            self.ran["rows-recomputed"] += len(li)
 
 
 def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:

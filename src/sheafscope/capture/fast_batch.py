@@ -45,7 +45,7 @@ class Pending:
 
     def result(self) -> BatchCapture:
         rec = self.recorder
-        rec.refine()
+        rec.settle()
         layers = self.target.n_layers
         if len(rec.off) != layers:
             raise SheafscopeError(

@@ -129,16 +129,18 @@ class Scores:
         return out_off, out_first
 
     def own_and_first(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row's score (b, h, n) against its own key and against key 0, for the
-        log-sum-exp route (which applies neither soft-capping nor a position bias)."""
-        b, h, n, d = q.shape
+        """Every row's score (..., b, h, n) against its own key and against key 0, for the
+        log-sum-exp route (which applies neither soft-capping nor a position bias); q and k may
+        carry leading axes (layers) before their batch axis."""
+        *lead, h, n, d = q.shape
+        n_kv = k.shape[-3]
         # float32 at least, not float64: the log-sum-exp these scores meet is the kernel's float32,
         # and the rows where its rounding matters (A_ii > 1/2) are recomputed exactly anyway
         dtype = torch.promote_types(q.dtype, torch.float32)
-        qg = q.to(dtype).view(b, k.shape[1], h // k.shape[1], n, d)
+        qg = q.to(dtype).view(*lead, n_kv, h // n_kv, n, d)
         kd = k.to(dtype)
-        own = torch.linalg.vecdot(qg, kd[:, :, None]).reshape(b, h, n).to(stat_dtype(q)) * self.scale
-        first = torch.einsum("bkgnd,bkd->bkgn", qg, kd[:, :, 0]).reshape(b, h, n).to(stat_dtype(q)) * self.scale
+        own = torch.linalg.vecdot(qg, kd[..., None, :, :]).reshape(*lead, h, n).to(stat_dtype(q)) * self.scale
+        first = torch.einsum("...kgnd,...kd->...kgn", qg, kd[..., 0, :]).reshape(*lead, h, n).to(stat_dtype(q)) * self.scale
         if self.mask is not None:
             own = masked(own, self.mask.diagonal(dim1=-2, dim2=-1))
             first = masked(first, self.mask[..., 0])
