@@ -9,7 +9,8 @@ pass of the capture (the trunk only: no logits). It counts, in the model's dtype
     and the attention output (4·T·heads·head_dim), the MLP's intermediate activations
     (3·T·ffn, ffn the widest matrix of a block); per layer on the device, the statistics kept
     until the batch ends (2·T·heads, float64); the queries and keys held for exact
-    recomputation (up to capture.fast.HOLD_BYTES). It never materialises n×n attention.
+    recomputation (up to capture.fast.HOLD_BYTES; twice that where held layers settle together,
+    stacked). It never materialises n×n attention.
   - eager path, one prompt of n tokens at a time: every layer's n×n attention maps, returned
     by the model and kept for the pass (n²·heads per layer), the float32 scores and softmax of
     the layer running (2·n²·heads), all hidden states ((L+1)·n·d), and the fast path's per-token
@@ -151,7 +152,7 @@ def _main_device(placed: dict) -> str:
 def activation_bytes(geometry: Any, ffn: int, elem: int, *, tokens: int, longest: int, layers: int,
                      total_layers: int, attention: str, device_type: str) -> int:
     """The estimate in the module docstring, for one device running `layers` layers."""
-    from sheafscope.capture.fast import HOLD_BYTES
+    from sheafscope.capture.fast import HOLD_BYTES, TOGETHER
 
     d, h, hd = geometry.d_model, geometry.n_heads, geometry.head_dim
     if layers == 0:
@@ -163,6 +164,7 @@ def activation_bytes(geometry: Any, ffn: int, elem: int, *, tokens: int, longest
     per_token = tokens * (4 * d + 4 * h * hd + 3 * ffn) * elem
     stats = layers * 2 * tokens * h * 8
     held = min(HOLD_BYTES.get(device_type, HOLD_BYTES["cuda"]), layers * 2 * tokens * h * hd * elem)
+    held *= 2 if TOGETHER.get(device_type, True) else 1  # settled together: a stacked copy
     return per_token + stats + held + (total_layers + 1) * tokens * 8
 
 
