@@ -3,9 +3,10 @@
 For query row i, with s_ij the scores exactly as the model's softmax sees them and lse_i their
 log-sum-exp, 1 - A[i,i] = -expm1(s_ii - lse_i) and A[i,0] = exp(s_i0 - lse_i) (sheaf.py). The
 fused kernels return lse_i beside their output, so a layer's statistics cost two row-wise dot
-products and no n x n matrix. Rows the lse cannot be trusted with (A_ii > 1/2) are recomputed
-exactly after the forward pass; small problems and what no kernel computes (soft-capping, a
-position bias) get exact statistics for every row from blocks of scores (kernels.py).
+products and no n x n matrix. They are computed when the held layers settle, after the forward
+pass (or mid-way, past HOLD_BYTES), with the rows the lse cannot be trusted with (A_ii > 1/2)
+recomputed exactly; small problems and what no kernel computes (soft-capping, a position bias)
+get exact statistics for every row from blocks of scores at once (kernels.py).
 
 `attention` below is registered in transformers' AttentionInterface as FAST_ATTENTION. It
 records only inside a `Recorder` (found through a ContextVar, so nothing leaks between models
@@ -31,8 +32,8 @@ FAST_ATTENTION = "sheafscope"
 # relative to the forward pass grows with the keys alone, and below this it is less than
 # that of finding and recomputing the rows the lse cannot be trusted with.
 EXACT_KEYS = {"cpu": 128, "cuda": 64}
-# Held queries and keys (for recomputing flagged rows) beyond this many bytes are processed
-# mid-forward, so that long prompts do not keep every layer's q and k alive.
+# Held layers settle mid-forward once their queries and keys pass this many bytes, so that long
+# prompts do not keep every layer's q and k alive.
 HOLD_BYTES = {"cpu": 1 << 28, "cuda": 1 << 30}
 # Whether held layers are settled together (stacked, flagged rows of every key head in one padded
 # product): on a GPU launches, not arithmetic, bound this step; on a CPU the copies and the

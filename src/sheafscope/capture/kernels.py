@@ -29,11 +29,10 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if groups > 1 and scores.mask is not None:  # as transformers' sdpa call: key heads repeated
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     # The kernel plain sdpa would choose for the same arguments (on Hopper, cuDNN's), so that
-    # recording costs no kernel speed against the model's own forward pass.
+    # recording costs no kernel speed against the model's own forward pass; it takes grouped
+    # key heads as they are, as in sdpa.
     choice = torch._fused_sdp_choice(q, k, v, scores.mask, 0.0, scores.causal, scale=scores.scale,
                                      enable_gqa=k.shape[1] != q.shape[1])
-    if k.shape[1] != q.shape[1]:  # the kernels below want as many key heads as query heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     mask = None if scores.mask is None else _additive(scores.mask, q.dtype)
     if choice == SDPBackend.CUDNN_ATTENTION.value:
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -43,8 +42,10 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, scores.causal, False, scale=scores.scale)[:2]
         return out, lse, "flash-cuda"
-    if choice not in (SDPBackend.EFFICIENT_ATTENTION.value, SDPBackend.FLASH_ATTENTION.value):
-        raise RuntimeError(f"sdpa would run no fused kernel here ({SDPBackend(choice).name})")
+    # Otherwise the memory-efficient kernel: sdpa's choice, or better than the math it would fall
+    # back to (float32 with grouped key heads); it wants as many key heads as query heads.
+    if k.shape[1] != q.shape[1]:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     bias = None if mask is None else _aligned(mask, q)
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, bias, True, 0.0, scores.causal, scale=scores.scale)[:2]
