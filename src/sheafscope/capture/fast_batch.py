@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,20 +20,34 @@ from sheafscope.capture.fast import Recorder
 from sheafscope.errors import SheafscopeError
 
 
-def _keep_stream(streams: list[torch.Tensor], sums: list[torch.Tensor], later: torch.Tensor, module: nn.Module,
+def _keep_stream(streams: list[torch.Tensor], sums: list[torch.Tensor], keep: torch.Tensor, module: nn.Module,
                  args: tuple, kwargs: dict[str, Any]) -> None:
     """Forward pre-hook on a block: the max |h| of each position of its input stream, and the
     stream's sum over each prompt's positions 1..n-1."""
     h = args[0] if args else kwargs["hidden_states"]
     streams.append(h.abs().amax(dim=-1))
-    sums.append(_masked_sum(h, later))
+    sums.append(_masked_sum(h, keep))
 
 
-def _masked_sum(h: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
-    """(b, d) float32 sums of h (b, n, d) over the positions where `later` (b, n) holds; `where`
+def _masked_sum(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(b, d) float32 sums of h (b, n, d) over the positions where `keep` (b, n, 1) holds; `where`
     rather than a product, so that nothing at a padded position can reach the sum."""
-    keep = later.to(h.device)[..., None]
-    return torch.where(keep, h, 0).sum(dim=1, dtype=torch.float32)
+    return torch.where(keep if keep.device == h.device else keep.to(h.device), h, 0).sum(dim=1, dtype=torch.float32)
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """t as a numpy array; from a GPU through page-locked memory (copies to pageable memory run
+    several times slower), then into ordinary memory, so that the page-locked block is reused."""
+    if t.device.type == "cpu":
+        return t.numpy()
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t)
+    return staged.numpy().copy()
+
+
+def _on(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The tensors stacked on a new first axis on `device` (layers may live on several)."""
+    return torch.stack([t if t.device == device else t.to(device) for t in tensors])
 
 
 class Pending:
@@ -53,18 +68,17 @@ class Pending:
                 "does not run through transformers' attention interface; analyze it with attention='eager'")
         device = rec.off[0].device
         valid = rec.valid.to(device)
-        off = torch.stack([rec.off[layer].to(device) for layer in range(layers)])  # (L, b, h, n)
-        first = torch.stack([rec.first[layer].to(device) for layer in range(layers)])
+        off, first = _on([rec.off[i] for i in range(layers)], device), _on([rec.first[i] for i in range(layers)], device)
         later = valid.clone()
         later[:, 0] = False  # the first-token mass is averaged over rows i >= 1
-        off_mass = torch.where(valid[None, :, None], off, 0.0).sum(-1)
+        off_mass = torch.where(valid[None, :, None], off, 0.0).sum(-1)  # (L, b, h)
         first_mass = torch.where(later[None, :, None], first, 0.0).sum(-1) / later.sum(-1)[None, :, None]
-        streams = torch.stack([s.to(device, torch.float64) for s in self.streams])  # (L + 1, b, n)
-        maxima = torch.where(valid[None], streams, -torch.inf).amax(-1)
+        streams = _on(self.streams, device)  # (L + 1, b, n)
+        maxima = torch.where(valid[None], streams, -torch.inf).amax(-1).double()
         counts = later.sum(-1).to(torch.float32)
         pooled = stack_streams([s.to(device) for s in self.sums]) / counts[None, :, None]  # (L + 1, b, d)
         pooled = pooled.transpose(0, 1).contiguous()  # one (L + 1, d) block per prompt
-        off_mass, first_mass, maxima, pooled = (t.cpu().numpy() for t in (off_mass, first_mass, maxima, pooled))
+        off_mass, first_mass, maxima, pooled = (_host(t) for t in (off_mass, first_mass, maxima, pooled))
         check_finite("the residual stream or attention", maxima, self.dtype)
         check_finite("the attention statistics", off_mass, self.dtype)
         prompts = [PromptCapture(n, off_mass[:, b], first_mass[:, b], maxima[:, b], pooled[b])
@@ -86,11 +100,11 @@ def launch(target: Target, prompts: list[torch.Tensor]) -> Pending:
     mask = valid.long() if padded and not target.causal else None
     layer_of = {id(m): layer for layer, m in enumerate(target.attention_modules)}
     recorder = Recorder(layer_of, valid)
-    later = valid.clone()
-    later[:, 0] = False  # the residual streams are pooled over positions 1..n-1
+    keep = valid[..., None].clone()
+    keep[:, 0] = False  # the residual streams are pooled over positions 1..n-1
     streams: list[torch.Tensor] = []
     sums: list[torch.Tensor] = []
-    hooks = [block.register_forward_pre_hook(partial(_keep_stream, streams, sums, later), with_kwargs=True)
+    hooks = [block.register_forward_pre_hook(partial(_keep_stream, streams, sums, keep), with_kwargs=True)
              for block in target.blocks]
     try:
         with recorder:
@@ -100,6 +114,6 @@ def launch(target: Target, prompts: list[torch.Tensor]) -> Pending:
             hook.remove()
     last = out[0] if isinstance(out, tuple) else out.last_hidden_state
     streams.append(last.abs().amax(dim=-1))
-    sums.append(_masked_sum(last, later))
+    sums.append(_masked_sum(last, keep))
     dtype = next(target.model.parameters()).dtype
     return Pending(target, recorder, streams, sums, lengths, dtype)
