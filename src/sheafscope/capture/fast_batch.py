@@ -20,19 +20,22 @@ from sheafscope.capture.fast import Recorder
 from sheafscope.errors import SheafscopeError
 
 
-def _keep_stream(streams: list[torch.Tensor], sums: list[torch.Tensor], keep: torch.Tensor, module: nn.Module,
-                 args: tuple, kwargs: dict[str, Any]) -> None:
+def _keep_stream(streams: list[torch.Tensor], sums: list[torch.Tensor], keep: torch.Tensor, zero: torch.Tensor,
+                 module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
     """Forward pre-hook on a block: the max |h| of each position of its input stream, and the
     stream's sum over each prompt's positions 1..n-1."""
     h = args[0] if args else kwargs["hidden_states"]
     streams.append(h.abs().amax(dim=-1))
-    sums.append(_masked_sum(h, keep))
+    sums.append(_masked_sum(h, keep, zero))
 
 
-def _masked_sum(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _masked_sum(h: torch.Tensor, keep: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """(b, d) float32 sums of h (b, n, d) over the positions where `keep` (b, n, 1) holds; `where`
-    rather than a product, so that nothing at a padded position can reach the sum."""
-    return torch.where(keep if keep.device == h.device else keep.to(h.device), h, 0).sum(dim=1, dtype=torch.float32)
+    rather than a product, so that nothing at a padded position can reach the sum. `zero` is a
+    tensor made once per batch: a Python 0 would be copied to the device on every call."""
+    if keep.device != h.device:  # a model spread over several devices
+        keep, zero = keep.to(h.device), zero.to(h.device)
+    return torch.where(keep, h, zero).sum(dim=1, dtype=torch.float32)
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -102,9 +105,11 @@ def launch(target: Target, prompts: list[torch.Tensor]) -> Pending:
     recorder = Recorder(layer_of, valid)
     keep = valid[..., None].clone()
     keep[:, 0] = False  # the residual streams are pooled over positions 1..n-1
+    dtype = next(target.model.parameters()).dtype
+    zero = torch.zeros((), dtype=dtype, device=device)
     streams: list[torch.Tensor] = []
     sums: list[torch.Tensor] = []
-    hooks = [block.register_forward_pre_hook(partial(_keep_stream, streams, sums, keep), with_kwargs=True)
+    hooks = [block.register_forward_pre_hook(partial(_keep_stream, streams, sums, keep, zero), with_kwargs=True)
              for block in target.blocks]
     try:
         with recorder:
@@ -114,6 +119,5 @@ def launch(target: Target, prompts: list[torch.Tensor]) -> Pending:
             hook.remove()
     last = out[0] if isinstance(out, tuple) else out.last_hidden_state
     streams.append(last.abs().amax(dim=-1))
-    sums.append(_masked_sum(last, keep))
-    dtype = next(target.model.parameters()).dtype
+    sums.append(_masked_sum(last, keep, zero))
     return Pending(target, recorder, streams, sums, lengths, dtype)
