@@ -28,10 +28,10 @@ from sheafscope.errors import SheafscopeError
 from sheafscope.sheaf import LSE_TRUSTED_FROM, row_stats_from_lse
 
 FAST_ATTENTION = "sheafscope"
-# Up to this many keys per row, every row is computed exactly from its scores: their cost
-# relative to the forward pass grows with the keys alone, and below this it is less than
-# that of finding and recomputing the rows the lse cannot be trusted with.
-EXACT_KEYS = {"cpu": 128, "cuda": 64}
+# Up to this many keys per row, every row is computed exactly from its scores, layer by layer:
+# on a CPU that costs less than finding and recomputing the rows the lse cannot be trusted with;
+# on a GPU, where held layers settle together, it costs more launches than it saves.
+EXACT_KEYS = {"cpu": 128, "cuda": 0}
 # Held layers settle mid-forward once their queries and keys pass this many bytes, so that long
 # prompts do not keep every layer's q and k alive.
 HOLD_BYTES = {"cpu": 1 << 28, "cuda": 1 << 30}
