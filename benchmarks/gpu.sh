@@ -2,7 +2,7 @@
 # The GPU measurements of benchmarks/README.md, in one command per machine kind.
 #   bash benchmarks/gpu.sh single OUT   one GPU: check, bench and long below
 #   bash benchmarks/gpu.sh check OUT    CUDA tests, fast vs eager per family (scripts/gpu_check.py)
-#   bash benchmarks/gpu.sh bench OUT    Mistral-7B twin by length, the 1,000-prompt corpus, d at 2,048 and on the corpus
+#   bash benchmarks/gpu.sh bench OUT    sdpa's kernels; Mistral-7B twin by length, the 1,000-prompt corpus, d sampled
 #   bash benchmarks/gpu.sh long OUT     a Llama-3.1-8B twin at 131,072 tokens against a plain forward
 #   bash benchmarks/gpu.sh pair OUT     two GPUs: data parallel (1 vs 2 processes), a 70B twin over both
 # A random twin needs a tokenizer without the hub: SHEAFSCOPE_TWIN_TOKENIZER names a tokenizer directory.
@@ -22,6 +22,7 @@ elif [ "$what" = check ]; then
   python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -3
   python3 scripts/gpu_check.py --out "$out/gpu_check.json" 2>&1 | tail -25
 elif [ "$what" = bench ]; then
+  python3 benchmarks/sdpa_kernels.py --out "$out/gpu_sdpa_kernels.json" > /dev/null
   $bench --model random:mistral-7b --context 65536 --lengths 16,512,2048,8192,32768,65536 --corpus-size 1000 \
     --prompts '' --methods abd --pairs 30 --max-seconds 45 --profile "$out/profile_mistral-7b.txt" \
     --out "$out/gpu_mistral-7b.json" 2>&1 | tail -20

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sheafscope.capture.kernels import attention_with_lse, block_statistics
-from sheafscope.capture.scores import Scores, stat_dtype
+from sheafscope.capture.scores import Scores
 from sheafscope.errors import SheafscopeError
 from sheafscope.sheaf import LSE_TRUSTED_FROM, row_stats_from_lse
 

@@ -71,7 +71,8 @@ class Pending:
                 "does not run through transformers' attention interface; analyze it with attention='eager'")
         device = rec.off[0].device
         valid = rec.valid.to(device)
-        off, first = _on([rec.off[i] for i in range(layers)], device), _on([rec.first[i] for i in range(layers)], device)
+        off = _on([rec.off[i] for i in range(layers)], device)  # (L, b, h, n)
+        first = _on([rec.first[i] for i in range(layers)], device)
         later = valid.clone()
         later[:, 0] = False  # the first-token mass is averaged over rows i >= 1
         off_mass = torch.where(valid[None, :, None], off, 0.0).sum(-1)  # (L, b, h)

@@ -107,8 +107,10 @@ class Scores:
         g_sorted = group[order]
         slot = torch.arange(len(order), device=q.device) - (torch.cumsum(counts, 0) - counts)[g_sorted]
         width = int(counts.max())
-        pad = lambda t: torch.zeros(n_groups, width, dtype=t.dtype, device=q.device).index_put_(  # noqa: E731
-            (g_sorted, slot), t[order])
+
+        def pad(t: torch.Tensor) -> torch.Tensor:  # (m,) -> (groups, width), each group's rows first
+            return torch.zeros(n_groups, width, dtype=t.dtype, device=q.device).index_put_((g_sorted, slot), t[order])
+
         rows, heads, batch = pad(ii), pad(hi), pad(mask_b)
         queries = torch.zeros(n_groups, width, d, dtype=dtype, device=q.device)
         queries[g_sorted, slot] = q[bi[order], hi[order], ii[order]].to(dtype)
@@ -124,7 +126,8 @@ class Scores:
             s = self._finish(s, i, keys, (batch[g0:g1].flatten(), heads[g0:g1].flatten(), i))
             o, f = row_stats_from_scores(s, i)
             off[g0:g1], first[g0:g1] = o.view(g1 - g0, width), f.view(g1 - g0, width)
-        out_off, out_first = torch.empty(len(order), dtype=dtype, device=q.device), torch.empty(len(order), dtype=dtype, device=q.device)
+        out_off = torch.empty(len(order), dtype=dtype, device=q.device)
+        out_first = torch.empty_like(out_off)
         out_off[order], out_first[order] = off[g_sorted, slot], first[g_sorted, slot]
         return out_off, out_first
 
@@ -139,8 +142,9 @@ class Scores:
         dtype = torch.promote_types(q.dtype, torch.float32)
         qg = q.to(dtype).view(*lead, n_kv, h // n_kv, n, d)
         kd = k.to(dtype)
-        own = torch.linalg.vecdot(qg, kd[..., None, :, :]).reshape(*lead, h, n).to(stat_dtype(q)) * self.scale
-        first = torch.einsum("...kgnd,...kd->...kgn", qg, kd[..., 0, :]).reshape(*lead, h, n).to(stat_dtype(q)) * self.scale
+        own = torch.linalg.vecdot(qg, kd[..., None, :, :]).reshape(*lead, h, n)
+        first = torch.einsum("...kgnd,...kd->...kgn", qg, kd[..., 0, :]).reshape(*lead, h, n)
+        own, first = own.to(stat_dtype(q)) * self.scale, first.to(stat_dtype(q)) * self.scale
         if self.mask is not None:
             own = masked(own, self.mask.diagonal(dim1=-2, dim2=-1))
             first = masked(first, self.mask[..., 0])
