@@ -345,7 +345,7 @@ def main() -> int:
     p.add_argument("--exact-keys", type=int, default=None,
                    help="the fast path's EXACT_KEYS on this device (0: every call takes the lse route)")
     p.add_argument("--hold-bytes", type=int, default=None,
-                   help="the fast path's HOLD_BYTES on this device (0: flagged rows recomputed layer by layer)")
+                   help="the fast path's HOLD_BYTES on this device (0: every layer settles as it runs)")
     p.add_argument("--together", type=int, choices=(0, 1), default=None,
                    help="the fast path's TOGETHER on this device (1: held layers settled together, flagged rows in padded products)")
     p.add_argument("--profile", default=None,
