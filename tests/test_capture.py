@@ -59,8 +59,8 @@ def _assert_close(got, want, rtol=RTOL) -> None:
 def route(request, monkeypatch):
     """The routes of a fused-kernel call: every row exact (small problems), or rows from the
     kernel's log-sum-exp with untrusted ones recomputed (forced by an exact-rows limit of 0),
-    after the forward pass or, past the memory held for it, layer by layer (a limit of 0), in a
-    loop or all layers in padded batched products (the GPU's way)."""
+    after the forward pass or, past the memory held for it, layer by layer (a limit of 0), each
+    layer alone or all layers settled together (the GPU's way)."""
     if request.param.startswith("lse"):
         monkeypatch.setitem(fast.EXACT_KEYS, "cpu", 0)
     if request.param == "lse-per-layer":
@@ -103,13 +103,13 @@ def test_padding_never_changes_a_prompts_numbers(name, route):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("batched", [False, True], ids=["loop", "together"])
-def test_rows_that_attend_to_themselves_keep_full_precision(monkeypatch, batched):
+@pytest.mark.parametrize("together", [False, True], ids=["loop", "together"])
+def test_rows_that_attend_to_themselves_keep_full_precision(monkeypatch, together):
     """Query and key weights scaled up so that heads put almost all their mass on the diagonal
     (1 - A_ii down to ~1e-8), where 1 - A_ii from a float32 log-sum-exp would be noise: the lse
     route must recompute those rows, and its masses equal an eager run head by head."""
     monkeypatch.setitem(fast.EXACT_KEYS, "cpu", 0)
-    monkeypatch.setitem(fast.TOGETHER, "cpu", batched)
+    monkeypatch.setitem(fast.TOGETHER, "cpu", together)
     model = build_tiny("llama")
     with torch.no_grad():
         for layer in model.model.layers:
