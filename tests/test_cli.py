@@ -128,7 +128,8 @@ def test_unsupported_architecture_fails_alone_and_keeps_the_others(tiny_dirs, tm
 
 
 @pytest.mark.parametrize("placing", [[], ["--max-memory", "cpu=8GiB"]], ids=["one-device", "placed"])
-def test_a_model_that_cannot_be_loaded_fails_alone_and_keeps_the_others(tiny_dirs, tmp_path, capsys, monkeypatch, placing):
+def test_a_model_that_cannot_be_loaded_fails_alone_and_keeps_the_others(tiny_dirs, tmp_path, capsys, monkeypatch,
+                                                                        placing):
     """A hub id absent from the cache with the hub off fails at its load, also when placement
     flags make the runner check every model's room first."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -48,9 +48,9 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return staged.numpy().copy()
 
 
-def _on(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The tensors stacked on a new first axis on `device` (layers may live on several)."""
-    return torch.stack([t if t.device == device else t.to(device) for t in tensors])
+def _on(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The tensors on `device` (layers may live on several), moved only where they are not."""
+    return [t if t.device == device else t.to(device) for t in tensors]
 
 
 class Pending:
@@ -71,16 +71,16 @@ class Pending:
                 "does not run through transformers' attention interface; analyze it with attention='eager'")
         device = rec.off[0].device
         valid = rec.valid.to(device)
-        off = _on([rec.off[i] for i in range(layers)], device)  # (L, b, h, n)
-        first = _on([rec.first[i] for i in range(layers)], device)
+        off = torch.stack(_on([rec.off[i] for i in range(layers)], device))  # (L, b, h, n)
+        first = torch.stack(_on([rec.first[i] for i in range(layers)], device))
         later = valid.clone()
         later[:, 0] = False  # the first-token mass is averaged over rows i >= 1
         off_mass = torch.where(valid[None, :, None], off, 0.0).sum(-1)  # (L, b, h)
         first_mass = torch.where(later[None, :, None], first, 0.0).sum(-1) / later.sum(-1)[None, :, None]
-        streams = _on(self.streams, device)  # (L + 1, b, n)
+        streams = torch.stack(_on(self.streams, device))  # (L + 1, b, n)
         maxima = torch.where(valid[None], streams, -torch.inf).amax(-1).double()
         counts = later.sum(-1).to(torch.float32)
-        pooled = stack_streams([s.to(device) for s in self.sums]) / counts[None, :, None]  # (L + 1, b, d)
+        pooled = stack_streams(_on(self.sums, device)) / counts[None, :, None]  # (L + 1, b, d)
         pooled = pooled.transpose(0, 1).contiguous()  # one (L + 1, d) block per prompt
         off_mass, first_mass, maxima, pooled = (_host(t) for t in (off_mass, first_mass, maxima, pooled))
         check_finite("the residual stream or attention", maxima, self.dtype)
