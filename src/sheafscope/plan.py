@@ -9,8 +9,9 @@ pass of the capture (the trunk only: no logits). It counts, in the model's dtype
     and the attention output (4·T·heads·head_dim), the MLP's intermediate activations
     (3·T·ffn, ffn the widest matrix of a block); per layer on the device, the statistics kept
     until the batch ends (2·T·heads, float64); the queries and keys held for exact
-    recomputation (up to capture.fast.HOLD_BYTES; twice that where held layers settle together,
-    stacked). It never materialises n×n attention.
+    recomputation, and the residual streams held for their statistics (each up to
+    capture.fast.HOLD_BYTES; twice that where they are reduced together, stacked). It never
+    materialises n×n attention.
   - eager path, one prompt of n tokens at a time: every layer's n×n attention maps, returned
     by the model and kept for the pass (n²·heads per layer), the float32 scores and softmax of
     the layer running (2·n²·heads), all hidden states ((L+1)·n·d), and the fast path's per-token
@@ -165,6 +166,9 @@ def activation_bytes(geometry: Any, ffn: int, elem: int, *, tokens: int, longest
     stats = layers * 2 * tokens * h * 8
     held = min(HOLD_BYTES.get(device_type, HOLD_BYTES["cuda"]), layers * 2 * tokens * h * hd * elem)
     held *= 2 if TOGETHER.get(device_type, True) else 1  # settled together: a stacked copy
+    # the residual streams held for their statistics, within the same limit
+    held += min(HOLD_BYTES.get(device_type, HOLD_BYTES["cuda"]), (layers + 1) * tokens * d * elem) * (
+        2 if TOGETHER.get(device_type, True) else 1)
     return per_token + stats + held + (total_layers + 1) * tokens * 8
 
 

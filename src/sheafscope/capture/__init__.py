@@ -108,13 +108,14 @@ def launch(target: Target, prompts: list[torch.Tensor], attention: str = "fast")
         return fast_batch.launch(target, prompts)
 
 
-def stack_streams(streams: list[torch.Tensor]) -> torch.Tensor:
-    """Per-stream tensors (..., d_s) stacked on a new first axis, the narrower ones zero-padded to
-    the widest d: a stream may be narrower (OPT projects its last hidden state down), and zero
-    columns leave every distance between points, and so their intrinsic dimension, unchanged."""
+def stack_streams(streams: list[torch.Tensor], stack: bool = True) -> torch.Tensor:
+    """Per-stream tensors (..., d_s) stacked on a new first axis (or, `stack=False`, joined along
+    their first), the narrower ones zero-padded to the widest d: a stream may be narrower (OPT
+    projects its last hidden state down), and zero columns leave every distance between points,
+    and so their intrinsic dimension, unchanged."""
     width = max(s.shape[-1] for s in streams)
-    return torch.stack([torch.nn.functional.pad(s, (0, width - s.shape[-1])) if s.shape[-1] < width else s
-                        for s in streams])
+    padded = [torch.nn.functional.pad(s, (0, width - s.shape[-1])) if s.shape[-1] < width else s for s in streams]
+    return torch.stack(padded) if stack else torch.cat(padded)
 
 
 def check_finite(what: str, values: torch.Tensor | np.ndarray, dtype: torch.dtype) -> None:

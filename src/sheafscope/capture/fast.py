@@ -111,7 +111,7 @@ class Recorder:
             groups.setdefault((q.device, id(scores.mask), scores.scale, scores.causal, alone), []).append(entry)
         for entries in groups.values():
             layers, scores = [e[0] for e in entries], entries[0][4]
-            q, k, lse = (_stacked([e[i] for e in entries]) for i in (1, 2, 3))  # (layers, b, ...)
+            q, k, lse = (stacked([e[i] for e in entries]) for i in (1, 2, 3))  # (layers, b, ...)
             own, first = scores.own_and_first(q, k)
             off, first = row_stats_from_lse(own, first, lse.to(own.dtype))
             flags = (off < LSE_TRUSTED_FROM) & self.valid.to(off.device)[None, :, None, :]
@@ -125,7 +125,7 @@ class Recorder:
                 self.off[layer], self.first[layer] = off[j], first[j]
 
 
-def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The tensors on a new first axis; one tensor as a view, not a copy."""
     return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
 

@@ -8,7 +8,6 @@ nor pooled into a residual stream's mean.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -16,26 +15,50 @@ import torch
 from torch import nn
 
 from sheafscope.capture import BatchCapture, PromptCapture, Target, check_finite, stack_streams
-from sheafscope.capture.fast import Recorder
+from sheafscope.capture.fast import HOLD_BYTES, TOGETHER, Recorder, stacked
 from sheafscope.errors import SheafscopeError
 
 
-def _keep_stream(streams: list[torch.Tensor], sums: list[torch.Tensor], keep: torch.Tensor, zero: torch.Tensor,
-                 module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-    """Forward pre-hook on a block: the max |h| of each position of its input stream, and the
-    stream's sum over each prompt's positions 1..n-1."""
-    h = args[0] if args else kwargs["hidden_states"]
-    streams.append(h.abs().amax(dim=-1))
-    sums.append(_masked_sum(h, keep, zero))
+class Streams:
+    """The residual streams entering each block (and leaving the last) of one batch, held until
+    `reduce`: per position max |h| (b, n) and the float32 sum over each prompt's positions 1..n-1
+    (b, d), summed with `where` so that nothing at a padded position can reach it. Where
+    TOGETHER holds, consecutive streams of one shape are reduced stacked (launches, not
+    arithmetic, cost there); past HOLD_BYTES held, they are reduced mid-forward."""
 
+    def __init__(self, keep: torch.Tensor, zero: torch.Tensor):
+        self.keep, self.zero = keep, zero  # (b, n, 1) bool; the 0 padded positions take, made once
+        self.held: list[torch.Tensor] = []
+        self.maxima: list[torch.Tensor] = []  # (k, b, n) per reduced run of k streams
+        self.sums: list[torch.Tensor] = []  # (k, b, d)
 
-def _masked_sum(h: torch.Tensor, keep: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """(b, d) float32 sums of h (b, n, d) over the positions where `keep` (b, n, 1) holds; `where`
-    rather than a product, so that nothing at a padded position can reach the sum. `zero` is a
-    tensor made once per batch: a Python 0 would be copied to the device on every call."""
-    if keep.device != h.device:  # a model spread over several devices
-        keep, zero = keep.to(h.device), zero.to(h.device)
-    return torch.where(keep, h, zero).sum(dim=1, dtype=torch.float32)
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook on a block."""
+        self.hold(args[0] if args else kwargs["hidden_states"])
+
+    def hold(self, h: torch.Tensor) -> None:
+        """Keep h (b, n, d) for `reduce`."""
+        self.held.append(h)
+        if sum(t.nbytes for t in self.held) > HOLD_BYTES.get(h.device.type, 0):
+            self.reduce()
+
+    def reduce(self) -> None:
+        """The statistics of every held stream, in order."""
+        held, self.held = self.held, []
+        runs: list[list[torch.Tensor]] = []
+        for h in held:
+            last = runs[-1][-1] if runs else None
+            if last is not None and (last.device, last.shape) == (h.device, h.shape) and TOGETHER.get(h.device.type):
+                runs[-1].append(h)
+            else:
+                runs.append([h])
+        for run in runs:
+            h = stacked(run)  # (k, b, n, d)
+            keep, zero = self.keep, self.zero
+            if keep.device != h.device:  # a model spread over several devices
+                keep, zero = keep.to(h.device), zero.to(h.device)
+            self.maxima.append(h.abs().amax(dim=-1))
+            self.sums.append(torch.where(keep, h, zero).sum(dim=2, dtype=torch.float32))
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -56,14 +79,14 @@ def _on(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]
 class Pending:
     """A batch whose forward pass has run (or is queued on the device); `result` reads it."""
 
-    def __init__(self, target: Target, recorder: Recorder, streams: list[torch.Tensor], sums: list[torch.Tensor],
-                 lengths: list[int], dtype: torch.dtype):
-        self.target, self.recorder, self.streams, self.sums = target, recorder, streams, sums
+    def __init__(self, target: Target, recorder: Recorder, streams: Streams, lengths: list[int], dtype: torch.dtype):
+        self.target, self.recorder, self.streams = target, recorder, streams
         self.lengths, self.dtype = lengths, dtype
 
     def result(self) -> BatchCapture:
         rec = self.recorder
         rec.settle()
+        self.streams.reduce()
         layers = self.target.n_layers
         if len(rec.off) != layers:
             raise SheafscopeError(
@@ -77,10 +100,11 @@ class Pending:
         later[:, 0] = False  # the first-token mass is averaged over rows i >= 1
         off_mass = torch.where(valid[None, :, None], off, 0.0).sum(-1)  # (L, b, h)
         first_mass = torch.where(later[None, :, None], first, 0.0).sum(-1) / later.sum(-1)[None, :, None]
-        streams = torch.stack(_on(self.streams, device))  # (L + 1, b, n)
+        streams = torch.cat(_on(self.streams.maxima, device))  # (L + 1, b, n)
         maxima = torch.where(valid[None], streams, -torch.inf).amax(-1).double()
         counts = later.sum(-1).to(torch.float32)
-        pooled = stack_streams(_on(self.sums, device)) / counts[None, :, None]  # (L + 1, b, d)
+        sums = stack_streams(_on(self.streams.sums, device), stack=False)  # (L + 1, b, d)
+        pooled = sums / counts[None, :, None]
         pooled = pooled.transpose(0, 1).contiguous()  # one (L + 1, d) block per prompt
         off_mass, first_mass, maxima, pooled = (_host(t) for t in (off_mass, first_mass, maxima, pooled))
         check_finite("the residual stream or attention", maxima, self.dtype)
@@ -107,18 +131,13 @@ def launch(target: Target, prompts: list[torch.Tensor]) -> Pending:
     keep = valid[..., None].clone()
     keep[:, 0] = False  # the residual streams are pooled over positions 1..n-1
     dtype = next(target.model.parameters()).dtype
-    zero = torch.zeros((), dtype=dtype, device=device)
-    streams: list[torch.Tensor] = []
-    sums: list[torch.Tensor] = []
-    hooks = [block.register_forward_pre_hook(partial(_keep_stream, streams, sums, keep, zero), with_kwargs=True)
-             for block in target.blocks]
+    streams = Streams(keep, torch.zeros((), dtype=dtype, device=device))
+    hooks = [block.register_forward_pre_hook(streams.hook, with_kwargs=True) for block in target.blocks]
     try:
         with recorder:
             out = target.model(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
-    last = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    streams.append(last.abs().amax(dim=-1))
-    sums.append(_masked_sum(last, keep, zero))
-    return Pending(target, recorder, streams, sums, lengths, dtype)
+    streams.hold(out[0] if isinstance(out, tuple) else out.last_hidden_state)
+    return Pending(target, recorder, streams, lengths, dtype)
