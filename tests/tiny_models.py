@@ -32,12 +32,14 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "gemma2": ("Gemma2Config", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                                     hidden_size=32, intermediate_size=64, vocab_size=128,
                                     max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=5.0)),
-    "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+    "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
                                         head_dim=24, hidden_size=32, intermediate_size=64, vocab_size=128,
                                         max_position_embeddings=64, sliding_window=4,
-                                        # a sliding and a full layer: two masks in one forward pass,
-                                        # no soft-capping (gemma2's layers mix masks, but soft-cap)
-                                        layer_types=["sliding_attention", "full_attention"])),
+                                        # sliding and full layers interleaved: two masks in one forward
+                                        # pass, layers settled together out of order; no soft-capping
+                                        # (gemma2's layers mix masks, but soft-cap)
+                                        layer_types=["sliding_attention", "full_attention",
+                                                     "sliding_attention"])),
     "bert": ("BertConfig", dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
                                 intermediate_size=64, vocab_size=128, max_position_embeddings=64)),
 }

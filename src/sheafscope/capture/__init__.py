@@ -115,7 +115,9 @@ def stack_streams(streams: list[torch.Tensor], stack: bool = True) -> torch.Tens
     and so their intrinsic dimension, unchanged."""
     width = max(s.shape[-1] for s in streams)
     padded = [torch.nn.functional.pad(s, (0, width - s.shape[-1])) if s.shape[-1] < width else s for s in streams]
-    return torch.stack(padded) if stack else torch.cat(padded)
+    if stack:
+        return torch.stack(padded)
+    return padded[0] if len(padded) == 1 else torch.cat(padded)
 
 
 def check_finite(what: str, values: torch.Tensor | np.ndarray, dtype: torch.dtype) -> None:

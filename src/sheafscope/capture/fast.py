@@ -49,8 +49,8 @@ class Recorder:
     def __init__(self, layer_of: dict[int, int], valid: torch.Tensor):
         self.layer_of = layer_of  # id(attention module) -> layer index
         self.valid = valid  # (b, n) bool: rows that are real tokens
-        self.off: dict[int, torch.Tensor] = {}
-        self.first: dict[int, torch.Tensor] = {}
+        # (layers, 1 - A_ii, A_i0): statistics (len(layers), b, h, n) settled together
+        self.settled: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
         self.seen: set[int] = set()
         # (layer, q, k, log-sum-exp, score rule) of layers whose statistics wait for `settle`
         self.held: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Scores]] = []
@@ -84,9 +84,11 @@ class Recorder:
         else:
             self._fallback("logit soft-capping" if scores.softcap is not None else "a position bias")
         if out is None:  # no kernel: output and exact statistics from blocks of scores
-            out, self.off[layer], self.first[layer] = block_statistics(q, k, v, scores)
+            out, off, first = block_statistics(q, k, v, scores)
+            self.settled.append(([layer], off[None], first[None]))
         elif k.shape[2] <= EXACT_KEYS.get(q.device.type, 0):
-            _, self.off[layer], self.first[layer] = block_statistics(q, k, None, scores)
+            _, off, first = block_statistics(q, k, None, scores)
+            self.settled.append(([layer], off[None], first[None]))
             self.ran["exact-rows"] += 1
         else:
             self.held.append((layer, q, k, lse, scores))
@@ -114,20 +116,38 @@ class Recorder:
             q, k, lse = (stacked([e[i] for e in entries]) for i in (1, 2, 3))  # (layers, b, ...)
             own, first = scores.own_and_first(q, k)
             off, first = row_stats_from_lse(own, first, lse.to(own.dtype))
-            flags = (off < LSE_TRUSTED_FROM) & self.valid.to(off.device)[None, :, None, :]
+            flags = (off < LSE_TRUSTED_FROM) & self.valid.to(off.device)[:, None]
             li, bi, hi, ii = flags.nonzero().unbind(1)
-            if len(li):
+            if len(li):  # in (layer, b, h, i) order, as exact_rows' padded route needs
                 o, f = scores.exact_rows(q.flatten(0, 1), k.flatten(0, 1), li * q.shape[1] + bi, hi, ii, mask_b=bi,
                                          padded=TOGETHER.get(q.device.type, False))
                 off[li, bi, hi, ii], first[li, bi, hi, ii] = o.to(off.dtype), f.to(first.dtype)
                 self.ran["rows-recomputed"] += len(li)
-            for j, layer in enumerate(layers):
-                self.off[layer], self.first[layer] = off[j], first[j]
+            self.settled.append((layers, off, first))
 
+    def statistics(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 - A_ii, A_i0) of every layer seen, (layers, b, h, n) in layer order, on `device`."""
+        self.settle()
+        layers = [layer for settled in self.settled for layer in settled[0]]
+        off, first = (joined(moved([s[i] for s in self.settled], device)) for i in (1, 2))
+        if layers != sorted(layers):  # layers with different score rules settle apart
+            order = torch.tensor(sorted(range(len(layers)), key=layers.__getitem__), device=device)
+            off, first = off[order], first[order]
+        return off, first
 
 def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The tensors on a new first axis; one tensor as a view, not a copy."""
     return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
+
+
+def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated along their first axis; one tensor as it is, not a copy."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def moved(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The tensors on `device` (layers may live on several), moved only where they are not."""
+    return [t if t.device == device else t.to(device) for t in tensors]
 
 
 def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sheafscope.capture import BatchCapture, PromptCapture, Target, check_finite, stack_streams
-from sheafscope.capture.fast import HOLD_BYTES, TOGETHER, Recorder, stacked
+from sheafscope.capture.fast import HOLD_BYTES, TOGETHER, Recorder, joined, moved, stacked
 from sheafscope.errors import SheafscopeError
 
 
@@ -27,7 +27,7 @@ class Streams:
     arithmetic, cost there); past HOLD_BYTES held, they are reduced mid-forward."""
 
     def __init__(self, keep: torch.Tensor, zero: torch.Tensor):
-        self.keep, self.zero = keep, zero  # (b, n, 1) bool; the 0 padded positions take, made once
+        self.keep, self.zero = keep, zero  # (b, n, 1) bool: real positions 1..n-1; the 0 the others take
         self.held: list[torch.Tensor] = []
         self.maxima: list[torch.Tensor] = []  # (k, b, n) per reduced run of k streams
         self.sums: list[torch.Tensor] = []  # (k, b, d)
@@ -60,6 +60,11 @@ class Streams:
             self.maxima.append(h.abs().amax(dim=-1))
             self.sums.append(torch.where(keep, h, zero).sum(dim=2, dtype=torch.float32))
 
+    def statistics(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """max |h| (streams, b, n) and the sums (streams, b, d) of every stream, in order, on `device`."""
+        self.reduce()
+        return joined(moved(self.maxima, device)), stack_streams(moved(self.sums, device), stack=False)
+
 
 def _host(t: torch.Tensor) -> np.ndarray:
     """t as a numpy array; from a GPU through page-locked memory (copies to pageable memory run
@@ -71,11 +76,6 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return staged.numpy().copy()
 
 
-def _on(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """The tensors on `device` (layers may live on several), moved only where they are not."""
-    return [t if t.device == device else t.to(device) for t in tensors]
-
-
 class Pending:
     """A batch whose forward pass has run (or is queued on the device); `result` reads it."""
 
@@ -84,28 +84,20 @@ class Pending:
         self.lengths, self.dtype = lengths, dtype
 
     def result(self) -> BatchCapture:
-        rec = self.recorder
-        rec.settle()
-        self.streams.reduce()
-        layers = self.target.n_layers
-        if len(rec.off) != layers:
+        rec, layers = self.recorder, self.target.n_layers
+        if len(rec.seen) != layers:
             raise SheafscopeError(
-                f"the fast path saw the attention of {len(rec.off)} of {layers} layers: this model's attention "
+                f"the fast path saw the attention of {len(rec.seen)} of {layers} layers: this model's attention "
                 "does not run through transformers' attention interface; analyze it with attention='eager'")
-        device = rec.off[0].device
-        valid = rec.valid.to(device)
-        off = torch.stack(_on([rec.off[i] for i in range(layers)], device))  # (L, b, h, n)
-        first = torch.stack(_on([rec.first[i] for i in range(layers)], device))
-        later = valid.clone()
-        later[:, 0] = False  # the first-token mass is averaged over rows i >= 1
-        off_mass = torch.where(valid[None, :, None], off, 0.0).sum(-1)  # (L, b, h)
-        first_mass = torch.where(later[None, :, None], first, 0.0).sum(-1) / later.sum(-1)[None, :, None]
-        streams = torch.cat(_on(self.streams.maxima, device))  # (L + 1, b, n)
-        maxima = torch.where(valid[None], streams, -torch.inf).amax(-1).double()
-        counts = later.sum(-1).to(torch.float32)
-        sums = stack_streams(_on(self.streams.sums, device), stack=False)  # (L + 1, b, d)
-        pooled = sums / counts[None, :, None]
-        pooled = pooled.transpose(0, 1).contiguous()  # one (L + 1, d) block per prompt
+        valid = rec.valid  # (b, n), on the device the prompts came in on
+        off, first = rec.statistics(valid.device)  # (L, b, h, n)
+        streams, sums = self.streams.statistics(valid.device)  # (L + 1, b, n), (L + 1, b, d)
+        later = self.streams.keep.transpose(1, 2)  # (b, 1, n): the real rows i >= 1
+        counts = later.sum(-1, dtype=torch.float32)  # (b, 1)
+        off_mass = torch.where(valid[:, None], off, 0.0).sum(-1)  # (L, b, h)
+        first_mass = torch.where(later, first, 0.0).sum(-1) / counts
+        maxima = torch.where(valid, streams, -torch.inf).amax(-1).double()
+        pooled = (sums / counts).transpose(0, 1).contiguous()  # one (L + 1, d) block per prompt
         off_mass, first_mass, maxima, pooled = (_host(t) for t in (off_mass, first_mass, maxima, pooled))
         check_finite("the residual stream or attention", maxima, self.dtype)
         check_finite("the attention statistics", off_mass, self.dtype)

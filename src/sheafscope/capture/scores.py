@@ -97,39 +97,32 @@ class Scores:
     def _padded_rows(self, q: torch.Tensor, k: torch.Tensor, bi: torch.Tensor, hi: torch.Tensor,
                      ii: torch.Tensor, mask_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """exact_rows as a few batched products over every key head at once, each head's rows
-        padded to the longest group; padding rows are computed and dropped."""
+        padded to the longest group (padding rows are computed and dropped); the rows must come
+        in (b, h) order, as nonzero() gives them."""
         dtype = stat_dtype(q)
         n_kv, kv, d = k.shape[1], k.shape[2], k.shape[3]
         n_groups = k.shape[0] * n_kv
-        group = bi * n_kv + hi // (q.shape[1] // n_kv)
-        counts = torch.bincount(group, minlength=n_groups)
-        order = torch.argsort(group, stable=True)
-        g_sorted = group[order]
-        slot = torch.arange(len(order), device=q.device) - (torch.cumsum(counts, 0) - counts)[g_sorted]
-        width = int(counts.max())
-
-        def pad(t: torch.Tensor) -> torch.Tensor:  # (m,) -> (groups, width), each group's rows first
-            return torch.zeros(n_groups, width, dtype=t.dtype, device=q.device).index_put_((g_sorted, slot), t[order])
-
-        rows, heads, batch = pad(ii), pad(hi), pad(mask_b)
+        group = bi * n_kv + hi // (q.shape[1] // n_kv)  # non-decreasing
+        slot = torch.arange(len(group), device=q.device) - torch.searchsorted(group, group)
+        width = int(slot.max()) + 1
         queries = torch.zeros(n_groups, width, d, dtype=dtype, device=q.device)
-        queries[g_sorted, slot] = q[bi[order], hi[order], ii[order]].to(dtype)
+        queries[group, slot] = q[bi, hi, ii].to(dtype)
+        index = torch.zeros(3, n_groups, width, dtype=ii.dtype, device=q.device)  # padding rows: row 0
+        index[:, group, slot] = torch.stack((ii, hi, mask_b))
+        rows, heads, batch = index.flatten(1).unbind()
         keys_all = k.reshape(n_groups, kv, d)
         keys = torch.arange(kv, device=q.device)
-        off = torch.empty(n_groups, width, dtype=dtype, device=q.device)
-        first = torch.empty_like(off)
         step = max(1, ROW_STEP_ELEMENTS // max(1, width * kv))
+        parts = []
         for g0 in range(0, n_groups, step):
             g1 = min(n_groups, g0 + step)
+            r = slice(g0 * width, g1 * width)
             s = (queries[g0:g1] @ keys_all[g0:g1].to(dtype).transpose(1, 2)).mul_(self.scale).flatten(0, 1)
-            i = rows[g0:g1].flatten()
-            s = self._finish(s, i, keys, (batch[g0:g1].flatten(), heads[g0:g1].flatten(), i))
-            o, f = row_stats_from_scores(s, i)
-            off[g0:g1], first[g0:g1] = o.view(g1 - g0, width), f.view(g1 - g0, width)
-        out_off = torch.empty(len(order), dtype=dtype, device=q.device)
-        out_first = torch.empty_like(out_off)
-        out_off[order], out_first[order] = off[g_sorted, slot], first[g_sorted, slot]
-        return out_off, out_first
+            s = self._finish(s, rows[r], keys, (batch[r], heads[r], rows[r]))
+            parts.append(row_stats_from_scores(s, rows[r]))
+        off, first = (p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts))
+        at = group * width + slot
+        return off[at], first[at]
 
     def own_and_first(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row's score (..., b, h, n) against its own key and against key 0, for the
@@ -141,9 +134,9 @@ class Scores:
         # and the rows where its rounding matters (A_ii > 1/2) are recomputed exactly anyway
         dtype = torch.promote_types(q.dtype, torch.float32)
         qg = q.to(dtype).view(*lead, n_kv, h // n_kv, n, d)
-        kd = k.to(dtype)
-        own = torch.linalg.vecdot(qg, kd[..., None, :, :]).reshape(*lead, h, n)
-        first = torch.einsum("...kgnd,...kd->...kgn", qg, kd[..., 0, :]).reshape(*lead, h, n)
+        kd = k.to(dtype)[..., None, :, :]
+        own = torch.linalg.vecdot(qg, kd).reshape(*lead, h, n)
+        first = (qg @ kd[..., :1, :].transpose(-1, -2)).reshape(*lead, h, n)
         own, first = own.to(stat_dtype(q)) * self.scale, first.to(stat_dtype(q)) * self.scale
         if self.mask is not None:
             own = masked(own, self.mask.diagonal(dim1=-2, dim2=-1))
