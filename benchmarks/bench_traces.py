@@ -62,8 +62,12 @@ class Methods:
         self.capture_info: dict = {}  # capture_all's info from the last run of b
 
     def attention(self, method: str) -> None:
-        """sdpa for a, eager for d (b and c: capture_all installs its own, then restores this)."""
-        self.loaded.model.set_attn_implementation("eager" if method == "d" else "sdpa")
+        """The attention implementation a method runs with, set before it is timed: sdpa for a,
+        eager for c and d, the fast path's for b. capture_all installs its own where it is not
+        in place (transformers' set_attn_implementation, once per call, and back): a run installs
+        it once for all its prompts, so b and c are timed with it in place."""
+        fast_path = fast.register() if self.target.fast_supported else "sdpa"
+        self.loaded.model.set_attn_implementation({"a": "sdpa", "b": fast_path}.get(method, "eager"))
 
     @torch.no_grad()
     def a(self, prompts: list[torch.Tensor]) -> None:
@@ -204,6 +208,7 @@ def interleaved(methods: Methods, prompts: list[torch.Tensor], args) -> dict:
     while len(ta) < args.pairs and (not ta or (sum(ta) + sum(tb)) * (1 + 1 / len(ta)) <= args.max_seconds):
         methods.attention("a")
         ta.append(timed(methods.a, prompts, device))
+        methods.attention("b")
         tb.append(timed(methods.b, prompts, device))
     r = np.array(tb) / np.array(ta)
     draws = np.median(r[np.random.default_rng(0).integers(0, len(r), (4000, len(r)))], axis=1)

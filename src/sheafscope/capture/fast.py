@@ -54,6 +54,7 @@ class Recorder:
         self.seen: set[int] = set()
         # (layer, q, k, log-sum-exp, score rule) of layers whose statistics wait for `settle`
         self.held: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Scores]] = []
+        self.held_bytes = 0  # of the held queries and keys
         self.ran: Counter = Counter()
         self.fallbacks: list[str] = []
 
@@ -92,7 +93,8 @@ class Recorder:
             self.ran["exact-rows"] += 1
         else:
             self.held.append((layer, q, k, lse, scores))
-            if sum(e[1].nbytes + e[2].nbytes for e in self.held) > HOLD_BYTES.get(q.device.type, 0):
+            self.held_bytes += q.nbytes + k.nbytes
+            if self.held_bytes > HOLD_BYTES.get(q.device.type, 0):
                 self.settle()
         return out
 
@@ -105,7 +107,7 @@ class Recorder:
         """The statistics of the held layers from their log-sum-exp, with the valid rows it cannot
         be trusted with recomputed exactly; layer by layer or, where TOGETHER holds, all layers
         sharing a score rule at once."""
-        held, self.held = self.held, []
+        held, self.held, self.held_bytes = self.held, [], 0
         groups: dict[tuple, list] = {}
         for entry in held:
             layer, q, *_, scores = entry

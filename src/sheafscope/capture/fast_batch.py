@@ -29,6 +29,7 @@ class Streams:
     def __init__(self, keep: torch.Tensor, zero: torch.Tensor):
         self.keep, self.zero = keep, zero  # (b, n, 1) bool: real positions 1..n-1; the 0 the others take
         self.held: list[torch.Tensor] = []
+        self.held_bytes = 0
         self.maxima: list[torch.Tensor] = []  # (k, b, n) per reduced run of k streams
         self.sums: list[torch.Tensor] = []  # (k, b, d)
 
@@ -39,12 +40,13 @@ class Streams:
     def hold(self, h: torch.Tensor) -> None:
         """Keep h (b, n, d) for `reduce`."""
         self.held.append(h)
-        if sum(t.nbytes for t in self.held) > HOLD_BYTES.get(h.device.type, 0):
+        self.held_bytes += h.nbytes
+        if self.held_bytes > HOLD_BYTES.get(h.device.type, 0):
             self.reduce()
 
     def reduce(self) -> None:
         """The statistics of every held stream, in order."""
-        held, self.held = self.held, []
+        held, self.held, self.held_bytes = self.held, [], 0
         runs: list[list[torch.Tensor]] = []
         for h in held:
             last = runs[-1][-1] if runs else None
@@ -57,7 +59,7 @@ class Streams:
             keep, zero = self.keep, self.zero
             if keep.device != h.device:  # a model spread over several devices
                 keep, zero = keep.to(h.device), zero.to(h.device)
-            self.maxima.append(h.abs().amax(dim=-1))
+            self.maxima.append(torch.linalg.vector_norm(h, ord=torch.inf, dim=-1))  # max |h|, NaN kept
             self.sums.append(torch.where(keep, h, zero).sum(dim=2, dtype=torch.float32))
 
     def statistics(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
