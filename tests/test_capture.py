@@ -55,17 +55,17 @@ def _assert_close(got, want, rtol=RTOL) -> None:
             assert rel_err(getattr(g, f), getattr(w, f)) <= rtol, (f, rel_err(getattr(g, f), getattr(w, f)))
 
 
-@pytest.fixture(params=["exact-rows", "lse", "lse-per-layer", "lse-together"])
+@pytest.fixture(params=["exact-rows", "exact-together", "lse", "lse-per-layer", "lse-together"])
 def route(request, monkeypatch):
     """The routes of a fused-kernel call: every row exact (small problems), or rows from the
     kernel's log-sum-exp with untrusted ones recomputed (forced by an exact-rows limit of 0),
-    after the forward pass or, past the memory held for it, layer by layer (a limit of 0), each
+    after the forward pass or, past the memory held for it, layer by layer (a limit of 0); each
     layer alone or all layers settled together (the GPU's way)."""
     if request.param.startswith("lse"):
         monkeypatch.setitem(fast.EXACT_KEYS, "cpu", 0)
     if request.param == "lse-per-layer":
         monkeypatch.setitem(fast.HOLD_BYTES, "cpu", 0)
-    if request.param == "lse-together":
+    if request.param.endswith("together"):
         monkeypatch.setitem(fast.TOGETHER, "cpu", True)
     return request.param
 
@@ -86,7 +86,7 @@ def test_fast_equals_eager_in_padded_batches(name, route):
         assert got.fallbacks == ["logit soft-capping"] and got.ran["chunked"] > 0
     else:
         assert got.fallbacks == [] and got.ran["flash-cpu"] == target.n_layers
-        if route == "exact-rows":
+        if route.startswith("exact"):
             assert got.ran["exact-rows"] == target.n_layers
         elif target.causal:
             assert got.ran["rows-recomputed"] > 0  # the refinement ran: early rows attend to themselves

@@ -16,22 +16,23 @@ or threads); elsewhere it is transformers' sdpa.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import nn
 
-from sheafscope.capture.kernels import attention_with_lse, block_statistics
+from sheafscope.capture.kernels import BLOCK_ELEMENTS, attention_with_lse, block_statistics
 from sheafscope.capture.scores import Scores
 from sheafscope.errors import SheafscopeError
 from sheafscope.sheaf import LSE_TRUSTED_FROM, row_stats_from_lse
 
 FAST_ATTENTION = "sheafscope"
-# Up to this many keys per row, every row is computed exactly from its scores, layer by layer:
-# on a CPU that costs less than finding and recomputing the rows the lse cannot be trusted with;
-# on a GPU, where held layers settle together, it costs more launches than it saves.
-EXACT_KEYS = {"cpu": 128, "cuda": 0}
+# Up to this many keys per row, every row is computed exactly from its scores (layer by layer,
+# or where layers settle together, all at once if their scores fit one block): that costs less
+# than finding and recomputing the rows the lse cannot be trusted with.
+EXACT_KEYS = {"cpu": 128, "cuda": 128}
 # Held layers settle mid-forward once their queries and keys pass this many bytes, so that long
 # prompts do not keep every layer's q and k alive.
 HOLD_BYTES = {"cpu": 1 << 28, "cuda": 1 << 30}
@@ -87,7 +88,7 @@ class Recorder:
         if out is None:  # no kernel: output and exact statistics from blocks of scores
             out, off, first = block_statistics(q, k, v, scores)
             self.settled.append(([layer], off[None], first[None]))
-        elif k.shape[2] <= EXACT_KEYS.get(q.device.type, 0):
+        elif k.shape[2] <= EXACT_KEYS.get(q.device.type, 0) and not TOGETHER.get(q.device.type, False):
             _, off, first = block_statistics(q, k, None, scores)
             self.settled.append(([layer], off[None], first[None]))
             self.ran["exact-rows"] += 1
@@ -105,8 +106,8 @@ class Recorder:
 
     def settle(self) -> None:
         """The statistics of the held layers from their log-sum-exp, with the valid rows it cannot
-        be trusted with recomputed exactly; layer by layer or, where TOGETHER holds, all layers
-        sharing a score rule at once."""
+        be trusted with recomputed exactly (or, for few keys, every row exactly); layer by layer
+        or, where TOGETHER holds, all layers sharing a score rule at once."""
         held, self.held, self.held_bytes = self.held, [], 0
         groups: dict[tuple, list] = {}
         for entry in held:
@@ -116,6 +117,10 @@ class Recorder:
         for entries in groups.values():
             layers, scores = [e[0] for e in entries], entries[0][4]
             q, k, lse = (stacked([e[i] for e in entries]) for i in (1, 2, 3))  # (layers, b, ...)
+            if k.shape[-2] <= EXACT_KEYS.get(q.device.type, 0) and q.numel() // q.shape[-1] * k.shape[-2] <= BLOCK_ELEMENTS:
+                self.settled.append((layers, *self._exact(q, k, scores)))
+                self.ran["exact-rows"] += len(layers)
+                continue
             own, first = scores.own_and_first(q, k)
             off, first = row_stats_from_lse(own, first, lse.to(own.dtype))
             flags = (off < LSE_TRUSTED_FROM) & self.valid.to(off.device)[:, None]
@@ -126,6 +131,15 @@ class Recorder:
                 off[li, bi, hi, ii], first[li, bi, hi, ii] = o.to(off.dtype), f.to(first.dtype)
                 self.ran["rows-recomputed"] += len(li)
             self.settled.append((layers, off, first))
+
+    @staticmethod
+    def _exact(q: torch.Tensor, k: torch.Tensor, scores: Scores) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact statistics (layers, b, h, n) of every row of stacked layers, in one block of scores."""
+        layers = q.shape[0]
+        if scores.mask is not None and scores.mask.shape[0] > 1:  # one mask row per prompt: one per layer too
+            scores = replace(scores, mask=scores.mask.repeat(layers, 1, 1, 1))
+        _, off, first = block_statistics(q.flatten(0, 1), k.flatten(0, 1), None, scores)
+        return off.unflatten(0, (layers, -1)), first.unflatten(0, (layers, -1))
 
     def statistics(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 - A_ii, A_i0) of every layer seen, (layers, b, h, n) in layer order, on `device`."""
