@@ -19,10 +19,6 @@ from sheafscope.capture.fast import HOLD_BYTES, TOGETHER, Recorder, joined, move
 from sheafscope.errors import SheafscopeError
 
 
-# Bytes of the page-locked block results pass through on their way off a GPU.
-STAGE_BYTES = 1 << 25
-
-
 class Streams:
     """The residual streams entering each block (and leaving the last) of one batch, held until
     `reduce`: per position max |h| (b, n) and the float32 sum over each prompt's positions 1..n-1
@@ -73,19 +69,15 @@ class Streams:
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
-    """t (at least 1-D) as a numpy array. From a GPU in chunks along its first axis through one
-    small page-locked block, each chunk then copied by torch into ordinary memory: copies to
-    pageable memory, or through one page-locked block the size of t, run several times slower."""
+    """t as a numpy array; from a GPU through page-locked memory, then copied by torch (in
+    parallel) into ordinary memory, so that the page-locked block is reused: copying to
+    pageable memory directly, or on from page-locked memory with numpy, runs several times slower
+    (benchmarks/host_copies.py)."""
     if t.device.type == "cpu":
         return t.numpy()
-    out = torch.empty(t.shape, dtype=t.dtype)
-    step = max(1, STAGE_BYTES // max(1, t[0].nbytes))
-    staged = torch.empty((min(step, len(t)), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
-    for i in range(0, len(t), step):
-        j = min(len(t), i + step)
-        staged[: j - i].copy_(t[i:j])
-        out[i:j].copy_(staged[: j - i])
-    return out.numpy()
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t)
+    return torch.empty(t.shape, dtype=t.dtype).copy_(staged).numpy()
 
 
 class Pending:
