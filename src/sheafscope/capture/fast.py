@@ -16,8 +16,8 @@ or threads); elsewhere it is transformers' sdpa.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
 from contextvars import ContextVar
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -117,7 +117,8 @@ class Recorder:
         for entries in groups.values():
             layers, scores = [e[0] for e in entries], entries[0][4]
             q, k, lse = (stacked([e[i] for e in entries]) for i in (1, 2, 3))  # (layers, b, ...)
-            if k.shape[-2] <= EXACT_KEYS.get(q.device.type, 0) and q.numel() // q.shape[-1] * k.shape[-2] <= BLOCK_ELEMENTS:
+            rows = q.numel() // q.shape[-1]
+            if k.shape[-2] <= EXACT_KEYS.get(q.device.type, 0) and rows * k.shape[-2] <= BLOCK_ELEMENTS:
                 self.settled.append((layers, *self._exact(q, k, scores)))
                 self.ran["exact-rows"] += len(layers)
                 continue
@@ -150,6 +151,7 @@ class Recorder:
             order = torch.tensor(sorted(range(len(layers)), key=layers.__getitem__), device=device)
             off, first = off[order], first[order]
         return off, first
+
 
 def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The tensors on a new first axis; one tensor as a view, not a copy."""
