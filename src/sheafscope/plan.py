@@ -164,11 +164,11 @@ def activation_bytes(geometry: Any, ffn: int, elem: int, *, tokens: int, longest
         return per_token + layers * h * n * n * elem + 2 * h * n * n * 4 + (total_layers + 1) * n * d * elem
     per_token = tokens * (4 * d + 4 * h * hd + 3 * ffn) * elem
     stats = layers * 2 * tokens * h * 8
-    held = min(HOLD_BYTES.get(device_type, HOLD_BYTES["cuda"]), layers * 2 * tokens * h * hd * elem)
-    held *= 2 if TOGETHER.get(device_type, True) else 1  # settled together: a stacked copy
-    # the residual streams held for their statistics, within the same limit
-    held += min(HOLD_BYTES.get(device_type, HOLD_BYTES["cuda"]), (layers + 1) * tokens * d * elem) * (
-        2 if TOGETHER.get(device_type, True) else 1)
+    # queries and keys, and the residual streams, each held within the limit; a stacked copy of
+    # each where they settle together
+    limit = HOLD_BYTES.get(device_type, HOLD_BYTES["cuda"])
+    held = min(limit, layers * 2 * tokens * h * hd * elem) + min(limit, (layers + 1) * tokens * d * elem)
+    held *= 2 if TOGETHER.get(device_type, True) else 1
     return per_token + stats + held + (total_layers + 1) * tokens * 8
 
 

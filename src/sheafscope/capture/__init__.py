@@ -115,9 +115,22 @@ def stack_streams(streams: list[torch.Tensor], stack: bool = True) -> torch.Tens
     and so their intrinsic dimension, unchanged."""
     width = max(s.shape[-1] for s in streams)
     padded = [torch.nn.functional.pad(s, (0, width - s.shape[-1])) if s.shape[-1] < width else s for s in streams]
-    if stack:
-        return torch.stack(padded)
-    return padded[0] if len(padded) == 1 else torch.cat(padded)
+    return torch.stack(padded) if stack else joined(padded)
+
+
+def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors on a new first axis; one tensor as a view, not a copy."""
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
+
+
+def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated along their first axis; one tensor as it is, not a copy."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def moved(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The tensors on `device` (layers may live on several), moved only where they are not."""
+    return [t if t.device == device else t.to(device) for t in tensors]
 
 
 def check_finite(what: str, values: torch.Tensor | np.ndarray, dtype: torch.dtype) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sheafscope.capture import joined, moved, stacked
 from sheafscope.capture.kernels import BLOCK_ELEMENTS, attention_with_lse, block_statistics
 from sheafscope.capture.scores import Scores
 from sheafscope.errors import SheafscopeError
@@ -45,7 +46,8 @@ _ACTIVE: ContextVar["Recorder | None"] = ContextVar("sheafscope_recorder", defau
 
 
 class Recorder:
-    """The statistics of one forward pass, by layer: (b, h, n) tensors on the layer's device."""
+    """The statistics of one forward pass: per layer, (b, h, n) tensors on the layer's device,
+    kept as the stacks of layers that settled together."""
 
     def __init__(self, layer_of: dict[int, int], valid: torch.Tensor):
         self.layer_of = layer_of  # id(attention module) -> layer index
@@ -68,8 +70,8 @@ class Recorder:
 
     def record(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scores: Scores) -> torch.Tensor:
-        """The attention output (b, h, n, d_v); the layer's statistics are kept, or what they
-        are computed from is held until `settle`."""
+        """The attention output (b, h, n, d_v); what the layer's statistics are computed from is
+        held until `settle` (where no kernel ran, the statistics themselves are kept)."""
         layer = self.layer_of.get(id(module))
         if layer is None:
             raise SheafscopeError(f"attention module {type(module).__name__} is not one of the model's layers")
@@ -88,10 +90,6 @@ class Recorder:
         if out is None:  # no kernel: output and exact statistics from blocks of scores
             out, off, first = block_statistics(q, k, v, scores)
             self.settled.append(([layer], off[None], first[None]))
-        elif k.shape[2] <= EXACT_KEYS.get(q.device.type, 0) and not TOGETHER.get(q.device.type, False):
-            _, off, first = block_statistics(q, k, None, scores)
-            self.settled.append(([layer], off[None], first[None]))
-            self.ran["exact-rows"] += 1
         else:
             self.held.append((layer, q, k, lse, scores))
             self.held_bytes += q.nbytes + k.nbytes
@@ -117,8 +115,10 @@ class Recorder:
         for entries in groups.values():
             layers, scores = [e[0] for e in entries], entries[0][4]
             q, k, lse = (stacked([e[i] for e in entries]) for i in (1, 2, 3))  # (layers, b, ...)
-            rows = q.numel() // q.shape[-1]
-            if k.shape[-2] <= EXACT_KEYS.get(q.device.type, 0) and rows * k.shape[-2] <= BLOCK_ELEMENTS:
+            together = TOGETHER.get(q.device.type, False)
+            # settled together, layers go exact only within one block: more blocks cost launches
+            one_block = not together or q.numel() // q.shape[-1] * k.shape[-2] <= BLOCK_ELEMENTS
+            if k.shape[-2] <= EXACT_KEYS.get(q.device.type, 0) and one_block:
                 self.settled.append((layers, *self._exact(q, k, scores)))
                 self.ran["exact-rows"] += len(layers)
                 continue
@@ -128,7 +128,7 @@ class Recorder:
             li, bi, hi, ii = flags.nonzero().unbind(1)
             if len(li):  # in (layer, b, h, i) order, as exact_rows' padded route needs
                 o, f = scores.exact_rows(q.flatten(0, 1), k.flatten(0, 1), li * q.shape[1] + bi, hi, ii, mask_b=bi,
-                                         padded=TOGETHER.get(q.device.type, False))
+                                         padded=together)
                 off[li, bi, hi, ii], first[li, bi, hi, ii] = o.to(off.dtype), f.to(first.dtype)
                 self.ran["rows-recomputed"] += len(li)
             self.settled.append((layers, off, first))
@@ -137,7 +137,7 @@ class Recorder:
     def _exact(q: torch.Tensor, k: torch.Tensor, scores: Scores) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact statistics (layers, b, h, n) of every row of stacked layers, in one block of scores."""
         layers = q.shape[0]
-        if scores.mask is not None and scores.mask.shape[0] > 1:  # one mask row per prompt: one per layer too
+        if layers > 1 and scores.mask is not None and scores.mask.shape[0] > 1:  # a mask per prompt, per layer
             scores = replace(scores, mask=scores.mask.repeat(layers, 1, 1, 1))
         _, off, first = block_statistics(q.flatten(0, 1), k.flatten(0, 1), None, scores)
         return off.unflatten(0, (layers, -1)), first.unflatten(0, (layers, -1))
@@ -151,21 +151,6 @@ class Recorder:
             order = torch.tensor(sorted(range(len(layers)), key=layers.__getitem__), device=device)
             off, first = off[order], first[order]
         return off, first
-
-
-def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The tensors on a new first axis; one tensor as a view, not a copy."""
-    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
-
-
-def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The tensors concatenated along their first axis; one tensor as it is, not a copy."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-
-
-def moved(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """The tensors on `device` (layers may live on several), moved only where they are not."""
-    return [t if t.device == device else t.to(device) for t in tensors]
 
 
 def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sheafscope.capture import BatchCapture, PromptCapture, Target, check_finite, stack_streams
-from sheafscope.capture.fast import HOLD_BYTES, TOGETHER, Recorder, joined, moved, stacked
+from sheafscope.capture import BatchCapture, PromptCapture, Target, check_finite, joined, moved, stack_streams, stacked
+from sheafscope.capture.fast import HOLD_BYTES, TOGETHER, Recorder
 from sheafscope.errors import SheafscopeError
 
 
@@ -56,9 +56,7 @@ class Streams:
                 runs.append([h])
         for run in runs:
             h = stacked(run)  # (k, b, n, d)
-            keep, zero = self.keep, self.zero
-            if keep.device != h.device:  # a model spread over several devices
-                keep, zero = keep.to(h.device), zero.to(h.device)
+            keep, zero = moved([self.keep, self.zero], h.device)  # a model may span several devices
             self.maxima.append(torch.linalg.vector_norm(h, ord=torch.inf, dim=-1))  # max |h|, NaN kept
             self.sums.append(torch.where(keep, h, zero).sum(dim=2, dtype=torch.float32))
 
