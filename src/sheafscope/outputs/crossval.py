@@ -132,28 +132,36 @@ def fit_formula(L: ArrayLike, H: ArrayLike, lstar: ArrayLike) -> FormulaFit:
 _FoldFit = tuple[dict[str, Any], Callable[[np.ndarray, np.ndarray], np.ndarray] | None, str | None]
 
 
-def _model_names(df: pd.DataFrame) -> list[str]:
-    if "model" in df.columns:
-        return [str(m) for m in df["model"].tolist()]
-    return [str(i) for i in df.index.tolist()]
+@dataclass(frozen=True, eq=False)
+class _Columns:
+    """What cross-validation reads of a frame, taken once: a bootstrap refits every predictor
+    on every resample, and reading the frame per predictor cost more than the fits."""
+
+    groups_col: str
+    L: np.ndarray
+    H: np.ndarray
+    emp: np.ndarray
+    groups: np.ndarray
+    names: list[str]
+
+    @classmethod
+    def of(cls, df: pd.DataFrame, groups_col: str, where: str) -> _Columns:
+        require_columns(df, [groups_col, "L", "H", "lstar_empirical"], where)
+        names = df["model"].tolist() if "model" in df.columns else df.index.tolist()
+        return cls(groups_col, df["L"].to_numpy(dtype=float), df["H"].to_numpy(dtype=float),
+                   df["lstar_empirical"].to_numpy(dtype=float), group_labels(df, groups_col),
+                   [str(m) for m in names])
 
 
 def _cross_validate(
-    df: pd.DataFrame,
-    groups_col: str,
+    cols: _Columns,
     fit_fold: Callable[[np.ndarray, np.ndarray, np.ndarray], _FoldFit],
-    where: str,
     n_params: int,
 ) -> dict[str, Any]:
-    require_columns(df, [groups_col, "L", "H", "lstar_empirical"], where)
-    L = df["L"].to_numpy(dtype=float)
-    H = df["H"].to_numpy(dtype=float)
-    emp = df["lstar_empirical"].to_numpy(dtype=float)
-    groups = group_labels(df, groups_col)
-    names = _model_names(df)
+    L, H, emp, groups, names = cols.L, cols.H, cols.emp, cols.groups, cols.names
     usable = np.isfinite(L) & np.isfinite(H) & np.isfinite(emp)
 
-    pred = np.full(len(df), np.nan)
+    pred = np.full(len(L), np.nan)
     folds: list[dict[str, Any]] = []
     for group in sorted(set(groups.tolist())):
         test = groups == group
@@ -195,15 +203,15 @@ def _cross_validate(
             "error_pct_of_L": float(err_L[i]),
             "error_pct_of_lstar": float(err_lstar[i]),
         }
-        for i in range(len(df))
+        for i in range(len(L))
     ]
     summary = mape_summary(err_L, err_lstar)
     return {
-        "groups_col": groups_col,
+        "groups_col": cols.groups_col,
         "per_model": per_model,
         "folds": folds,
         **summary,
-        "n_total": int(len(df)),
+        "n_total": len(L),
         "n_failed_folds": int(sum(not f["ok"] for f in folds)),
         "n_interpolating_folds": int(sum(f["interpolation"] for f in folds)),
     }
@@ -251,7 +259,7 @@ def leave_one_group_out(df: pd.DataFrame, groups_col: str = "lab") -> dict[str, 
         counts only models actually scored; ``n_interpolating_folds`` the folds
         left out as interpolations.
     """
-    return _cross_validate(df, groups_col, _fit_formula_fold, "leave_one_group_out", _N_COEF)
+    return _cross_validate(_Columns.of(df, groups_col, "leave_one_group_out"), _fit_formula_fold, _N_COEF)
 
 
 def _fit_half_fold(L: np.ndarray, H: np.ndarray, y: np.ndarray) -> _FoldFit:
@@ -271,7 +279,7 @@ def _fit_ratio_fold(L: np.ndarray, H: np.ndarray, y: np.ndarray) -> _FoldFit:
 def baseline_half(df: pd.DataFrame, groups_col: str = "lab") -> dict[str, Any]:
     """Baseline ``L* = L / 2`` (no parameters), in the same format as
     :func:`leave_one_group_out` so the numbers compare directly."""
-    return _cross_validate(df, groups_col, _fit_half_fold, "baseline_half", 0)
+    return _cross_validate(_Columns.of(df, groups_col, "baseline_half"), _fit_half_fold, 0)
 
 
 def baseline_ratio(df: pd.DataFrame, groups_col: str = "lab") -> dict[str, Any]:
@@ -281,7 +289,7 @@ def baseline_ratio(df: pd.DataFrame, groups_col: str = "lab") -> dict[str, Any]:
     a fold with one training model is an interpolation and is not scored.
     Same return format as :func:`leave_one_group_out`.
     """
-    return _cross_validate(df, groups_col, _fit_ratio_fold, "baseline_ratio", 1)
+    return _cross_validate(_Columns.of(df, groups_col, "baseline_ratio"), _fit_ratio_fold, 1)
 
 
 def compare_models(df: pd.DataFrame, groups_col: str = "lab") -> pd.DataFrame:
@@ -328,15 +336,13 @@ def compare_models(df: pd.DataFrame, groups_col: str = "lab") -> pd.DataFrame:
 def predictions(df: pd.DataFrame, groups_col: str = "lab") -> dict[str, np.ndarray]:
     """Each predictor's out-of-sample L* per model (rows of ``df``), NaN where it is not scored
     (an interpolating or failed fold): the inputs of a bootstrap that refits on every resample."""
-    require_columns(df, [groups_col, "L", "H", "lstar_empirical"], "predictions")
-    L = df["L"].to_numpy(dtype=float)
-    H = df["H"].to_numpy(dtype=float)
+    cols = _Columns.of(df, groups_col, "predictions")
     cv = {
-        "formula_refit_cv": leave_one_group_out(df, groups_col),
-        "half": baseline_half(df, groups_col),
-        "ratio_cv": baseline_ratio(df, groups_col),
+        "formula_refit_cv": _cross_validate(cols, _fit_formula_fold, _N_COEF),
+        "half": _cross_validate(cols, _fit_half_fold, 0),
+        "ratio_cv": _cross_validate(cols, _fit_ratio_fold, 1),
     }
-    out = {"formula_published": np.asarray(predict_lstar(L, H), dtype=float)}
+    out = {"formula_published": np.asarray(predict_lstar(cols.L, cols.H), dtype=float)}
     out.update({name: np.array([r["lstar_predicted"] for r in res["per_model"]], dtype=float)
                 for name, res in cv.items()})
     return {name: out[name] for name in PREDICTORS}

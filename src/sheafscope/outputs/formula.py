@@ -164,7 +164,7 @@ def mape_summary(err_L: np.ndarray, err_lstar: np.ndarray) -> dict[str, Any]:
 def group_labels(df: pd.DataFrame, groups_col: str) -> np.ndarray:
     # A model with no lab still needs a fold of its own rather than vanishing
     # from the cross-validation.
-    return df[groups_col].astype(object).where(df[groups_col].notna(), "<unknown>").astype(str).to_numpy()
+    return np.array(["<unknown>" if pd.isna(g) else str(g) for g in df[groups_col].tolist()], dtype=str)
 
 
 def mape_by_lab(
