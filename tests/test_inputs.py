@@ -168,6 +168,11 @@ def test_quantize_in_a_suite_of_offline_models(ws, capsys):
     refused(["--suite", "offline", "--quantize", "4bit"], ws, capsys, "does not apply", "offline-package")
 
 
+def test_a_suite_and_models_together_are_refused(ws, capsys):
+    # The suite names its own models: silently running only the --model ones would lose it.
+    refused(["-m", "smollm2-135m", "--suite", "offline"], ws, capsys, "--suite offline and --model both given")
+
+
 def test_truncated_gguf_is_refused_before_loading(ws, capsys):
     refused(["-m", ws["gguf"]], ws, capsys, "m.gguf")
 
