@@ -163,11 +163,14 @@ def test_prompt_longer_than_context(tiny_dirs, tmp_path, capsys):
     assert rc == 0
     m = json.loads((out / "results.json").read_text())["models"][0]
     assert any("24-token context" in w and "--max-tokens" in w for w in m["warnings"])
-    rc, _, _ = _run(["-m", str(tiny_dirs["gpt2"]), "--prompts", _prompts(tmp_path, [long]), "--max-tokens", "24",
-                     "--out", str(tmp_path / "t")], capsys)
+    rc, stdout, _ = _run(["-m", str(tiny_dirs["gpt2"]), "--prompts", _prompts(tmp_path, [long, PROMPTS[0]]),
+                          "--max-tokens", "24", "--out", str(tmp_path / "t")], capsys)
     assert rc == 0
-    p = json.loads((tmp_path / "t" / "results.json").read_text())["models"][0]["prompts"][0]
-    assert p["truncated"] is True and p["n_tokens"] == 24
+    m = json.loads((tmp_path / "t" / "results.json").read_text())["models"][0]
+    (cut, kept) = m["prompts"]
+    assert (cut["truncated"], cut["n_tokens"]) == (True, 24) and not kept["truncated"] and kept["n_tokens"] < 24
+    said = "1 of 2 prompt(s) truncated to their first 24 tokens (--max-tokens)"
+    assert said in m["warnings"] and said in stdout
 
 
 def test_float16_overflow_is_reported_not_carried(tiny_dirs, tmp_path, capsys):

@@ -293,6 +293,9 @@ def assemble(parts: list[Part], n_prompts: int) -> ModelResult:
     if not prompts:
         raise PromptError(f"no prompt could be measured on {info['spec']}: " + "; ".join(warnings))
     res = ModelResult(info, first.wv_norm_sq, [prompts[i] for i in sorted(prompts)], {}, warnings)
+    cut = [r.n_tokens for r in res.prompts if r.truncated]
+    if cut:  # the numbers of a cut prompt are those of its first tokens only
+        warnings.append(f"{len(cut)} of {len(res.prompts)} prompt(s) truncated to their first {max(cut)} tokens (--max-tokens)")
     n_layers, n_heads = info["n_layers"], info["n_heads"]
     res.lstar = lstar_block(res.layer_traces, n_layers, n_heads)
     res.info["intrinsic_dimension"] = _id_profile(parts, sorted(prompts))
