@@ -170,7 +170,7 @@ def test_quantize_in_a_suite_of_offline_models(ws, capsys):
 
 def test_a_suite_and_models_together_are_refused(ws, capsys):
     # The suite names its own models: silently running only the --model ones would lose it.
-    refused(["-m", "smollm2-135m", "--suite", "offline"], ws, capsys, "--suite offline and --model both given")
+    refused(["-m", "smollm2-135m", "--suite", "offline"], ws, capsys, "argument --suite: not allowed with argument --model")
 
 
 def test_truncated_gguf_is_refused_before_loading(ws, capsys):

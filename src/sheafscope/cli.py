@@ -71,9 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="measure traces and L* for models over prompts")
-    r.add_argument("--model", "-m", action="append", dest="models", metavar="SPEC",
-                   help="offline alias, catalog name, hub id, local dir or .gguf file; prefix random: for an untrained twin; repeatable")
-    r.add_argument("--suite", help="built-in suite name or a suite .toml file, instead of --model (default when no --model: offline)")
+    # a suite names its own models: given both, one would be dropped without a word
+    models = r.add_mutually_exclusive_group()
+    models.add_argument("--model", "-m", action="append", dest="models", metavar="SPEC",
+                        help="offline alias, catalog name, hub id, local dir or .gguf file; prefix random: for an untrained twin; repeatable")
+    models.add_argument("--suite", help="built-in suite name or a suite .toml file, instead of --model (default when no --model: offline)")
     r.add_argument("--prompts", help="a .txt (one prompt a line) or .jsonl ('text' field) file, or a built-in set: notebooks, research-v1")
     r.add_argument("--out", "-o", default="sheafscope-results", help="output directory (default: %(default)s)")
     r.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
@@ -214,9 +216,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Everything a user can get wrong is refused here, before any model loads or --out is touched.
     try:
         suite = None
-        if args.models and args.suite:
-            raise ConfigError(f"--suite {args.suite} and --model both given: a suite names its own models. Give --model "
-                              "(with --prompts and options), or --suite alone")
         if args.models:
             entries = [ModelEntry(s) for s in args.models]
             prompt_source = args.prompts
