@@ -307,19 +307,14 @@ def compare_models(df: pd.DataFrame, groups_col: str = "lab") -> pd.DataFrame:
     scored) and ``n_interpolating_folds`` (folds left out as interpolations).  A predictor whose folds failed is scored on fewer models: compare
     ``n`` before comparing errors.
     """
-    require_columns(df, [groups_col, "L", "H", "lstar_empirical"], "compare_models")
-    L = df["L"].to_numpy(dtype=float)
-    H = df["H"].to_numpy(dtype=float)
-    emp = df["lstar_empirical"].to_numpy(dtype=float)
-    published = np.asarray(predict_lstar(L, H), dtype=float)
+    cols = _Columns.of(df, groups_col, "compare_models")
+    published = np.asarray(predict_lstar(cols.L, cols.H), dtype=float)
     rows = {
         "formula_published": mape_summary(
-            np.asarray(error_pct_of_L(published, emp, L), dtype=float),
-            np.asarray(error_pct_of_lstar(published, emp), dtype=float),
+            np.asarray(error_pct_of_L(published, cols.emp, cols.L), dtype=float),
+            np.asarray(error_pct_of_lstar(published, cols.emp), dtype=float),
         ),
-        "formula_refit_cv": leave_one_group_out(df, groups_col),
-        "half": baseline_half(df, groups_col),
-        "ratio_cv": baseline_ratio(df, groups_col),
+        **_refits(cols),
     }
     table = pd.DataFrame(
         {
@@ -337,12 +332,16 @@ def predictions(df: pd.DataFrame, groups_col: str = "lab") -> dict[str, np.ndarr
     """Each predictor's out-of-sample L* per model (rows of ``df``), NaN where it is not scored
     (an interpolating or failed fold): the inputs of a bootstrap that refits on every resample."""
     cols = _Columns.of(df, groups_col, "predictions")
-    cv = {
+    out = {"formula_published": np.asarray(predict_lstar(cols.L, cols.H), dtype=float)}
+    out.update({name: np.array([r["lstar_predicted"] for r in res["per_model"]], dtype=float)
+                for name, res in _refits(cols).items()})
+    return {name: out[name] for name in PREDICTORS}
+
+
+def _refits(cols: _Columns) -> dict[str, dict[str, Any]]:
+    """The cross-validated predictors, leave one group out: the refit formula and the baselines."""
+    return {
         "formula_refit_cv": _cross_validate(cols, _fit_formula_fold, _N_COEF),
         "half": _cross_validate(cols, _fit_half_fold, 0),
         "ratio_cv": _cross_validate(cols, _fit_ratio_fold, 1),
     }
-    out = {"formula_published": np.asarray(predict_lstar(cols.L, cols.H), dtype=float)}
-    out.update({name: np.array([r["lstar_predicted"] for r in res["per_model"]], dtype=float)
-                for name, res in cv.items()})
-    return {name: out[name] for name in PREDICTORS}
